@@ -1,0 +1,188 @@
+"""The `ttd` command line. User mistakes print one clear line and exit 2; `--json` prints one JSON document."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import TTDError
+
+app = typer.Typer(
+    help="TTD (Text-Tag Self-Distillation) as a pipeline: synthesise or read image-text corpora, parse tags, score "
+    "them against pixels, distill, evaluate, and query everything with SQL.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("botocore", "s3fs", "aiobotocore", "fsspec", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False) -> None:
+    _setup_logging(verbose)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err, disable=not enabled,
+                    transient=False)
+
+
+def _emit_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@app.command()
+def version() -> None:
+    """Print the ttd version."""
+    out.print(__version__)
+
+
+@app.command()
+def synth(
+    out_dir: Annotated[str, typer.Argument(metavar="OUT", help="Output folder or URI (train/, eval/, pretrain/).")],
+    train: Annotated[int, typer.Option(help="Samples in the corpus to label (OUT/train, multi-object captions).")] = 2000,
+    eval: Annotated[int, typer.Option("--eval", help="Samples in the labelled eval set (OUT/eval).")] = 500,
+    pretrain: Annotated[int, typer.Option(help="Samples in the pre-training corpus (OUT/pretrain, alt-text captions); "
+                                          "0 writes none.")] = 0,
+    seed: Annotated[int, typer.Option(help="Sample seed: same seed, byte-identical output.")] = 0,
+    fmt: Annotated[str, typer.Option("--format", help="img2dataset layout: webdataset, parquet or files.")]
+    = "webdataset",
+    config: Annotated[Optional[Path], typer.Option(help="YAML with SynthConfig fields (vocabulary, scenes, caption "
+                                                   "styles); see docs/SYNTH.md.")] = None,
+    classes: Annotated[Optional[int], typer.Option(help="Number of thing classes (overrides the config).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Image side in pixels (overrides the config).")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(help="Samples per shard (overrides the config).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Write TagMask-Synth: a deterministic image-text corpus with exact ground-truth tags and masks."""
+    from .config import load_yaml
+    from .synth.generate import SynthConfig, synthesize
+
+    overrides = {k: v for k, v in {"n_thing_classes": classes, "image_size": image_size,
+                                   "shard_size": shard_size}.items() if v is not None}
+    cfg = load_yaml(SynthConfig, config, overrides)
+    for name, n in (("train", train), ("eval", eval), ("pretrain", pretrain)):
+        if n < 0:
+            raise TTDError(f"--{name} must be >= 0, got {n}")
+    with _progress(not as_json) as bar:
+        tasks = {s: bar.add_task(s, total=n, rate="") for s, n in (("train", train), ("eval", eval),
+                                                                    ("pretrain", pretrain)) if n}
+        summary = synthesize(out_dir, train=train, eval=eval, pretrain=pretrain, seed=seed, config=cfg,
+                             output_format=fmt, progress=lambda split, n: bar.advance(tasks[split], n))
+    if as_json:
+        _emit_json(summary)
+    else:
+        err.print(f"wrote TagMask-Synth to {out_dir}: " + ", ".join(
+            f"{k}={v}" for k, v in summary.items() if isinstance(v, (int, float, str))))
+
+
+@app.command()
+def index(
+    corpus: Annotated[str, typer.Option(help="Corpus URI: img2dataset output folder or a JSONL/CSV manifest.")],
+    store: Annotated[str, typer.Option(help="Store URI (local path or s3://bucket/prefix); created if absent.")],
+    corpus_format: Annotated[str, typer.Option(help="auto, webdataset, parquet, files or manifest.")] = "auto",
+    corpus_name: Annotated[Optional[str], typer.Option(help="Name of the corpus in the store (default: the "
+                                                       "folder name).")] = None,
+    decode: Annotated[bool, typer.Option(help="Decode every image to find corrupt ones.")] = True,
+    include_incomplete: Annotated[bool, typer.Option(help="Also read shards without img2dataset's _stats.json.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Register a corpus in a store and check every shard; bad samples become rows of the `errors` table."""
+    from .index import run_index
+
+    with _progress(not as_json) as bar:
+        task = bar.add_task("index", total=None, rate="")
+        seen = {"samples": 0}
+
+        def step(shard, stats):
+            seen["samples"] += stats.samples if stats else 0
+            rate = bar.tasks[0].elapsed or 1e-9
+            bar.update(task, advance=1, rate=f"{seen['samples'] / rate:,.0f} samples/s")
+
+        summary = run_index(corpus, store, fmt=corpus_format, name=corpus_name, decode=decode,
+                            include_incomplete=include_incomplete, progress=step)
+    if as_json:
+        _emit_json(summary)
+    else:
+        err.print(f"indexed {summary['done']} shard(s), {summary['skipped_done']} already done, "
+                  f"{len(summary['waiting'])} waiting; {summary['samples']} samples, {summary['errors']} errors, "
+                  f"{summary['warnings']} warnings")
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="One SELECT statement over the store's views.")],
+    store: Annotated[str, typer.Option(help="Store URI.")],
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    corpus: Annotated[Optional[list[str]], typer.Option(help="Extra corpus URI for the `samples` view "
+                                                        "(repeatable); corpora the stages read are included.")]
+    = None,
+) -> None:
+    """Query the store with DuckDB, read-only. Views: one per table (tags, relevancy, masks, errors, ...),
+    `manifests`, `samples` (successful corpus rows) and `samples_all`."""
+    from .sql import query as run_query
+
+    if fmt not in ("table", "csv", "json"):
+        raise TTDError(f"--format must be table, csv or json, not {fmt!r}")
+    result = run_query(store, query, corpus or [])
+    if fmt == "json":
+        _emit_json(result.to_pylist())
+    elif fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        sink = sys.stdout.buffer
+        pacsv.write_csv(result, sink)
+        sink.flush()
+    else:
+        table = Table(*result.column_names)
+        for row in result.to_pylist():
+            table.add_row(*("" if v is None else str(v) for v in row.values()))
+        out.print(table)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except TTDError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code and message
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Corpus readers: img2dataset webdataset / parquet / files layouts and JSONL/CSV manifests, local or any fsspec URI."""
+
+from __future__ import annotations
+
+import posixpath
+
+from ..errors import TTDError
+from ..store import check_name
+from ..uri import resolve
+from .base import DEFAULT_MAX_PIXELS, Corpus, ReadIssue, Sample, ShardRef, ShardStats, decode_image
+from .img2dataset import FilesCorpus, ParquetCorpus, WebDatasetCorpus
+from .manifest import ManifestCorpus
+
+FORMATS = {"webdataset": WebDatasetCorpus, "parquet": ParquetCorpus, "files": FilesCorpus,
+           "manifest": ManifestCorpus}
+
+__all__ = ["Corpus", "ReadIssue", "Sample", "ShardRef", "ShardStats", "FORMATS", "open_corpus", "decode_image",
+           "detect_format"]
+
+
+def detect_format(loc) -> str:
+    """Guess the layout from what the folder holds (or the manifest's extension)."""
+    fs = loc.fs
+    if fs.isfile(loc.path):
+        if loc.path.endswith((".jsonl", ".json", ".csv")):
+            return "manifest"
+        raise TTDError(f"corpus {loc.uri()!r} is a file but not a .jsonl/.csv manifest")
+    names = [posixpath.basename(p) for p in fs.ls(loc.path, detail=False)]
+    if any(n.endswith(".tar") for n in names):
+        return "webdataset"
+    if any(n.isdigit() and fs.isdir(loc.join(n)) for n in names):
+        return "files"
+    if any(n.endswith(".parquet") for n in names):
+        return "parquet"
+    raise TTDError(f"corpus {loc.uri()!r} holds no img2dataset shards (*.tar, *.parquet or NNNNN/ folders) and is "
+                   "not a manifest: check the path, or pass --corpus-format")
+
+
+def open_corpus(uri: str, *, fmt: str = "auto", name: str | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS, **options) -> Corpus:
+    """Open a corpus; its name (the `corpus` partition in the store) defaults to the folder or file stem."""
+    loc = resolve(uri, must_exist=True, what="corpus")
+    fmt = detect_format(loc) if fmt == "auto" else fmt
+    if fmt not in FORMATS:
+        raise TTDError(f"unknown corpus format {fmt!r}: use one of {', '.join(FORMATS)} or auto")
+    if name is None:
+        name = posixpath.basename(loc.path).split(".")[0] or "corpus"
+    return FORMATS[fmt](loc, check_name(name, "corpus"), max_pixels=max_pixels, **options)

@@ -1,0 +1,217 @@
+"""Readers of img2dataset's three output layouts: webdataset tars, parquet with image bytes, and files folders.
+
+We stream tars with the standard library's `tarfile` rather than the webdataset package: we need every member
+accounted for against the sibling metadata (missing keys, extra keys, a truncated tail) and partial shards
+salvaged, which webdataset's pipeline abstracts away behind its error handlers.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterator
+
+import pyarrow.parquet as pq
+
+from .base import Corpus, ReadIssue, Sample, ShardRef, ShardStats, decode_caption, files_fingerprint, json_meta, \
+    read_metadata
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+_SHARD_RE = re.compile(r"^(\d+)\.(tar|parquet)$")
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """'dir/000010002.jpg' -> ('000010002', 'jpg'); webdataset keys end at the first dot of the basename."""
+    base = posixpath.basename(name)
+    key, _, ext = base.partition(".")
+    return key, ext.lower()
+
+
+class _Img2datasetCorpus(Corpus):
+    data_ext = ""  # the file that defines a shard: tar or parquet
+
+    def _shard_names(self) -> list[str]:
+        names = set()
+        for p in self.loc.fs.ls(self.loc.path, detail=False):
+            m = _SHARD_RE.match(posixpath.basename(p))
+            if m and m.group(2) == self.data_ext:
+                names.add(m.group(1))
+        return sorted(names)
+
+    def _ref(self, name: str, extra: list[str]) -> ShardRef:
+        stats = self.loc.join(f"{name}_stats.json")
+        paths = [*extra, self.loc.join(f"{name}.parquet"), stats]
+        complete = self.loc.fs.exists(stats)
+        return ShardRef(self.name, name, tuple(paths), complete, files_fingerprint(self.loc, paths))
+
+    def metadata_files(self) -> list[str]:
+        return [self.loc.uri(self.loc.join(f"{n}.parquet")) for n in self._shard_names()
+                if self.loc.fs.exists(self.loc.join(f"{n}.parquet"))]
+
+    def _load_meta(self, shard: ShardRef, stats: ShardStats | None) -> tuple[dict[str, dict], list[ReadIssue]]:
+        """key -> metadata row of successful rows; non-success rows are counted as skipped."""
+        issues = []
+        table = read_metadata(self.loc, self.loc.join(f"{shard.name}.parquet"))
+        if table is None:
+            issues.append(self._issue(shard, None, "missing_metadata",
+                                      f"no {shard.name}.parquet beside the shard: keys cannot be checked",
+                                      stats, "warning", self.loc.uri()))
+            return {}, issues
+        ok = {}
+        for row in table.to_pylist():
+            status = row.get("status") or "success"
+            if status != "success":
+                if stats is not None:
+                    stats.skipped_status[status] += 1
+                continue
+            ok[str(row["key"])] = row
+        return ok, issues
+
+    def _finish(self, shard: ShardRef, meta: dict[str, dict], seen: set[str], stats: ShardStats | None,
+                source: str) -> Iterator[ReadIssue]:
+        for key in sorted(set(meta) - seen):
+            yield self._issue(shard, key, "missing_in_shard",
+                              "metadata lists the key as success but the shard holds no image for it", stats,
+                              source=source)
+
+    def _sample(self, shard: ShardRef, key: str, files: dict[str, bytes], meta: dict[str, dict],
+                stats: ShardStats | None, source: str) -> Iterator[Sample | ReadIssue]:
+        image_ext = next((e for e in IMAGE_EXTS if e in files), None)
+        if image_ext is None:
+            yield self._issue(shard, key, "missing_image", f"no image member among {sorted(files)}", stats,
+                              source=source)
+            return
+        if meta and key not in meta:
+            yield self._issue(shard, key, "missing_in_metadata",
+                              "key is in the shard but not among the metadata's successful rows; sample kept",
+                              stats, "warning", source)
+        caption, warning = decode_caption(files.get("txt"))
+        if caption is None:
+            caption = (meta.get(key) or {}).get("caption")
+        if warning:
+            yield self._issue(shard, key, "invalid_utf8", warning + "; undecodable bytes replaced", stats,
+                              "warning", source)
+        info = dict(meta.get(key) or json_meta(files.get("json")))
+        if stats is not None:
+            stats.samples += 1
+        yield Sample(self.name, shard.name, key, caption, files[image_ext], info, source, self.max_pixels)
+
+
+class WebDatasetCorpus(_Img2datasetCorpus):
+    format = "webdataset"
+    data_ext = "tar"
+
+    def shards(self) -> list[ShardRef]:
+        return [self._ref(n, [self.loc.join(f"{n}.tar")]) for n in self._shard_names()]
+
+    def read_shard(self, shard: ShardRef, stats: ShardStats | None = None) -> Iterator[Sample | ReadIssue]:
+        meta, issues = self._load_meta(shard, stats)
+        yield from issues
+        source = self.loc.uri(shard.paths[0])
+        seen: set[str] = set()
+        group_key, group = None, {}
+        try:
+            with self.loc.fs.open(shard.paths[0], "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = _split_member(member.name)
+                    if key != group_key and group_key is not None:
+                        seen.add(group_key)
+                        yield from self._sample(shard, group_key, group, meta, stats, source)
+                        group = {}
+                    group_key = key
+                    group[ext] = tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            yield self._issue(shard, None, "truncated_shard",
+                              f"tar ends early or is corrupt ({type(exc).__name__}: {exc}); samples before it kept",
+                              stats, source=source)
+        if group_key is not None:  # the last group: complete members were read before any failure
+            seen.add(group_key)
+            yield from self._sample(shard, group_key, group, meta, stats, source)
+        yield from self._finish(shard, meta, seen, stats, source)
+
+
+class FilesCorpus(_Img2datasetCorpus):
+    """img2dataset `files` output: `00000/KEY.jpg` beside `KEY.txt` and `KEY.json`."""
+
+    format = "files"
+    data_ext = "parquet"
+
+    def _shard_names(self) -> list[str]:
+        dirs = {posixpath.basename(p) for p in self.loc.fs.ls(self.loc.path, detail=False)
+                if self.loc.fs.isdir(p) and posixpath.basename(p).isdigit()}
+        return sorted(dirs)
+
+    def shards(self) -> list[ShardRef]:
+        return [self._ref(n, [self.loc.join(n)]) for n in self._shard_names()]
+
+    def read_shard(self, shard: ShardRef, stats: ShardStats | None = None) -> Iterator[Sample | ReadIssue]:
+        meta, issues = self._load_meta(shard, stats)
+        yield from issues
+        by_key: dict[str, list[str]] = {}
+        for p in sorted(self.loc.fs.ls(shard.paths[0], detail=False)):
+            key, _ = _split_member(p)
+            by_key.setdefault(key, []).append(p)
+        seen = set()
+        for key, paths in sorted(by_key.items()):
+            seen.add(key)
+            files = {}
+            for p in paths:
+                try:
+                    files[_split_member(p)[1]] = self.loc.fs.cat_file(p)
+                except OSError as exc:
+                    yield self._issue(shard, key, "unreadable_file", f"{p}: {exc}", stats, source=p)
+            yield from self._sample(shard, key, files, meta, stats, self.loc.uri(shard.paths[0]))
+        yield from self._finish(shard, meta, seen, stats, self.loc.uri(shard.paths[0]))
+
+
+class ParquetCorpus(_Img2datasetCorpus):
+    """img2dataset `parquet` output: image bytes in a binary column named after the encode format."""
+
+    format = "parquet"
+    data_ext = "parquet"
+    batch_rows = 256  # decoded lazily; only one row group batch of bytes in memory at a time
+
+    def shards(self) -> list[ShardRef]:
+        out = []
+        for n in self._shard_names():
+            stats = self.loc.join(f"{n}_stats.json")
+            paths = [self.loc.join(f"{n}.parquet"), stats]
+            out.append(ShardRef(self.name, n, tuple(paths), self.loc.fs.exists(stats),
+                                files_fingerprint(self.loc, paths)))
+        return out
+
+    def read_shard(self, shard: ShardRef, stats: ShardStats | None = None) -> Iterator[Sample | ReadIssue]:
+        source = self.loc.uri(shard.paths[0])
+        try:
+            f = self.loc.fs.open(shard.paths[0], "rb")
+            pf = pq.ParquetFile(f)
+        except Exception as exc:  # unreadable footer: the whole shard is one error row
+            yield self._issue(shard, None, "unreadable_shard", f"{type(exc).__name__}: {exc}", stats, source=source)
+            return
+        with f:
+            names = pf.schema_arrow.names
+            image_col = next((e for e in IMAGE_EXTS if e in names), None)
+            if image_col is None:
+                yield self._issue(shard, None, "missing_image", f"no image column among {names}", stats,
+                                  source=source)
+                return
+            try:
+                for batch in pf.iter_batches(batch_size=self.batch_rows):
+                    for row in batch.to_pylist():
+                        key = str(row.get("key"))
+                        status = row.get("status") or "success"
+                        if status != "success":
+                            if stats is not None:
+                                stats.skipped_status[status] += 1
+                            continue
+                        data = row.pop(image_col)
+                        caption = row.get("caption")
+                        if stats is not None:
+                            stats.samples += 1
+                        yield Sample(self.name, shard.name, key, caption, data or b"", row, source, self.max_pixels)
+            except Exception as exc:
+                yield self._issue(shard, None, "truncated_shard", f"{type(exc).__name__}: {exc}", stats,
+                                  source=source)

@@ -1,0 +1,172 @@
+"""Read-only DuckDB over a store: one view per table, `manifests`, and `samples` over the corpus metadata.
+
+Safety: only SELECT/EXPLAIN statements run; external access is then switched off except for the store's and
+the corpora's own folders (`allowed_directories`), and the configuration is locked, so `COPY … TO`, `ATTACH`,
+`INSTALL` or `read_csv('/etc/passwd')` all fail.
+
+S3: DuckDB's httpfs when it loads (it cannot be installed offline), else the store's fsspec filesystem is
+registered with DuckDB. `TTD_SQL_S3=httpfs|fsspec|auto` forces one path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+
+import duckdb
+import pyarrow as pa
+
+from . import schemas
+from .corpus import open_corpus
+from .errors import TTDError, UnsafeQueryError
+from .store import Store
+from .uri import Location
+
+log = logging.getLogger(__name__)
+
+ALLOWED_STATEMENTS = {"SELECT", "EXPLAIN"}
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _list(paths: Iterable[str]) -> str:
+    return "[" + ", ".join(_quote(p) for p in paths) + "]"
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise TTDError(f"SQL does not parse: {str(exc).splitlines()[0]}") from None
+    if len(statements) != 1:
+        raise UnsafeQueryError(f"give exactly one SELECT statement (got {len(statements)})")
+    kind = statements[0].type.name
+    if kind not in ALLOWED_STATEMENTS:
+        raise UnsafeQueryError(f"ttd sql is read-only: {kind} statements are refused; use SELECT")
+
+
+def _s3_mode() -> str:
+    mode = os.environ.get("TTD_SQL_S3", "auto").lower()
+    if mode not in ("auto", "httpfs", "fsspec"):
+        raise TTDError(f"TTD_SQL_S3 must be auto, httpfs or fsspec, not {mode!r}")
+    return mode
+
+
+def _enable_httpfs(con: duckdb.DuckDBPyConnection) -> bool:
+    """Load httpfs if already installed and point it at the same endpoint and credentials as boto would use."""
+    try:
+        con.execute("LOAD httpfs")
+    except duckdb.Error as exc:
+        log.debug("httpfs unavailable (%s); using fsspec", str(exc).splitlines()[0])
+        return False
+    opts = ["TYPE s3", "PROVIDER credential_chain"]
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        opts = ["TYPE s3", f"ENDPOINT {_quote(host.rstrip('/'))}", "URL_STYLE 'path'",
+                f"USE_SSL {'true' if scheme == 'https' else 'false'}"]
+        for env, opt in (("AWS_ACCESS_KEY_ID", "KEY_ID"), ("AWS_SECRET_ACCESS_KEY", "SECRET"),
+                         ("AWS_SESSION_TOKEN", "SESSION_TOKEN"), ("AWS_DEFAULT_REGION", "REGION")):
+            if os.environ.get(env):
+                opts.append(f"{opt} {_quote(os.environ[env])}")
+    con.execute(f"CREATE OR REPLACE SECRET ttd_s3 ({', '.join(opts)})")
+    return True
+
+
+def _attach_filesystem(con: duckdb.DuckDBPyConnection, loc: Location, registered: set[str], mode: str) -> None:
+    if loc.protocol == "file" or loc.protocol in registered:
+        return
+    if loc.protocol == "s3" and mode in ("auto", "httpfs") and _enable_httpfs(con):
+        registered.add("s3")
+        return
+    if mode == "httpfs" and loc.protocol == "s3":
+        raise TTDError("TTD_SQL_S3=httpfs but DuckDB's httpfs extension does not load here; use fsspec or auto")
+    con.register_filesystem(loc.fs)
+    registered.add(loc.protocol)
+
+
+def _dir(loc: Location, path: str | None = None) -> str:
+    return loc.uri(path).rstrip("/") + "/"
+
+
+def connect(store_uri: str, corpora: Iterable[str] = ()) -> duckdb.DuckDBPyConnection:
+    """A locked, read-only DuckDB connection with the store's views."""
+    store = Store(store_uri)
+    con = duckdb.connect()
+    mode = _s3_mode()
+    registered: set[str] = set()
+    _attach_filesystem(con, store.root, registered, mode)
+    allowed = [_dir(store.root)]
+    manifests = store.manifests()
+
+    for name in schemas.parquet_tables():
+        schema = schemas.get(name)
+        files = [store.root.uri(p) for p in store.files(name, manifests)]
+        if files:
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_list(files)}, "
+                        "hive_partitioning=true, hive_types_autocast=false, union_by_name=true)")
+        else:
+            empty = pa.schema(list(schema.arrow) + [pa.field(p, pa.string()) for p in schema.partitioning])
+            con.register(f"_empty_{name}", empty.empty_table())
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM _empty_{name}")
+
+    rows = [{k: (json.dumps(v, sort_keys=True) if isinstance(v, dict) else v) for k, v in m.items()}
+            for m in manifests]
+    manifest_cols = ["stage", "stage_version", "corpus", "shard", "run", "fingerprint", "input_fingerprint",
+                     "model_id", "config", "files", "rows", "schema_versions", "ttd_version", "committed_at"]
+    table = pa.table({c: pa.array([r.get(c) for r in rows],
+                                  pa.int64() if c == "stage_version" else pa.string()) for c in manifest_cols})
+    con.register("_manifests", table)
+    con.execute("CREATE VIEW manifests AS SELECT * FROM _manifests")
+
+    uris = {d["uri"]: d for d in store.corpora().values()}
+    for uri in corpora:
+        uris.setdefault(uri, {"uri": uri, "format": "auto", "name": None})
+    selects = []
+    for i, (uri, doc) in enumerate(sorted(uris.items())):
+        corpus = open_corpus(uri, fmt=doc.get("format", "auto"), name=doc.get("name"))
+        _attach_filesystem(con, corpus.loc, registered, mode)
+        files = corpus.metadata_files()
+        if files:
+            allowed.append(_dir(corpus.loc))
+            source = (f"SELECT * EXCLUDE (filename), regexp_extract(filename, '([^/]+)\\.parquet$', 1) AS shard "
+                      f"FROM read_parquet({_list(files)}, union_by_name=true, filename=true)")
+            if corpus.format == "parquet":  # image bytes stay out of the metadata view
+                source = f"SELECT COLUMNS(c -> c NOT IN ('jpg','jpeg','png','webp','bmp')) FROM ({source})"
+        else:
+            meta = corpus.metadata_table()
+            if meta is None:
+                continue
+            con.register(f"_corpus_{i}", meta)
+            source = f"SELECT * FROM _corpus_{i}"
+        selects.append(f"SELECT {_quote(corpus.name)} AS corpus, * FROM ({source})")
+    if selects:
+        con.execute("CREATE VIEW samples_all AS " + " UNION ALL BY NAME ".join(selects))
+    else:
+        con.execute("CREATE VIEW samples_all AS SELECT NULL::VARCHAR AS corpus, NULL::VARCHAR AS key, "
+                    "NULL::VARCHAR AS caption, NULL::VARCHAR AS status, NULL::VARCHAR AS shard WHERE false")
+    con.execute("CREATE VIEW samples AS SELECT * FROM samples_all WHERE coalesce(status, 'success') = 'success'")
+
+    con.execute(f"SET allowed_directories = {_list(sorted(set(allowed)))}")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def query(store_uri: str, sql: str, corpora: Iterable[str] = ()) -> pa.Table:
+    """Run one read-only SELECT over the store and return the result as an Arrow table."""
+    con = connect(store_uri, corpora)
+    check_read_only(con, sql)
+    try:
+        return con.execute(sql).to_arrow_table()
+    except duckdb.PermissionException as exc:
+        raise UnsafeQueryError(f"refused: {str(exc).splitlines()[0]} (ttd sql reads only the store and its "
+                               "corpora)") from None
+    except duckdb.Error as exc:
+        raise TTDError(f"query failed: {str(exc).splitlines()[0]}") from None
+    finally:
+        con.close()

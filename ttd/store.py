@@ -1,0 +1,249 @@
+"""The pipeline's store: hive-partitioned Parquet tables under one fsspec root, committed per shard by manifests.
+
+Layout under the root URI::
+
+    _ttd_store.json                                   store format version
+    corpora/NAME.json                                 corpora the stages have read (name, uri, format)
+    tables/TABLE/corpus=C/shard=S/STAGE-FP.parquet    data files (FP = the stage fingerprint)
+    manifests/STAGE/corpus=C/shard=S.json             the commit record of one stage on one shard
+
+Commit protocol: a shard's data files are written first, then its manifest, last, in one atomic step (a local
+rename, or one S3 PUT). Readers only ever see files that a manifest names, so a half-written shard is invisible
+and is simply redone. A re-run whose fingerprint equals the manifest's is skipped; a new fingerprint (changed
+config, model or input) replaces the shard's files.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from . import __version__, schemas
+from .errors import SchemaError, TTDError
+from .uri import Location, resolve
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = "ttd-store"
+STORE_VERSION = 1
+MARKER = "_ttd_store.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_name(value: str, what: str) -> str:
+    """Partition values end up in paths: keep them to a safe alphabet."""
+    if not isinstance(value, str) or not _NAME_RE.match(value) or ".." in value:
+        raise TTDError(f"invalid {what} name {value!r}: use letters, digits, '.', '_' or '-' (at most 128)")
+    return value
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts (dict keys sorted)."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _partition_path(partition: Mapping[str, str]) -> str:
+    return "/".join(f"{k}={check_name(v, k)}" for k, v in partition.items())
+
+
+class Store:
+    """A store at a local path or any fsspec URI (``s3://bucket/prefix``)."""
+
+    def __init__(self, uri: str, *, create: bool = False):
+        self.uri = uri
+        self.root: Location = resolve(uri, what="store")
+        fs = self.root.fs
+        marker = self.root.join(MARKER)
+        if fs.exists(marker):
+            self._check_marker(marker)
+        elif create:
+            if fs.exists(self.root.path) and fs.isfile(self.root.path):
+                raise TTDError(f"store {uri!r} is a file: give a directory or URL prefix")
+            fs.makedirs(self.root.path, exist_ok=True)
+            self._atomic_write(marker, json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION}).encode())
+        elif fs.exists(self.root.path):
+            raise TTDError(f"{uri!r} is not a ttd store (no {MARKER}): give the --store a stage wrote to")
+        else:
+            raise TTDError(f"store {uri!r} does not exist: run a stage with --store {uri} first")
+
+    def _check_marker(self, marker: str) -> None:
+        try:
+            info = json.loads(self.root.fs.cat_file(marker))
+        except (ValueError, OSError) as exc:
+            raise SchemaError(f"store {self.uri!r}: unreadable {MARKER}: {exc}") from None
+        if info.get("format") != STORE_FORMAT or info.get("version") != STORE_VERSION:
+            raise SchemaError(
+                f"store {self.uri!r} has format {info.get('format')!r} version {info.get('version')!r}; this ttd "
+                f"reads {STORE_FORMAT!r} version {STORE_VERSION}: use the matching ttd release or a new store"
+            )
+
+    # ---- low-level writes -------------------------------------------------------------------------------------
+    def _atomic_write(self, path: str, data: bytes) -> None:
+        """Local: write a temporary sibling, then rename. Object stores: one PUT is already atomic."""
+        fs = self.root.fs
+        if self.root.protocol == "file":
+            parent = path.rsplit("/", 1)[0]
+            fs.makedirs(parent, exist_ok=True)
+            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, path)
+        else:
+            with fs.open(path, "wb") as f:
+                f.write(data)
+
+    def _write_parquet(self, path: str, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        self._atomic_write(path, sink.getvalue().to_pybytes())
+
+    # ---- manifests ----------------------------------------------------------------------------------------------
+    def _manifest_path(self, stage: str, partition: Mapping[str, str]) -> str:
+        return self.root.join("manifests", check_name(stage, "stage"), _partition_path(partition) + ".json")
+
+    def manifest(self, stage: str, partition: Mapping[str, str]) -> dict | None:
+        path = self._manifest_path(stage, partition)
+        try:
+            data = self.root.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        return self._parse_manifest(data, path)
+
+    def _parse_manifest(self, data: bytes, path: str) -> dict:
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            raise SchemaError(f"manifest {path} is not valid JSON: delete it to redo that shard") from None
+        for table, version in doc.get("schema_versions", {}).items():
+            schemas.check_version(table, version, f"manifest {path}")
+        return doc
+
+    def is_done(self, stage: str, partition: Mapping[str, str], fp: str) -> bool:
+        doc = self.manifest(stage, partition)
+        return doc is not None and doc.get("fingerprint") == fp
+
+    def manifests(self, stage: str | None = None) -> list[dict]:
+        """Every committed manifest (of one stage, or all), sorted by stage and partition."""
+        fs = self.root.fs
+        base = self.root.join("manifests", stage) if stage else self.root.join("manifests")
+        fs.invalidate_cache()
+        try:
+            paths = sorted(p for p in fs.find(base) if p.endswith(".json") and "/.tmp-" not in p)
+        except FileNotFoundError:
+            return []
+        if not paths:
+            return []
+        return [self._parse_manifest(data, p) for p, data in sorted(fs.cat(paths).items())]
+
+    def commit(
+        self,
+        stage: str,
+        partition: Mapping[str, str],
+        fp: str,
+        tables: Mapping[str, pa.Table],
+        *,
+        stage_version: int = 1,
+        config: Mapping[str, Any] | None = None,
+        model_id: str | None = None,
+        input_fingerprint: str = "",
+    ) -> dict:
+        """Write one stage's output for one partition (normally corpus + shard) and commit it by its manifest."""
+        partition = dict(partition)
+        part = _partition_path(partition)
+        files: dict[str, list[str]] = {}
+        rows: dict[str, int] = {}
+        versions: dict[str, int] = {}
+        for name, table in tables.items():
+            schema = schemas.get(name)
+            if tuple(partition) != schema.partitioning:
+                raise SchemaError(f"table {name!r} is partitioned by {schema.partitioning}, got {tuple(partition)}")
+            table = schema.conform(table)
+            rel = f"tables/{name}/{part}/{stage}-{fp}.parquet"
+            self._write_parquet(self.root.join(rel), table)
+            files[name], rows[name], versions[name] = [rel], table.num_rows, schema.version
+        previous = self.manifest(stage, partition)
+        doc = {
+            "stage": stage,
+            "stage_version": stage_version,
+            **partition,
+            "fingerprint": fp,
+            "input_fingerprint": input_fingerprint,
+            "config": dict(config or {}),
+            "model_id": model_id,
+            "files": files,
+            "rows": rows,
+            "schema_versions": versions,
+            "ttd_version": __version__,
+            "committed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self._atomic_write(self._manifest_path(stage, partition), json.dumps(doc, indent=1, sort_keys=True).encode())
+        if previous:  # files the new commit no longer names are garbage now that it is visible
+            keep = {f for fl in files.values() for f in fl}
+            stale = [self.root.join(f) for fl in previous.get("files", {}).values() for f in fl if f not in keep]
+            for path in stale:
+                try:
+                    self.root.fs.rm(path)
+                except FileNotFoundError:
+                    pass
+        log.debug("committed %s %s (%s)", stage, part, rows)
+        return doc
+
+    # ---- reads ----------------------------------------------------------------------------------------------------
+    def files(self, table: str, manifests: Iterable[dict] | None = None) -> list[str]:
+        """Absolute paths (in the store's filesystem) of every committed data file of `table`."""
+        schemas.get(table)
+        docs = self.manifests() if manifests is None else manifests
+        return sorted({self.root.join(f) for m in docs for f in m.get("files", {}).get(table, [])})
+
+    def dataset(self, table: str) -> ds.Dataset:
+        """A pyarrow dataset over the committed files, hive partition columns included; filters push down."""
+        schema = schemas.get(table)
+        part_fields = [pa.field(p, pa.string()) for p in schema.partitioning]
+        full = pa.schema(list(schema.arrow) + part_fields)
+        paths = self.files(table)
+        if not paths:
+            return ds.dataset(full.empty_table())
+        return ds.dataset(
+            paths,
+            schema=full,
+            format="parquet",
+            filesystem=self.root.fs,
+            partitioning=ds.partitioning(pa.schema(part_fields), flavor="hive"),
+            partition_base_dir=self.root.join("tables", table),
+        )
+
+    def read(self, table: str, *, columns: list[str] | None = None, filter: ds.Expression | None = None) -> pa.Table:
+        return self.dataset(table).to_table(columns=columns, filter=filter)
+
+    # ---- corpora --------------------------------------------------------------------------------------------------
+    def register_corpus(self, name: str, uri: str, fmt: str) -> None:
+        """Remember which corpus a name stands for, so `ttd sql` can expose its metadata as `samples`."""
+        doc = {"name": check_name(name, "corpus"), "uri": uri, "format": fmt}
+        path = self.root.join("corpora", f"{name}.json")
+        try:
+            if json.loads(self.root.fs.cat_file(path)) == doc:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        self._atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+    def corpora(self) -> dict[str, dict]:
+        fs = self.root.fs
+        fs.invalidate_cache()
+        try:
+            paths = [p for p in fs.ls(self.root.join("corpora"), detail=False) if p.endswith(".json")]
+        except FileNotFoundError:
+            return {}
+        docs = [json.loads(fs.cat_file(p)) for p in sorted(paths)]
+        return {d["name"]: d for d in docs}

@@ -1,0 +1,68 @@
+"""One place that turns a user's URI (local path or any fsspec URL) into a filesystem and a path.
+
+S3 credentials and endpoint come from the environment or the standard AWS configuration
+(`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`, `~/.aws/...`): nothing here reads or stores secrets.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+
+import fsspec
+
+from .errors import TTDError
+
+
+@dataclass(frozen=True)
+class Location:
+    """A filesystem and a path inside it, with the URI it came from."""
+
+    fs: fsspec.AbstractFileSystem
+    path: str  # no protocol, no trailing slash
+    protocol: str  # "file", "s3", "memory", ...
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+    def uri(self, path: str | None = None) -> str:
+        """A URI for `path` (default: this location) that fsspec, pyarrow and DuckDB all accept."""
+        path = self.path if path is None else path
+        return path if self.protocol == "file" else f"{self.protocol}://{path}"
+
+    def child(self, *parts: str) -> "Location":
+        return Location(self.fs, self.join(*parts), self.protocol)
+
+
+def _protocol_of(fs: fsspec.AbstractFileSystem) -> str:
+    proto = fs.protocol
+    proto = proto[0] if isinstance(proto, (tuple, list)) else proto
+    return {"s3a": "s3", "local": "file"}.get(proto, proto)
+
+
+def resolve(uri: str, *, must_exist: bool = False, what: str = "path") -> Location:
+    """Parse `uri`; refuse `..` segments (a store or corpus URI never needs to climb out of itself)."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise TTDError(f"empty {what} URI: give a local path or a URL such as s3://bucket/prefix")
+    raw = uri.strip()
+    body = raw.split("://", 1)[-1]
+    if any(seg == ".." for seg in body.replace("\\", "/").split("/")):
+        raise TTDError(f"{what} URI {raw!r} contains '..': give the resolved path instead")
+    if "://" not in raw:
+        raw = os.path.abspath(os.path.expanduser(raw))
+    try:
+        fs, path = fsspec.core.url_to_fs(raw)
+    except (ImportError, ValueError) as exc:
+        raise TTDError(f"cannot open {what} URI {uri!r}: {exc}") from None
+    protocol = _protocol_of(fs)
+    path = path.rstrip("/") or "/"
+    loc = Location(fs, path, protocol)
+    if must_exist:
+        try:
+            ok = fs.exists(path)
+        except Exception as exc:  # network or permission trouble: still one clear line
+            raise TTDError(f"cannot reach {what} {uri!r}: {type(exc).__name__}: {exc}") from None
+        if not ok:
+            raise TTDError(f"{what} {uri!r} does not exist: check the path or URL")
+    return loc
