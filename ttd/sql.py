@@ -136,7 +136,7 @@ def connect(store_uri: str, corpora: Iterable[str] = ()) -> duckdb.DuckDBPyConne
             source = (f"SELECT * EXCLUDE (filename), regexp_extract(filename, '([^/]+)\\.parquet$', 1) AS shard "
                       f"FROM read_parquet({_list(files)}, union_by_name=true, filename=true)")
             if corpus.format == "parquet":  # image bytes stay out of the metadata view
-                source = f"SELECT COLUMNS(c -> c NOT IN ('jpg','jpeg','png','webp','bmp')) FROM ({source})"
+                source = f"SELECT COLUMNS(lambda c: c NOT IN ('jpg','jpeg','png','webp','bmp')) FROM ({source})"
         else:
             meta = corpus.metadata_table()
             if meta is None:
@@ -162,7 +162,7 @@ def query(store_uri: str, sql: str, corpora: Iterable[str] = ()) -> pa.Table:
     con = connect(store_uri, corpora)
     check_read_only(con, sql)
     try:
-        return con.execute(sql).to_arrow_table()
+        return con.sql(sql).to_arrow_table()
     except duckdb.PermissionException as exc:
         raise UnsafeQueryError(f"refused: {str(exc).splitlines()[0]} (ttd sql reads only the store and its "
                                "corpora)") from None

@@ -109,6 +109,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise ImageDecodeError("not_an_image", f"bytes are not a known image format (starts {data[:8]!r})") from None
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError("decompression_bomb", str(exc)) from None
+    except (OSError, ValueError, SyntaxError) as exc:  # a recognised header over broken data
+        raise ImageDecodeError("corrupt_image", f"{type(exc).__name__}: {exc}") from None
     w, h = img.size
     if w * h > max_pixels:
         raise ImageDecodeError("decompression_bomb", f"image declares {w}x{h} pixels, over the limit {max_pixels}")

@@ -1,0 +1,80 @@
+"""Shared fixtures: a real S3-compatible server on 127.0.0.1 and img2dataset-format corpora built on the spot."""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ttd.corpus.img2dataset_writer import ShardWriter, make_key
+from ttd.uri import resolve
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server in this process, reached over real HTTP by s3fs, pyarrow and DuckDB."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing-key-id",
+                      AWS_SECRET_ACCESS_KEY="testing-secret", AWS_DEFAULT_REGION="us-east-1")
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket per test: returns its s3:// URI."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    name = f"ttd-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(name)
+    return f"s3://{name}"
+
+
+def jpeg(seed: int, size: int = 32) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def build_corpus(uri: str, *, shards: int = 2, per_shard: int = 5, failed_per_shard: int = 1,
+                 output_format: str = "webdataset") -> dict:
+    """An img2dataset-format corpus with `failed_per_shard` failed downloads per shard. Returns keys by status."""
+    root = resolve(uri)
+    ok, failed = [], []
+    for s in range(shards):
+        w = ShardWriter(root, s, output_format=output_format)
+        for i in range(per_shard + failed_per_shard):
+            key = make_key(s, i)
+            if i < failed_per_shard:
+                w.add(key, None, None, status="failed_to_download", error_message="HTTP 404")
+                failed.append(key)
+            else:
+                w.add(key, f"a photo number {i} of shard {s}", jpeg(s * 100 + i), width=32, height=32)
+                ok.append(key)
+        w.close()
+    return {"success": ok, "failed": failed}
+
+
+@pytest.fixture
+def wds_corpus(tmp_path):
+    uri = str(tmp_path / "corpus")
+    return uri, build_corpus(uri)

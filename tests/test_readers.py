@@ -1,0 +1,217 @@
+import io
+import json
+import os
+import tarfile
+import tracemalloc
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import build_corpus, jpeg
+from PIL import Image
+
+from ttd.corpus import ReadIssue, Sample, ShardStats, open_corpus
+from ttd.corpus.img2dataset_writer import ShardWriter, make_key
+from ttd.errors import ImageDecodeError, TTDError
+from ttd.uri import resolve
+
+
+def read_all(corpus):
+    samples, issues, stats = [], [], []
+    for shard in corpus.shards():
+        st = ShardStats()
+        for item in corpus.read_shard(shard, st):
+            (samples if isinstance(item, Sample) else issues).append(item)
+        stats.append(st)
+    return samples, issues, stats
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet", "files"])
+def test_img2dataset_layouts_read_alike(tmp_path, fmt):
+    uri = str(tmp_path / fmt)
+    keys = build_corpus(uri, shards=3, per_shard=4, failed_per_shard=2, output_format=fmt)
+    corpus = open_corpus(uri)
+    assert corpus.format == fmt
+    assert corpus.name == fmt
+    assert [s.name for s in corpus.shards()] == ["00000", "00001", "00002"]
+    assert all(s.complete for s in corpus.shards())
+    samples, issues, stats = read_all(corpus)
+    assert issues == []
+    assert sorted(s.key for s in samples) == sorted(keys["success"])
+    assert sum(st.skipped_status["failed_to_download"] for st in stats) == len(keys["failed"]) == 6
+    s = samples[0]
+    assert s.caption.startswith("a photo number")
+    assert s.image().size == (32, 32) and s.image().mode == "RGB"
+
+
+def test_manifest_jsonl_and_csv(tmp_path):
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(5):
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(jpeg(i))
+        rows.append({"image": f"img/{i}.jpg", "caption": f"caption {i}"})
+    rows.append({"image": "img/missing.jpg", "caption": "gone"})
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "m.csv").write_text("image,caption\n" + "\n".join(f"{r['image']},{r['caption']}" for r in rows))
+    for name in ("m.jsonl", "m.csv"):
+        corpus = open_corpus(str(tmp_path / name), shard_size=4)
+        assert corpus.format == "manifest"
+        assert [s.name for s in corpus.shards()] == ["00000", "00001"]
+        samples, issues, _ = read_all(corpus)
+        assert [s.key for s in samples] == ["000000000", "000000001", "000000002", "000000003", "000010000"]
+        assert [(i.key, i.error_type) for i in issues] == [("000010001", "missing_image")]
+        assert samples[2].image().size == (32, 32)
+
+
+def _shard_files(root):
+    return {p.name: p for p in root.iterdir()}
+
+
+def test_bad_samples_each_get_an_issue_and_good_ones_survive(tmp_path):
+    root = resolve(str(tmp_path / "bad"))
+    w = ShardWriter(root, 0)
+    good = jpeg(1)
+    w.add(make_key(0, 0), "good one", good, width=32, height=32)
+    w.add(make_key(0, 1), "zero bytes", b"", width=32, height=32)
+    w.add(make_key(0, 2), "not an image", b"hello, I am text", width=32, height=32)
+    w.add(make_key(0, 3), "corrupt jpeg", good[: len(good) // 2], width=32, height=32)
+    w.add(make_key(0, 4), None, good, width=32, height=32, caption_bytes=b"caf\xe9 au lait")
+    w.add(make_key(0, 5), "good two", jpeg(2), width=32, height=32)
+    w.close()
+    corpus = open_corpus(root.path)
+    samples, issues, _ = read_all(corpus)
+    assert len(samples) == 6  # every sample reaches the stage; decoding is lazy
+    assert [(i.key, i.error_type, i.severity) for i in issues] == [("000000004", "invalid_utf8", "warning")]
+    by_key = {s.key: s for s in samples}
+    assert by_key["000000004"].caption == "caf\ufffd au lait"
+    kinds = {}
+    for s in samples:
+        try:
+            s.image()
+        except ImageDecodeError as exc:
+            kinds[s.key] = exc.error_type
+    assert kinds == {"000000001": "empty_image", "000000002": "not_an_image", "000000003": "corrupt_image"}
+
+
+def test_decompression_bomb_refused_before_decoding(tmp_path):
+    buf = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(buf, format="PNG")
+    s = Sample("c", "00000", "k", "x", buf.getvalue(), max_pixels=1_000_000)
+    with pytest.raises(ImageDecodeError) as exc:
+        s.image()
+    assert exc.value.error_type == "decompression_bomb"
+
+
+def test_truncated_tar_keeps_samples_before_the_cut_and_names_the_rest(tmp_path):
+    uri = str(tmp_path / "c")
+    keys = build_corpus(uri, shards=1, per_shard=10, failed_per_shard=0)
+    tar = tmp_path / "c" / "00000.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[: int(len(data) * 0.55)])
+    samples, issues, _ = read_all(open_corpus(uri))
+    kinds = [i.error_type for i in issues]
+    assert kinds.count("truncated_shard") == 1
+    missing = [i.key for i in issues if i.error_type == "missing_in_shard"]
+    assert 3 <= len(samples) <= 7
+    # nothing silently lost: every successful key is either a sample or an issue
+    assert sorted([s.key for s in samples] + missing) == sorted(keys["success"])
+    for s in samples:
+        s.image()
+
+
+def test_metadata_and_tar_disagree_both_ways(tmp_path):
+    uri = str(tmp_path / "c")
+    keys = build_corpus(uri, shards=1, per_shard=4, failed_per_shard=0)
+    meta_path = tmp_path / "c" / "00000.parquet"
+    meta = pq.read_table(meta_path)
+    only_in_tar = keys["success"][0]
+    meta = meta.filter(pa.compute.not_equal(meta["key"], only_in_tar))
+    ghost = meta.slice(0, 1).to_pylist()[0] | {"key": "000009999"}
+    meta = pa.concat_tables([meta, pa.Table.from_pylist([ghost], schema=meta.schema)])
+    pq.write_table(meta, meta_path)
+    samples, issues, _ = read_all(open_corpus(uri))
+    assert sorted(s.key for s in samples) == sorted(keys["success"])  # the tar-only sample is kept
+    assert sorted((i.key, i.error_type, i.severity) for i in issues) == [
+        ("000000000", "missing_in_metadata", "warning"),
+        ("000009999", "missing_in_shard", "error"),
+    ]
+
+
+def test_missing_stats_marks_shard_incomplete(tmp_path):
+    uri = str(tmp_path / "c")
+    build_corpus(uri, shards=2, per_shard=2)
+    os.remove(tmp_path / "c" / "00001_stats.json")
+    assert [(s.name, s.complete) for s in open_corpus(uri).shards()] == [("00000", True), ("00001", False)]
+
+
+def test_shard_fingerprint_changes_with_input(tmp_path):
+    uri = str(tmp_path / "c")
+    build_corpus(uri, shards=1, per_shard=2)
+    before = open_corpus(uri).shards()[0].fingerprint
+    assert open_corpus(uri).shards()[0].fingerprint == before
+    with open(tmp_path / "c" / "00000.tar", "ab") as f:
+        f.write(b"\0" * 1024)
+    assert open_corpus(uri).shards()[0].fingerprint != before
+
+
+def test_nonexistent_and_unrecognised_corpus_are_clear_errors(tmp_path):
+    with pytest.raises(TTDError, match="does not exist"):
+        open_corpus(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TTDError, match="holds no img2dataset shards"):
+        open_corpus(str(tmp_path / "empty"))
+    with pytest.raises(TTDError, match="contains '..'"):
+        open_corpus(str(tmp_path / "a" / ".." / "empty"))
+
+
+def test_reading_is_streaming_not_whole_shard(tmp_path):
+    """Peak Python memory while reading a 12 MB shard stays far below the shard's size."""
+    root = resolve(str(tmp_path / "big"))
+    w = ShardWriter(root, 0, encode_format="png")
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buf, format="PNG")
+        w.add(make_key(0, i), f"noise {i}", buf.getvalue(), width=256, height=256)
+    w.close()
+    size = (tmp_path / "big" / "00000.tar").stat().st_size
+    assert size > 7_000_000
+    corpus = open_corpus(str(tmp_path / "big"))
+    shard = corpus.shards()[0]
+    tracemalloc.start()
+    n = 0
+    for item in corpus.read_shard(shard):
+        assert not isinstance(item, ReadIssue)
+        n += 1
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert n == 40
+    assert peak < size / 4, (peak, size)
+
+
+def test_s3_corpus(s3_bucket):
+    uri = f"{s3_bucket}/corpus"
+    keys = build_corpus(uri, shards=2, per_shard=3)
+    corpus = open_corpus(uri)
+    assert corpus.format == "webdataset"
+    samples, issues, _ = read_all(corpus)
+    assert issues == []
+    assert sorted(s.key for s in samples) == sorted(keys["success"])
+    assert samples[0].image().size == (32, 32)
+
+
+def test_tar_members_are_grouped_by_key(tmp_path):
+    """A hand-made tar in webdataset order with a json member that is not a dict still reads."""
+    path = tmp_path / "c"
+    path.mkdir()
+    with tarfile.open(path / "00000.tar", "w") as tar:
+        for key in ("000000000", "000000001"):
+            for ext, data in (("jpg", jpeg(3)), ("txt", b"hand made"), ("json", b"[1, 2]")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (path / "00000_stats.json").write_text("{}")
+    samples, issues, _ = read_all(open_corpus(str(path)))
+    assert [s.key for s in samples] == ["000000000", "000000001"]
+    assert [i.error_type for i in issues] == ["missing_metadata"]

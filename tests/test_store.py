@@ -1,0 +1,143 @@
+import json
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+
+from ttd import schemas
+from ttd.errors import SchemaError, TTDError
+from ttd.store import Store, fingerprint
+
+
+def errors_rows(n, stage="read", prefix="k"):
+    return pa.Table.from_pylist(
+        [{"key": f"{prefix}{i}", "stage": stage, "error_type": "corrupt_image", "message": "m", "severity": "error",
+          "source": "x"} for i in range(n)],
+        schema=schemas.get("errors").arrow,
+    )
+
+
+def part(shard, corpus="c"):
+    return {"corpus": corpus, "shard": shard}
+
+
+def test_commit_read_and_filter_pushdown(tmp_path):
+    store = Store(str(tmp_path / "s"), create=True)
+    store.commit("index", part("00000"), "fp0", {"errors": errors_rows(3)})
+    store.commit("index", part("00001"), "fp1", {"errors": errors_rows(2)})
+    store.commit("index", part("00000", "other"), "fp2", {"errors": errors_rows(4)})
+    assert store.read("errors").num_rows == 9
+    t = store.read("errors", filter=(ds.field("corpus") == "c") & (ds.field("shard") == "00001"))
+    assert t.num_rows == 2 and set(t["shard"].to_pylist()) == {"00001"}
+    assert store.is_done("index", part("00000"), "fp0")
+    assert not store.is_done("index", part("00000"), "other-fp")
+    assert not store.is_done("index", part("00009"), "fp0")
+    # hive layout on disk
+    assert (tmp_path / "s/tables/errors/corpus=c/shard=00001/index-fp1.parquet").is_file()
+    assert (tmp_path / "s/manifests/index/corpus=c/shard=00001.json").is_file()
+
+
+def test_half_written_shard_is_invisible_and_redone(tmp_path, monkeypatch):
+    store = Store(str(tmp_path / "s"), create=True)
+    real = Store._atomic_write
+
+    def crash_on_manifest(self, path, data):
+        if "/manifests/" in path:
+            raise KeyboardInterrupt("killed between data and manifest")
+        return real(self, path, data)
+
+    monkeypatch.setattr(Store, "_atomic_write", crash_on_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        store.commit("index", part("00000"), "fp", {"errors": errors_rows(5)})
+    monkeypatch.setattr(Store, "_atomic_write", real)
+    assert (tmp_path / "s/tables/errors/corpus=c/shard=00000/index-fp.parquet").exists()  # the orphan file
+    assert store.read("errors").num_rows == 0  # ... is invisible
+    assert not store.is_done("index", part("00000"), "fp")
+    store.commit("index", part("00000"), "fp", {"errors": errors_rows(5)})
+    assert store.read("errors").num_rows == 5  # redone, no duplicates
+    assert not list((tmp_path / "s").rglob(".tmp-*"))
+
+
+def test_new_fingerprint_replaces_old_files(tmp_path):
+    store = Store(str(tmp_path / "s"), create=True)
+    store.commit("index", part("00000"), "old", {"errors": errors_rows(3)})
+    store.commit("index", part("00000"), "new", {"errors": errors_rows(1)})
+    assert store.read("errors").num_rows == 1
+    files = sorted(p.name for p in (tmp_path / "s/tables/errors/corpus=c/shard=00000").iterdir())
+    assert files == ["index-new.parquet"]
+
+
+def test_two_stages_share_the_errors_table(tmp_path):
+    store = Store(str(tmp_path / "s"), create=True)
+    store.commit("index", part("00000"), "a", {"errors": errors_rows(2, "read")})
+    store.commit("parse", part("00000"), "b", {"errors": errors_rows(3, "parse")})
+    assert sorted(store.read("errors")["stage"].to_pylist()) == ["parse"] * 3 + ["read"] * 2
+
+
+def test_writes_are_checked_against_the_schema(tmp_path):
+    store = Store(str(tmp_path / "s"), create=True)
+    bad = errors_rows(1).drop_columns(["severity"])
+    with pytest.raises(SchemaError, match="missing columns \\['severity'\\]"):
+        store.commit("index", part("00000"), "x", {"errors": bad})
+    extra = errors_rows(1).append_column("surprise", pa.array([1]))
+    with pytest.raises(SchemaError, match="unexpected columns \\['surprise'\\]"):
+        store.commit("index", part("00000"), "x", {"errors": extra})
+    nulls = errors_rows(1).set_column(1, "stage", pa.array([None], pa.string()))
+    with pytest.raises(SchemaError, match="may not hold nulls"):
+        store.commit("index", part("00000"), "x", {"errors": nulls})
+    wrong = pa.table({"dataset": ["d"], "metric": ["f1"], "method": ["pixel"], "value": ["high"],
+                      "fingerprint": ["f"], "model_id": ["m"]})
+    with pytest.raises(SchemaError, match="wrong type"):
+        store.commit("evaluate", {"run": "r1"}, "x", {"metrics": wrong})
+    with pytest.raises(SchemaError, match="partitioned by"):
+        store.commit("evaluate", part("00000"), "x", {"metrics": wrong})
+    assert store.read("errors").num_rows == 0
+
+
+def test_unknown_schema_version_is_a_clear_error(tmp_path):
+    store = Store(str(tmp_path / "s"), create=True)
+    store.commit("index", part("00000"), "fp", {"errors": errors_rows(1)})
+    path = tmp_path / "s/manifests/index/corpus=c/shard=00000.json"
+    doc = json.loads(path.read_text())
+    doc["schema_versions"]["errors"] = 99
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SchemaError, match="schema version 99"):
+        store.read("errors")
+
+
+def test_foreign_store_version_and_non_store(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s/_ttd_store.json").write_text(json.dumps({"format": "ttd-store", "version": 7}))
+    with pytest.raises(SchemaError, match="version 7"):
+        Store(str(tmp_path / "s"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(TTDError, match="not a ttd store"):
+        Store(str(tmp_path / "plain"))
+    with pytest.raises(TTDError, match="does not exist"):
+        Store(str(tmp_path / "missing"))
+    with pytest.raises(TTDError, match="'..'"):
+        Store(str(tmp_path) + "/x/../s", create=True)
+
+
+def test_partition_values_are_validated(tmp_path):
+    store = Store(str(tmp_path / "s"), create=True)
+    for bad in ("../x", "a/b", "", "x y"):
+        with pytest.raises(TTDError, match="invalid corpus name"):
+            store.commit("index", part("00000", bad), "fp", {"errors": errors_rows(1)})
+
+
+def test_fingerprint_is_stable_and_order_free():
+    assert fingerprint("s", 1, {"a": 1, "b": 2}) == fingerprint("s", 1, {"b": 2, "a": 1})
+    assert fingerprint("s", 1, {"a": 1}) != fingerprint("s", 2, {"a": 1})
+
+
+def test_s3_store(s3_bucket):
+    uri = f"{s3_bucket}/store"
+    store = Store(uri, create=True)
+    store.commit("index", part("00000"), "fp", {"errors": errors_rows(3)})
+    store.commit("index", part("00001"), "fp", {"errors": errors_rows(2)})
+    again = Store(uri)
+    assert again.read("errors").num_rows == 5
+    assert again.is_done("index", part("00001"), "fp")
+    t = again.read("errors", filter=ds.field("shard") == "00000", columns=["key", "shard"])
+    assert t.column_names == ["key", "shard"] and t.num_rows == 3
