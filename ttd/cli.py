@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -70,11 +70,11 @@ def synth(
     seed: Annotated[int, typer.Option(help="Sample seed: same seed, byte-identical output.")] = 0,
     fmt: Annotated[str, typer.Option("--format", help="img2dataset layout: webdataset, parquet or files.")]
     = "webdataset",
-    config: Annotated[Optional[Path], typer.Option(help="YAML with SynthConfig fields (vocabulary, scenes, caption "
+    config: Annotated[Path | None, typer.Option(help="YAML with SynthConfig fields (vocabulary, scenes, caption "
                                                    "styles); see docs/SYNTH.md.")] = None,
-    classes: Annotated[Optional[int], typer.Option(help="Number of thing classes (overrides the config).")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Image side in pixels (overrides the config).")] = None,
-    shard_size: Annotated[Optional[int], typer.Option(help="Samples per shard (overrides the config).")] = None,
+    classes: Annotated[int | None, typer.Option(help="Number of thing classes (overrides the config).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Image side in pixels (overrides the config).")] = None,
+    shard_size: Annotated[int | None, typer.Option(help="Samples per shard (overrides the config).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Write TagMask-Synth: a deterministic image-text corpus with exact ground-truth tags and masks."""
@@ -104,7 +104,7 @@ def index(
     corpus: Annotated[str, typer.Option(help="Corpus URI: img2dataset output folder or a JSONL/CSV manifest.")],
     store: Annotated[str, typer.Option(help="Store URI (local path or s3://bucket/prefix); created if absent.")],
     corpus_format: Annotated[str, typer.Option(help="auto, webdataset, parquet, files or manifest.")] = "auto",
-    corpus_name: Annotated[Optional[str], typer.Option(help="Name of the corpus in the store (default: the "
+    corpus_name: Annotated[str | None, typer.Option(help="Name of the corpus in the store (default: the "
                                                        "folder name).")] = None,
     decode: Annotated[bool, typer.Option(help="Decode every image to find corrupt ones.")] = True,
     include_incomplete: Annotated[bool, typer.Option(help="Also read shards without img2dataset's _stats.json.")]
@@ -138,7 +138,7 @@ def sql(
     query: Annotated[str, typer.Argument(help="One SELECT statement over the store's views.")],
     store: Annotated[str, typer.Option(help="Store URI.")],
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
-    corpus: Annotated[Optional[list[str]], typer.Option(help="Extra corpus URI for the `samples` view "
+    corpus: Annotated[list[str] | None, typer.Option(help="Extra corpus URI for the `samples` view "
                                                         "(repeatable); corpora the stages read are included.")]
     = None,
 ) -> None:

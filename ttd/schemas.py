@@ -132,11 +132,3 @@ def check_version(table: str, version: int | str | None, where: str) -> None:
             f"{where}: table {table!r} was written with schema version {version}, but this ttd reads version "
             f"{schema.version}; use the ttd release that wrote it, or re-run the stage into a new store"
         )
-
-
-def check_file_metadata(table: str, metadata: dict[bytes, bytes] | None, where: str) -> None:
-    md = metadata or {}
-    if md.get(META_TABLE, table.encode()) != table.encode():
-        raise SchemaError(f"{where}: file belongs to table {md[META_TABLE].decode()!r}, not {table!r}")
-    version = md.get(META_VERSION)
-    check_version(table, version.decode() if version else None, where)

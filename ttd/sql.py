@@ -56,13 +56,33 @@ def _s3_mode() -> str:
     return mode
 
 
+def _pip_extension_dir() -> str | None:
+    """Where the `duckdb-ext-*` packages put extension binaries (site-packages/duckdb_ext/extensions)."""
+    try:
+        import duckdb_ext  # namespace package of duckdb-ext-httpfs
+    except ImportError:
+        return None
+    for base in getattr(duckdb_ext, "__path__", []):
+        path = os.path.join(base, "extensions")
+        if os.path.isdir(path):
+            return path
+    return None
+
+
 def _enable_httpfs(con: duckdb.DuckDBPyConnection) -> bool:
     """Load httpfs if already installed and point it at the same endpoint and credentials as boto would use."""
     try:
         con.execute("LOAD httpfs")
-    except duckdb.Error as exc:
-        log.debug("httpfs unavailable (%s); using fsspec", str(exc).splitlines()[0])
-        return False
+    except duckdb.Error:
+        ext_dir = _pip_extension_dir()
+        try:
+            if ext_dir is None:
+                raise duckdb.IOException("httpfs is not installed and no duckdb-ext-httpfs package is present")
+            con.execute(f"SET extension_directory = {_quote(ext_dir)}")
+            con.execute("LOAD httpfs")
+        except duckdb.Error as exc:
+            log.debug("httpfs unavailable (%s); using fsspec", str(exc).splitlines()[0])
+            return False
     opts = ["TYPE s3", "PROVIDER credential_chain"]
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:

@@ -31,7 +31,7 @@ class Location:
         path = self.path if path is None else path
         return path if self.protocol == "file" else f"{self.protocol}://{path}"
 
-    def child(self, *parts: str) -> "Location":
+    def child(self, *parts: str) -> Location:
         return Location(self.fs, self.join(*parts), self.protocol)
 
 

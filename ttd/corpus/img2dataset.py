@@ -14,8 +14,17 @@ from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 
-from .base import Corpus, ReadIssue, Sample, ShardRef, ShardStats, decode_caption, files_fingerprint, json_meta, \
-    read_metadata
+from .base import (
+    Corpus,
+    ReadIssue,
+    Sample,
+    ShardRef,
+    ShardStats,
+    decode_caption,
+    files_fingerprint,
+    json_meta,
+    read_metadata,
+)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 _SHARD_RE = re.compile(r"^(\d+)\.(tar|parquet)$")
