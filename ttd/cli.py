@@ -63,7 +63,8 @@ def version() -> None:
 @app.command()
 def synth(
     out_dir: Annotated[str, typer.Argument(metavar="OUT", help="Output folder or URI (train/, eval/, pretrain/).")],
-    train: Annotated[int, typer.Option(help="Samples in the corpus to label (OUT/train, multi-object captions).")] = 2000,
+    train: Annotated[int, typer.Option(help="Samples in the corpus to label (OUT/train, multi-object captions).")]
+    = 2000,
     eval: Annotated[int, typer.Option("--eval", help="Samples in the labelled eval set (OUT/eval).")] = 500,
     pretrain: Annotated[int, typer.Option(help="Samples in the pre-training corpus (OUT/pretrain, alt-text captions); "
                                           "0 writes none.")] = 0,
