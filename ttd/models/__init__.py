@@ -1,0 +1,1 @@
+from .loading import ClipBundle, load_model  # noqa: F401

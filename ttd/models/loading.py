@@ -1,0 +1,151 @@
+"""Build open_clip models from a registry name, a local ttd artefact, or the tiny configurations shipped here.
+
+A ttd artefact (written by `ttd pretrain` or `ttd distill`) is a folder holding `model.safetensors` and
+`model.json` (`{"model": NAME, "model_cfg": {...}}`), so `--pretrained PATH` needs no `--model`. Weights are only
+ever read from safetensors, or from a torch file with `weights_only=True`: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from ..errors import TTDError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_MODEL = "ttd-tiny"
+ARTEFACT_CONFIG = "model.json"
+ARTEFACT_WEIGHTS = "model.safetensors"
+_registered = False
+
+
+def register_shipped_configs() -> None:
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(str(CONFIG_DIR))
+        _registered = True
+
+
+@dataclass
+class ClipBundle:
+    """A model with everything needed to use it consistently."""
+
+    model: open_clip.CLIP
+    preprocess: Any  # torchvision transform from the model's own preprocessing config
+    tokenizer: Any
+    name: str
+    model_id: str  # name + weights identity: part of every fingerprint
+    image_size: int
+    patch_size: int
+    context_length: int
+    device: torch.device
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual.proj.shape[1])
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Weights from safetensors, or a torch file loaded with weights_only=True (a pickle with code is refused)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise TTDError(f"{path} is not a readable safetensors file: {exc}") from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TTDError(f"refused to load {path}: not a plain tensor checkpoint ({type(exc).__name__}); ttd only "
+                       "loads safetensors or weights-only torch files") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise TTDError(f"{path} does not hold a state dict")
+    return state
+
+
+def read_artefact_config(path: Path) -> dict:
+    try:
+        return json.loads((path / ARTEFACT_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise TTDError(f"{path} is not a ttd model artefact ({ARTEFACT_CONFIG} unreadable: {exc})") from None
+
+
+def load_model(name: str | None = None, pretrained: str | None = None, *, device: str | torch.device = "cpu",
+               seed: int = 0) -> ClipBundle:
+    """Load a CLIP model.
+
+    - `pretrained` a folder written by ttd (model.json + model.safetensors): its config names the model.
+    - `pretrained` a .safetensors / .pt file: weights for `name`.
+    - `pretrained` a tag (e.g. `openai`): open_clip's registry (downloads where the network allows).
+    - no `pretrained`: `name` (default: the shipped `ttd-tiny`) with random weights from `seed`.
+    """
+    register_shipped_configs()
+    device = torch.device(device)
+    state = None
+    model_cfg = None
+    weights_id = None
+    if pretrained and Path(pretrained).is_dir():
+        art = read_artefact_config(Path(pretrained))
+        name = name or art.get("model")
+        model_cfg = art.get("model_cfg")
+        wpath = Path(pretrained) / ARTEFACT_WEIGHTS
+        state, weights_id = load_state_dict(wpath), _file_digest(wpath)
+        pretrained = None
+    elif pretrained and Path(pretrained).is_file():
+        state, weights_id = load_state_dict(pretrained), _file_digest(Path(pretrained))
+        pretrained = None
+    elif pretrained and ("/" in pretrained or pretrained.endswith((".safetensors", ".pt", ".bin"))):
+        raise TTDError(f"--pretrained {pretrained!r} does not exist: give a ttd artefact folder, a weights file, "
+                       "or an open_clip pretrained tag")
+    name = name or DEFAULT_MODEL
+    if model_cfg is not None and name not in open_clip.list_models():
+        open_clip.factory._MODEL_CONFIGS[name] = model_cfg  # an artefact carries its own architecture
+    if name not in open_clip.list_models():
+        raise TTDError(f"unknown model {name!r}: use an open_clip model name (e.g. ViT-B-16), one of the shipped "
+                       f"configs ({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))}) or --pretrained "
+                       "pointing at a ttd artefact")
+    torch.manual_seed(seed)  # random weights are reproducible, so their model_id means something
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    except RuntimeError as exc:
+        raise TTDError(f"cannot load model {name!r} with pretrained={pretrained!r}: {exc}") from None
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise TTDError(f"weights do not fit model {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.to(device)
+    if weights_id is None:
+        weights_id = f"pretrained-{pretrained}" if pretrained else f"random-seed{seed}"
+        if not pretrained:
+            log.warning("model %s has random weights (no --pretrained given)", name)
+    model.eval()
+    visual = model.visual
+    if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
+        raise TTDError(f"model {name!r} is not an open_clip ViT: dense heads need a VisionTransformer")
+    patch = visual.conv1.kernel_size[0]
+    image_size = visual.image_size[0] if isinstance(visual.image_size, tuple) else int(visual.image_size)
+    tokenizer = open_clip.get_tokenizer(name)
+    return ClipBundle(model, preprocess, tokenizer, name, f"{name}@{weights_id}", image_size, patch,
+                      int(model.context_length), device)
