@@ -136,7 +136,7 @@ def connect(store_uri: str, corpora: Iterable[str] = ()) -> duckdb.DuckDBPyConne
 
     rows = [{k: (json.dumps(v, sort_keys=True) if isinstance(v, dict) else v) for k, v in m.items()}
             for m in manifests]
-    manifest_cols = ["stage", "stage_version", "corpus", "shard", "run", "fingerprint", "input_fingerprint",
+    manifest_cols = ["stage", "stage_version", "model", "corpus", "shard", "run", "fingerprint", "input_fingerprint",
                      "model_id", "config", "files", "rows", "schema_versions", "ttd_version", "committed_at"]
     table = pa.table({c: pa.array([r.get(c) for r in rows],
                                   pa.int64() if c == "stage_version" else pa.string()) for c in manifest_cols})

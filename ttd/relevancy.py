@@ -1,0 +1,106 @@
+"""TTD step 1: score each candidate tag against the image and select the image-relevant ones.
+
+Three raw scores per (sample, tag), all cosines in the joint space:
+- pixel-tag: the tag's heatmap (cosine with every patch embedding of a dense head) at its best pixel (TTD);
+- image-tag: the global image embedding against the tag (biased baseline);
+- text-tag:  the caption embedding against the tag (biased baseline).
+Each is normalised across the caption's candidates (default min-max), and the configured one is thresholded.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pydantic
+import torch
+import torch.nn.functional as F
+
+from .models.dense import HEADS
+
+# A small prompt ensemble in the style of CLIP's zero-shot templates; configurable per run.
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of the {}.", "{}")
+
+
+class ScoreConfig(pydantic.BaseModel):
+    """How tags are scored and selected. Defaults marked 'ours' in docs/METHOD.md: the paper leaves them open."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    head: Literal[HEADS] = "maskclip"
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    normalisation: Literal["minmax", "none"] = "minmax"
+    selection: Literal["pixel", "image", "text"] = "pixel"
+    threshold: float = pydantic.Field(0.5, ge=0.0, le=1.0)
+    masks_for: Literal["selected", "all"] = "selected"
+    batch_size: int = pydantic.Field(64, ge=1, le=4096)
+    decode_threads: int = pydantic.Field(2, ge=1, le=64)
+    max_pixels: int = pydantic.Field(64_000_000, ge=1)
+
+    @pydantic.field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, v):
+        if not v or any("{}" not in t for t in v):
+            raise ValueError("every template needs one '{}' slot for the tag")
+        return v
+
+
+@torch.no_grad()
+def encode_texts(bundle, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised text embeddings [N, D]."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = bundle.tokenizer(texts[i:i + batch_size]).to(bundle.device)
+        out.append(F.normalize(bundle.model.encode_text(tokens).float(), dim=-1))
+    if not out:
+        return torch.zeros(0, bundle.embed_dim)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_tags(bundle, tags: list[str], templates: tuple[str, ...]) -> torch.Tensor:
+    """Prompt-ensembled tag embeddings [N, D]: mean of the normalised template embeddings, renormalised."""
+    if not tags:
+        return torch.zeros(0, bundle.embed_dim)
+    prompts = [t.format(tag) for tag in tags for t in templates]
+    emb = encode_texts(bundle, prompts).reshape(len(tags), len(templates), -1).mean(dim=1)
+    return F.normalize(emb, dim=-1)
+
+
+def tag_heatmaps(dense: torch.Tensor, tag_emb: torch.Tensor) -> torch.Tensor:
+    """Cosine heatmaps [T, gh, gw] of one image's dense features [gh, gw, D] against tags [T, D]."""
+    return torch.einsum("hwd,td->thw", F.normalize(dense.float(), dim=-1), tag_emb.float())
+
+
+def raw_scores(global_emb: torch.Tensor, dense: torch.Tensor, caption_emb: torch.Tensor, tag_emb: torch.Tensor):
+    """For one sample: (pixel, image, text) raw scores [T] and the heatmaps [T, gh, gw]."""
+    maps = tag_heatmaps(dense, tag_emb)
+    pixel = maps.flatten(1).amax(dim=1) if maps.numel() else torch.zeros(0)
+    image = tag_emb @ F.normalize(global_emb.float(), dim=-1)
+    text = tag_emb @ caption_emb.float()
+    return pixel, image, text, maps
+
+
+def normalise(scores: np.ndarray, method: str) -> np.ndarray:
+    """Across one caption's candidates. Min-max maps the best tag to 1 and the worst to 0; a single candidate,
+    or all equal, maps to 1 (nothing to compare it with: the threshold alone cannot reject it)."""
+    scores = np.asarray(scores, dtype=np.float32)
+    if method == "none" or scores.size == 0:
+        return scores
+    lo, hi = float(scores.min()), float(scores.max())
+    if hi - lo < 1e-8:
+        return np.ones_like(scores)
+    return (scores - lo) / (hi - lo)
+
+
+def quantise(heatmap: np.ndarray) -> tuple[bytes, float, float]:
+    """uint8 row-major bytes with the value range they span: 1 byte per patch (a 14x14 ViT-B-16 map is 196 B)."""
+    hm = np.asarray(heatmap, dtype=np.float32)
+    lo, hi = float(hm.min()), float(hm.max())
+    q = np.zeros(hm.shape, np.uint8) if hi - lo < 1e-12 else np.round((hm - lo) / (hi - lo) * 255).astype(np.uint8)
+    return q.tobytes(), lo, hi
+
+
+def dequantise(data: bytes, height: int, width: int, vmin: float, vmax: float) -> np.ndarray:
+    q = np.frombuffer(data, dtype=np.uint8).reshape(height, width).astype(np.float32)
+    return vmin + q / 255.0 * (vmax - vmin)

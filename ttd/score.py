@@ -1,0 +1,288 @@
+"""Stage `score`: pixel-tag relevancy for every (sample, candidate tag), selected tags, and their heatmaps.
+
+Per shard (the unit of work everywhere): read the shard's candidates from `tags`, embed the tags the cache lacks
+(one text-tower pass per distinct tag and model, cached in the store as `tag_embeddings`), then stream the shard's
+images in batches through the dense head and write `relevancy`, `masks` and `errors`. Shards go to a pool of Ray
+actors (one GPU each where GPUs exist, CPU actors otherwise); `workers=0` scores in this process without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import torch
+
+from . import schemas
+from .corpus import ReadIssue, Sample, ShardRef, open_corpus
+from .errors import ImageDecodeError
+from .models import load_model
+from .models.dense import encode_image_dense
+from .relevancy import ScoreConfig, encode_tags, encode_texts, normalise, quantise, raw_scores
+from .store import Store, fingerprint
+
+log = logging.getLogger(__name__)
+
+STAGE = "score"
+STAGE_VERSION = 1
+EMBED_STAGE = "embed_tags"
+PARSE_STAGE = "parse"
+# Settings that change speed, not results: left out of the fingerprint so tuning them never re-scores.
+_PERF_FIELDS = {"batch_size", "decode_threads"}
+
+
+def result_config(config: ScoreConfig) -> dict:
+    return config.model_dump(mode="json", exclude=_PERF_FIELDS)
+
+
+def embedding_key(model_id: str, templates: tuple[str, ...]) -> str:
+    return fingerprint("tag-embeddings", model_id, list(templates))
+
+
+class ShardScorer:
+    """One worker: loads the model once, then scores whole shards and commits them to the store."""
+
+    def __init__(self, corpus: dict, store_uri: str, model: dict, config: dict, device: str | None = None,
+                 threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.config = ScoreConfig.model_validate(config)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.bundle = load_model(model.get("name"), model.get("pretrained"), device=self.device)
+        self.model_id = model.get("model_id") or self.bundle.model_id
+        self.corpus = open_corpus(corpus["uri"], fmt=corpus["format"], name=corpus["name"],
+                                  max_pixels=self.config.max_pixels)
+        self.store = Store(store_uri)
+        self.emb_key = embedding_key(self.model_id, self.config.templates)
+        self._emb_cache: dict[str, np.ndarray] = {}
+        self._pool = ThreadPoolExecutor(self.config.decode_threads)
+        self.autocast = self.device.type == "cuda"
+
+    # ---- tag embeddings ---------------------------------------------------------------------------------------
+    def _tag_embeddings(self, shard: ShardRef, tags: list[str]) -> dict[str, np.ndarray]:
+        need = [t for t in tags if t not in self._emb_cache]
+        if need:
+            cached = self.store.read("tag_embeddings", columns=["tag", "embedding"],
+                                     filter=(ds.field("model") == self.emb_key) & ds.field("tag").isin(need))
+            for tag, emb in zip(cached["tag"].to_pylist(), cached["embedding"].to_numpy(zero_copy_only=False)):
+                self._emb_cache[tag] = np.asarray(emb, dtype=np.float32)
+        missing = sorted({t for t in tags if t not in self._emb_cache})
+        if missing:
+            emb = encode_tags(self.bundle, missing, self.config.templates).cpu().numpy()
+            for tag, e in zip(missing, emb):
+                self._emb_cache[tag] = e
+            table = pa.table({"tag": missing, "embedding": pa.array(list(emb), pa.list_(pa.float32())),
+                              "model_id": [self.model_id] * len(missing)})
+            part = {"model": self.emb_key, **shard.partition}
+            self.store.commit(EMBED_STAGE, part, fingerprint(missing), {"tag_embeddings": table},
+                              model_id=self.model_id)
+        return {t: self._emb_cache[t] for t in tags}
+
+    # ---- per shard ------------------------------------------------------------------------------------------------
+    def _candidates(self, shard: ShardRef) -> tuple[dict[str, list[dict]], dict[str, str]]:
+        where = (ds.field("corpus") == shard.corpus) & (ds.field("shard") == shard.name)
+        tags = self.store.read("tags", columns=["key", "tag_index", "text", "lower"], filter=where)
+        by_key: dict[str, list[dict]] = defaultdict(list)
+        for row in tags.to_pylist():
+            by_key[row["key"]].append(row)
+        captions = {}
+        if "captions" in schemas.all_schemas():
+            t = self.store.read("captions", columns=["key", "caption"], filter=where)
+            captions = dict(zip(t["key"].to_pylist(), t["caption"].to_pylist()))
+        return by_key, captions
+
+    def _decode(self, sample: Sample):
+        try:
+            return self.bundle.preprocess(sample.image()), None
+        except ImageDecodeError as exc:
+            return None, (exc.error_type, str(exc))
+        except Exception as exc:  # a preprocessing failure on an odd image is that sample's problem only
+            return None, ("preprocess_failed", f"{type(exc).__name__}: {exc}")
+
+    def _batches(self, shard: ShardRef, keys_wanted: dict, errors: list) -> Iterator[list[tuple[Sample, Any]]]:
+        pending: list[Sample] = []
+
+        def flush():
+            decoded = list(self._pool.map(self._decode, pending))
+            ok = []
+            for s, (tensor, err) in zip(pending, decoded):
+                if err is not None:
+                    errors.append({"key": s.key, "stage": STAGE, "error_type": err[0], "message": err[1],
+                                   "severity": "error", "source": s.source})
+                else:
+                    ok.append((s, tensor))
+            pending.clear()
+            return ok
+
+        for item in self.corpus.read_shard(shard):
+            if isinstance(item, ReadIssue):
+                errors.append(item.as_row(STAGE))
+                continue
+            if item.key not in keys_wanted:
+                errors.append({"key": item.key, "stage": STAGE, "error_type": "no_candidates",
+                               "message": "caption has no candidate tags in `tags` (empty caption?); not scored",
+                               "severity": "warning", "source": item.source})
+                continue
+            pending.append(item)
+            if len(pending) >= self.config.batch_size:
+                yield flush()
+        if pending:
+            yield flush()
+
+    @torch.no_grad()
+    def score_shard(self, shard: ShardRef, fp: str, input_fingerprint: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        cfg = self.config
+        by_key, captions = self._candidates(shard)
+        emb = self._tag_embeddings(shard, sorted({c["lower"] for cs in by_key.values() for c in cs}))
+        rel_rows: list[dict] = []
+        mask_rows: list[dict] = []
+        errors: list[dict] = []
+        n_images = 0
+        for batch in self._batches(shard, by_key, errors):
+            if not batch:
+                continue
+            images = torch.stack([t for _, t in batch]).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                global_emb, dense = encode_image_dense(self.bundle.model, images, cfg.head)
+            caps = [captions.get(s.key) or s.caption or "" for s, _ in batch]
+            cap_emb = encode_texts(self.bundle, caps)
+            for i, (sample, _) in enumerate(batch):
+                cands = by_key[sample.key]
+                tag_emb = torch.from_numpy(np.stack([emb[c["lower"]] for c in cands])).to(self.device)
+                pixel, image, text, maps = raw_scores(global_emb[i], dense[i], cap_emb[i], tag_emb)
+                raw = {"pixel": pixel.cpu().numpy(), "image": image.cpu().numpy(), "text": text.cpu().numpy()}
+                norm = {k: normalise(v, cfg.normalisation) for k, v in raw.items()}
+                selected = norm[cfg.selection] >= cfg.threshold
+                maps = maps.cpu().numpy()
+                for j, c in enumerate(cands):
+                    rel_rows.append({
+                        "key": sample.key, "tag_index": c["tag_index"], "text": c["text"],
+                        "pixel_raw": raw["pixel"][j], "image_raw": raw["image"][j], "text_raw": raw["text"][j],
+                        "pixel_score": norm["pixel"][j], "image_score": norm["image"][j],
+                        "text_score": norm["text"][j], "selected": bool(selected[j]), "threshold": cfg.threshold,
+                        "model_id": self.model_id, "head": cfg.head,
+                    })
+                    if selected[j] or cfg.masks_for == "all":
+                        data, lo, hi = quantise(maps[j])
+                        mask_rows.append({"key": sample.key, "tag_index": c["tag_index"], "text": c["text"],
+                                          "height": maps.shape[1], "width": maps.shape[2], "heatmap": data,
+                                          "vmin": lo, "vmax": hi})
+            n_images += len(batch)
+        tables = {
+            "relevancy": pa.Table.from_pylist(rel_rows, schema=schemas.get("relevancy").arrow),
+            "masks": pa.Table.from_pylist(mask_rows, schema=schemas.get("masks").arrow),
+            "errors": pa.Table.from_pylist(errors, schema=schemas.get("errors").arrow),
+        }
+        self.store.commit(STAGE, shard.partition, fp, tables, stage_version=STAGE_VERSION,
+                          config=result_config(cfg), model_id=self.model_id, input_fingerprint=input_fingerprint)
+        return {"shard": shard.name, "images": n_images, "tags": len(rel_rows), "masks": len(mask_rows),
+                "errors": len(errors), "seconds": time.perf_counter() - t0}
+
+
+def _ray_workers(ray_address: str | None, workers: int | None) -> tuple[int, float, int]:
+    """Start or join Ray; returns (actors, gpus per actor, cpu threads per actor)."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
+    n = workers or max(gpus, 1)
+    if gpus:
+        return n, 1.0, max(1, cpus // n)
+    return n, 0.0, max(1, cpus // n)
+
+
+def run_score(
+    corpus_uri: str,
+    store_uri: str,
+    config: ScoreConfig | None = None,
+    *,
+    model: str | None = None,
+    pretrained: str | None = None,
+    ray_address: str | None = None,
+    workers: int | None = None,
+    device: str | None = None,
+    fmt: str = "auto",
+    name: str | None = None,
+    include_incomplete: bool = False,
+    progress: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Score every parsed shard not yet scored under this config and model. `workers=0`: no Ray."""
+    t0 = time.perf_counter()
+    config = config or ScoreConfig()
+    corpus = open_corpus(corpus_uri, fmt=fmt, name=name)
+    store = Store(store_uri, create=True)
+    store.register_corpus(corpus.name, corpus.uri, corpus.format)
+    corpus_spec = {"uri": corpus.uri, "format": corpus.format, "name": corpus.name}
+    model_spec = {"name": model, "pretrained": pretrained}
+    local = ShardScorer(corpus_spec, store_uri, model_spec, config.model_dump(mode="json"), device) \
+        if workers == 0 else None
+    # the driver loads the model once too (on CPU) to fail early with a clear error and to know its identity
+    model_id = local.model_id if local else load_model(model, pretrained, device="cpu").model_id
+    model_spec["model_id"] = model_id
+    summary: dict[str, Any] = {"corpus": corpus.name, "model_id": model_id, "shards": 0, "done": 0,
+                               "skipped_done": 0, "waiting": [], "unparsed": [], "images": 0, "tags": 0, "masks": 0,
+                               "errors": 0}
+    todo = []
+    for shard in corpus.shards():
+        summary["shards"] += 1
+        if not shard.complete and not include_incomplete:
+            summary["waiting"].append(shard.name)
+            continue
+        parsed = store.manifest(PARSE_STAGE, shard.partition)
+        if parsed is None:
+            summary["unparsed"].append(shard.name)
+            continue
+        input_fp = fingerprint(shard.fingerprint, parsed["fingerprint"])
+        fp = fingerprint(STAGE, STAGE_VERSION, result_config(config), model_id, input_fp)
+        if store.is_done(STAGE, shard.partition, fp):
+            summary["skipped_done"] += 1
+            continue
+        todo.append((shard, fp, input_fp))
+    if summary["unparsed"]:
+        log.warning("%d shard(s) have no tags yet: run `ttd parse` on them first (%s)", len(summary["unparsed"]),
+                    ", ".join(summary["unparsed"][:5]))
+
+    def account(result: dict) -> None:
+        summary["done"] += 1
+        for k in ("images", "tags", "masks", "errors"):
+            summary[k] += result[k]
+        if progress:
+            progress(result)
+
+    if todo and local is not None:
+        for shard, fp, input_fp in todo:
+            account(local.score_shard(shard, fp, input_fp))
+    elif todo:
+        import ray
+        from ray.util import ActorPool
+
+        n, gpus, threads = _ray_workers(ray_address, workers)
+        n = min(n, len(todo))
+        actor_cls = ray.remote(ShardScorer)
+        actors = [actor_cls.options(num_gpus=gpus, num_cpus=threads).remote(
+            corpus_spec, store_uri, model_spec, config.model_dump(mode="json"), device, threads) for _ in range(n)]
+        pool = ActorPool(actors)
+        for result in pool.map_unordered(lambda a, job: a.score_shard.remote(*job), todo):
+            account(result)
+        summary["workers"] = n
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    summary["images_per_s"] = round(summary["images"] / max(summary["seconds"], 1e-9), 2)
+    return summary
