@@ -78,3 +78,30 @@ def build_corpus(uri: str, *, shards: int = 2, per_shard: int = 5, failed_per_sh
 def wds_corpus(tmp_path):
     uri = str(tmp_path / "corpus")
     return uri, build_corpus(uri)
+
+
+def write_simple_tags(store_uri: str, corpus_uri: str, fingerprint: str = "simple") -> None:
+    """Commit a `parse`-stage `tags` table made by splitting captions on spaces (tests of later stages only)."""
+    import pyarrow as pa
+
+    from ttd import schemas
+    from ttd.corpus import Sample, open_corpus
+    from ttd.store import Store
+
+    store = Store(store_uri, create=True)
+    corpus = open_corpus(corpus_uri)
+    for shard in corpus.shards():
+        rows = []
+        for s in corpus.read_shard(shard):
+            if not isinstance(s, Sample) or not s.caption:
+                continue
+            pos = 0
+            for i, word in enumerate(s.caption.split()):
+                start = s.caption.index(word, pos)
+                pos = start + len(word)
+                rows.append({"key": s.key, "tag_index": i, "text": word, "lower": word.lower(), "lemma": word.lower(),
+                             "pos": None, "char_start": start, "char_end": pos, "is_stop": word in ("a", "of"),
+                             "is_alpha": word.isalpha(), "is_compound": False, "policy": "words",
+                             "caption_truncated": False})
+        table = pa.Table.from_pylist(rows, schema=schemas.get("tags").arrow)
+        store.commit("parse", shard.partition, fingerprint, {"tags": table})

@@ -1,0 +1,190 @@
+import io
+import os
+import socket
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from conftest import build_corpus, jpeg, write_simple_tags
+from PIL import Image
+
+from ttd.corpus.img2dataset_writer import ShardWriter, make_key
+from ttd.relevancy import ScoreConfig
+from ttd.score import run_score
+from ttd.sql import query
+from ttd.store import Store
+from ttd.uri import resolve
+
+MODEL = "ttd-micro"
+
+
+def rows(store, table, cols):
+    t = Store(store).read(table, columns=cols).sort_by([(c, "ascending") for c in cols[:2]])
+    return t.to_pylist()
+
+
+def scored(tmp_path, **kw):
+    corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
+    build_corpus(corpus, shards=2, per_shard=6)
+    write_simple_tags(store, corpus)
+    return corpus, store, run_score(corpus, store, model=MODEL, workers=0, **kw)
+
+
+def test_score_fills_relevancy_and_masks_and_is_incremental(tmp_path):
+    corpus, store, first = scored(tmp_path)
+    assert first["done"] == 2 and first["images"] == 12 and first["errors"] == 0
+    n_tags = Store(store).read("tags").num_rows
+    rel = Store(store).read("relevancy")
+    assert rel.num_rows == n_tags
+    sel = sum(rel["selected"].to_pylist())
+    assert Store(store).read("masks").num_rows == sel > 0
+    # scores normalised per caption: every caption has a best tag at 1 and a worst at 0
+    per_caption = query(store, "SELECT key, max(pixel_score) AS hi, min(pixel_score) AS lo FROM relevancy "
+                               "GROUP BY key").to_pylist()
+    assert all(r["hi"] == pytest.approx(1.0) and r["lo"] == pytest.approx(0.0) for r in per_caption)
+    masks = Store(store).read("masks").to_pylist()
+    assert all(len(m["heatmap"]) == m["height"] * m["width"] == 64 for m in masks)
+    again = run_score(corpus, store, model=MODEL, workers=0)
+    assert again["done"] == 0 and again["skipped_done"] == 2
+    # a new threshold re-scores; batch size (speed only) does not
+    same = run_score(corpus, store, ScoreConfig(batch_size=3), model=MODEL, workers=0)
+    assert same["done"] == 0
+    changed = run_score(corpus, store, ScoreConfig(threshold=0.9), model=MODEL, workers=0)
+    assert changed["done"] == 2
+    assert {round(t, 4) for t in Store(store).read("relevancy")["threshold"].to_pylist()} == {0.9}
+
+
+def test_acceptance_queries(tmp_path):
+    _, store, _ = scored(tmp_path)
+    top = query(store, "SELECT text, count(*) AS n FROM relevancy WHERE selected GROUP BY 1 ORDER BY 2 DESC, 1 "
+                       "LIMIT 5").to_pylist()
+    assert top and all(r["n"] >= 1 for r in top)
+    stop = query(store, "SELECT avg(r.selected::INT) AS rate FROM relevancy r JOIN tags t USING (corpus, shard, key, "
+                        "tag_index) WHERE t.is_stop").to_pylist()[0]["rate"]
+    assert 0.0 <= stop <= 1.0
+
+
+def test_tag_embeddings_are_computed_once_per_tag(tmp_path):
+    corpus, store, _ = scored(tmp_path)
+    emb = Store(store).read("tag_embeddings")
+    distinct = set(Store(store).read("tags")["lower"].to_pylist())
+    assert sorted(emb["tag"].to_pylist()) == sorted(distinct)  # shard 2 reused shard 1's embeddings
+
+
+def test_same_rows_after_a_killed_run(tmp_path, monkeypatch):
+    corpus, clean, _ = scored(tmp_path)
+    killed = str(tmp_path / "killed")
+    write_simple_tags(killed, corpus)
+    real = Store.commit
+    calls = {"n": 0}
+
+    def die_on_second_score_commit(self, stage, *a, **kw):
+        if stage == "score":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt("killed")
+        return real(self, stage, *a, **kw)
+
+    monkeypatch.setattr(Store, "commit", die_on_second_score_commit)
+    with pytest.raises(KeyboardInterrupt):
+        run_score(corpus, killed, model=MODEL, workers=0)
+    monkeypatch.setattr(Store, "commit", real)
+    resumed = run_score(corpus, killed, model=MODEL, workers=0)
+    assert resumed["done"] == 1 and resumed["skipped_done"] == 1
+    cols = ["key", "tag_index", "pixel_raw", "selected"]
+    assert rows(killed, "relevancy", cols) == rows(clean, "relevancy", cols)
+    assert rows(killed, "masks", ["key", "tag_index", "heatmap"]) == rows(clean, "masks", ["key", "tag_index",
+                                                                                           "heatmap"])
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but whose data is tiny (a decompression-bomb shape)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + \
+        chunk(b"IEND", b"")
+
+
+def encoded(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_bad_images_become_errors_and_the_rest_is_scored(tmp_path):
+    corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
+    w = ShardWriter(resolve(corpus), 0)
+    rng = np.random.default_rng(0)
+    cases = {
+        "good": jpeg(1),
+        "corrupt": jpeg(2)[:300],
+        "tiny": encoded(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"),
+        "bomb": png_declaring(20000, 20000),
+        "cmyk": encoded(Image.new("CMYK", (40, 30), (10, 200, 30, 0)), "JPEG"),
+        "sixteen": encoded(Image.fromarray(rng.integers(0, 65535, (24, 24), dtype=np.uint16)), "PNG"),
+        "alpha": encoded(Image.new("RGBA", (32, 32), (0, 0, 255, 128)), "PNG"),
+        "nocaption": jpeg(3),
+    }
+    keys = {}
+    for i, (name, data) in enumerate(cases.items()):
+        keys[name] = make_key(0, i)
+        w.add(keys[name], "" if name == "nocaption" else f"a {name} picture", data, width=32, height=32)
+    w.close()
+    write_simple_tags(store, corpus)
+    summary = run_score(corpus, store, ScoreConfig(max_pixels=50_000_000), model=MODEL, workers=0)
+    errs = {r["key"]: r["error_type"] for r in Store(store).read("errors").to_pylist()}
+    assert errs == {keys["corrupt"]: "corrupt_image", keys["bomb"]: "decompression_bomb",
+                    keys["nocaption"]: "no_candidates"}
+    scored_keys = set(Store(store).read("relevancy")["key"].to_pylist())
+    assert scored_keys == {keys[n] for n in ("good", "tiny", "cmyk", "sixteen", "alpha")}
+    assert summary["images"] == 5
+
+
+def test_long_tag_is_scored_not_fatal(tmp_path):
+    corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
+    w = ShardWriter(resolve(corpus), 0)
+    w.add(make_key(0, 0), "a " + "supercalifragilistic" * 30 + " dog", jpeg(0), width=32, height=32)
+    w.close()
+    write_simple_tags(store, corpus)
+    run_score(corpus, store, model=MODEL, workers=0)
+    assert Store(store).read("relevancy").num_rows == 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_path_against_a_real_local_cluster(tmp_path):
+    """`ray start --head` in a subprocess, then the stage joins it by address, as on a cloud cluster."""
+    corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
+    build_corpus(corpus, shards=3, per_shard=4)
+    write_simple_tags(store, corpus)
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
+    try:
+        summary = run_score(corpus, store, model=MODEL, ray_address=f"127.0.0.1:{port}", workers=2)
+        assert summary["done"] == 3 and summary["workers"] == 2 and summary["images"] == 12
+        local = str(tmp_path / "local")
+        write_simple_tags(local, corpus)
+        run_score(corpus, local, model=MODEL, workers=0)
+        cols = ["key", "tag_index", "pixel_raw", "selected"]
+        ray_rows, local_rows = rows(store, "relevancy", cols), rows(local, "relevancy", cols)
+        assert [(r["key"], r["tag_index"], r["selected"]) for r in ray_rows] == \
+            [(r["key"], r["tag_index"], r["selected"]) for r in local_rows]
+        np.testing.assert_allclose([r["pixel_raw"] for r in ray_rows], [r["pixel_raw"] for r in local_rows],
+                                   atol=1e-5)
+    finally:
+        import ray
+
+        ray.shutdown()
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
