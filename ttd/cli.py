@@ -135,6 +135,60 @@ def index(
 
 
 @app.command()
+def score(
+    corpus: Annotated[str, typer.Option(help="Corpus URI (the one `ttd parse` read).")],
+    store: Annotated[str, typer.Option(help="Store URI holding the corpus's `tags`.")],
+    model: Annotated[str | None, typer.Option(help="open_clip model name (e.g. ViT-B-16) or a shipped config "
+                                                 "(ttd-tiny, ttd-micro); optional with an artefact.")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag, a weights file, or a ttd "
+                                                      "artefact folder (carries its own model config).")] = None,
+    head: Annotated[str | None, typer.Option(help="Dense head: maskclip, sclip, clearclip or naclip.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Selection threshold on the normalised score.")] = None,
+    selection: Annotated[str | None, typer.Option(help="Score that selects tags: pixel (TTD), image or text.")]
+    = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per forward pass.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML with ScoreConfig fields (docs/METHOD.md).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")]
+    = None,
+    workers: Annotated[int | None, typer.Option(help="Scorer actors (default: one per GPU, else 1); 0 scores "
+                                                   "in this process without Ray.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    corpus_format: Annotated[str, typer.Option(help="auto, webdataset, parquet, files or manifest.")] = "auto",
+    corpus_name: Annotated[str | None, typer.Option(help="Name of the corpus in the store.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Score every candidate tag against its image (pixel, image and text relevancy), select the image-relevant
+    tags and store their heatmaps as pseudo-labels (`relevancy`, `masks`). Done shards are skipped."""
+    from .config import load_yaml
+    from .relevancy import ScoreConfig
+    from .score import run_score
+
+    overrides = {k: v for k, v in {"head": head, "threshold": threshold, "selection": selection,
+                                   "batch_size": batch_size}.items() if v is not None}
+    cfg = load_yaml(ScoreConfig, config, overrides)
+    if workers is not None and workers < 0:
+        raise TTDError("--workers must be >= 0")
+    with _progress(not as_json) as bar:
+        task = bar.add_task("score", total=None, rate="")
+        seen = {"images": 0}
+
+        def step(result):
+            seen["images"] += result["images"]
+            rate = bar.tasks[0].elapsed or 1e-9
+            bar.update(task, advance=1, rate=f"{seen['images'] / rate:,.1f} images/s")
+
+        summary = run_score(corpus, store, cfg, model=model, pretrained=pretrained, ray_address=ray_address,
+                            workers=workers, device=device, fmt=corpus_format, name=corpus_name, progress=step)
+    if as_json:
+        _emit_json(summary)
+    else:
+        err.print(f"scored {summary['done']} shard(s), {summary['skipped_done']} already done, "
+                  f"{len(summary['unparsed'])} not parsed yet, {len(summary['waiting'])} waiting; "
+                  f"{summary['images']} images ({summary['images_per_s']} images/s), {summary['tags']} tags, "
+                  f"{summary['masks']} masks, {summary['errors']} errors")
+
+
+@app.command()
 def sql(
     query: Annotated[str, typer.Argument(help="One SELECT statement over the store's views.")],
     store: Annotated[str, typer.Option(help="Store URI.")],

@@ -45,25 +45,51 @@ class ScoreConfig(pydantic.BaseModel):
         return v
 
 
+def _trimmable(model) -> bool:
+    """open_clip's CLIP text tower with a causal mask and EOT pooling: padding after the EOT cannot change it."""
+    return (getattr(model, "attn_mask", None) is not None and getattr(model, "text_pool_type", "") == "argmax"
+            and hasattr(model, "token_embedding"))
+
+
+def _encode_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
+    """`model.encode_text` on tokens cut after the batch's longest prompt. Under the causal mask every position up
+    to the EOT sees only earlier positions, so the pooled output is the same; the text tower then runs on ~10
+    tokens instead of the context length (77 for CLIP)."""
+    length = int((tokens != 0).sum(dim=1).max())
+    tokens = tokens[:, :max(length, 1)]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:tokens.shape[1]].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:tokens.shape[1], :tokens.shape[1]])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    proj = model.text_projection
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+
 @torch.no_grad()
-def encode_texts(bundle, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised text embeddings [N, D]."""
-    out = []
-    for i in range(0, len(texts), batch_size):
-        tokens = bundle.tokenizer(texts[i:i + batch_size]).to(bundle.device)
-        out.append(F.normalize(bundle.model.encode_text(tokens).float(), dim=-1))
-    if not out:
+def encode_texts(bundle, texts: list[str], batch_size: int = 256, trim: bool = True) -> torch.Tensor:
+    """L2-normalised text embeddings [N, D], in the order given. Prompts are batched by token length."""
+    if not texts:
         return torch.zeros(0, bundle.embed_dim)
-    return torch.cat(out)
+    tokens = bundle.tokenizer(texts)
+    fast = trim and _trimmable(bundle.model)
+    order = torch.argsort((tokens != 0).sum(dim=1)) if fast else torch.arange(len(texts))
+    out = torch.empty(len(texts), bundle.embed_dim)
+    for i in range(0, len(texts), batch_size):
+        idx = order[i:i + batch_size]
+        batch = tokens[idx].to(bundle.device)
+        emb = _encode_trimmed(bundle.model, batch) if fast else bundle.model.encode_text(batch)
+        out[idx] = F.normalize(emb.float(), dim=-1).cpu()
+    return out
 
 
 @torch.no_grad()
-def encode_tags(bundle, tags: list[str], templates: tuple[str, ...]) -> torch.Tensor:
+def encode_tags(bundle, tags: list[str], templates: tuple[str, ...], trim: bool = True) -> torch.Tensor:
     """Prompt-ensembled tag embeddings [N, D]: mean of the normalised template embeddings, renormalised."""
     if not tags:
         return torch.zeros(0, bundle.embed_dim)
     prompts = [t.format(tag) for tag in tags for t in templates]
-    emb = encode_texts(bundle, prompts).reshape(len(tags), len(templates), -1).mean(dim=1)
+    emb = encode_texts(bundle, prompts, trim=trim).reshape(len(tags), len(templates), -1).mean(dim=1)
     return F.normalize(emb, dim=-1)
 
 

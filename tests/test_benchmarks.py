@@ -1,0 +1,27 @@
+"""The prepared benchmark scripts keep running (smoke sizes); their figures are recorded in docs/BENCHMARKS.md."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_gpu_score_smoke_on_cpu():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_score.py"), "--device", "cpu", "--smoke",
+                           "--model", "ttd-tiny"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["model_only"]["224"]["images_per_s"] > 0
+    assert result["end_to_end"]["images"] == 6
+
+
+def test_vit_b16_flops_match_the_published_cost():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_score import vit_gflops
+
+    assert vit_gflops(224, extra_last=False) == pytest.approx(35.1, abs=0.1)
