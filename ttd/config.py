@@ -29,7 +29,9 @@ def build(model: type[M], data: dict[str, Any], source: str = "config") -> M:
         raise TTDError(f"{source}: {problems}") from None
 
 
-def load_yaml(model: type[M], path: str | Path | None, overrides: dict[str, Any] | None = None) -> M:
+def load_yaml(model: type[M], path: str | Path | None, overrides: dict[str, Any] | None = None,
+              defaults: dict[str, Any] | None = None) -> M:
+    """`defaults` (e.g. a preset) < the YAML file < `overrides` (command-line flags)."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -41,4 +43,4 @@ def load_yaml(model: type[M], path: str | Path | None, overrides: dict[str, Any]
             raise TTDError(f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise TTDError(f"config file {str(p)!r} must hold a mapping of settings, not {type(data).__name__}")
-    return build(model, _merge(data, overrides or {}), str(path or "options"))
+    return build(model, _merge(_merge(defaults or {}, data), overrides or {}), str(path or "options"))
