@@ -189,6 +189,91 @@ def score(
 
 
 @app.command()
+def pretrain(
+    corpus: Annotated[str, typer.Option(help="Image-text corpus (e.g. TagMask-Synth's OUT/pretrain).")],
+    out: Annotated[str, typer.Option(help="Output folder: model.safetensors, model.json, train_log.parquet.")],
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and data order: same seed, same weights.")] = 0,
+    preset: Annotated[str, typer.Option(help="quick (minutes, for tests and smoke runs) or default (the embedded "
+                                        "base model's recipe).")] = "default",
+    model: Annotated[str | None, typer.Option(help="Model config to train (default: ttd-tiny).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps (overrides the preset).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Pairs per step (overrides the preset).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML with PretrainConfig fields.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Contrastive pre-training of a tiny open_clip ViT: the embedded base model, trained offline."""
+    from .config import load_yaml
+    from .pretrain import PRESETS, PretrainConfig, run_pretrain
+
+    if preset not in PRESETS:
+        raise TTDError(f"unknown --preset {preset!r}: use one of {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in {"model": model, "steps": steps, "batch_size": batch_size}.items()
+                 if v is not None}
+    cfg = load_yaml(PretrainConfig, config, overrides, defaults=PRESETS[preset])
+    with _progress(not as_json) as bar:
+        tasks = {"load": bar.add_task("load", total=cfg.max_samples, rate=""),
+                 "train": bar.add_task("train", total=cfg.steps, rate="")}
+
+        def step(phase, n, loss):
+            bar.update(tasks[phase], advance=n, rate=f"loss {loss:.3f}" if phase == "train" else "")
+
+        summary = run_pretrain(corpus, out, cfg, seed=seed, device=device, progress=step)
+    if as_json:
+        _emit_json(summary)
+    else:
+        err.print(f"pre-trained {cfg.model} on {summary['pairs']} pairs, {summary['steps']} steps in "
+                  f"{summary['seconds']} s (final loss {summary['final_loss']:.3f}): --pretrained {summary['out']}")
+
+
+SEG_DATASETS = ("voc", "context", "coco-object", "coco-stuff", "cityscapes", "ade")
+
+
+@app.command()
+def evaluate(
+    dataset: Annotated[str, typer.Option(help="tagmask (TagMask-style eval set, e.g. `ttd synth`'s OUT/eval), or "
+                                         "a segmentation benchmark: " + ", ".join(SEG_DATASETS) + ".")],
+    root: Annotated[str, typer.Option(help="Dataset root in its official layout (docs/SEGEVAL.md).")],
+    store: Annotated[str, typer.Option(help="Store URI: eval_predictions, eval_counts and metrics go here.")],
+    model: Annotated[str | None, typer.Option(help="open_clip model name or shipped config.")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="Pretrained tag, weights file or ttd artefact folder.")]
+    = None,
+    head: Annotated[str | None, typer.Option(help="Dense head: maskclip, sclip, clearclip or naclip.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML with the evaluation config fields.")] = None,
+    max_samples: Annotated[int | None, typer.Option(help="Evaluate only the first N samples.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
+) -> None:
+    """Evaluate a model: tag selection (P/R/F1/accuracy/mAP by image-, text-, pixel-tag scoring and the noun
+    baseline) and caption segmentation on TagMask-style data, or open-vocabulary segmentation (mIoU, mFPR, mFNR)."""
+    if dataset == "tagmask":
+        from .config import load_yaml
+        from .tagmask_eval import TagmaskEvalConfig, run_tagmask_eval, table_text
+
+        overrides: dict[str, Any] = {"max_samples": max_samples} if max_samples else {}
+        if head:
+            overrides["score"] = {"head": head}
+        cfg = load_yaml(TagmaskEvalConfig, config, overrides)
+        with _progress(not as_json) as bar:
+            task = bar.add_task("evaluate", total=cfg.max_samples, rate="")
+            result = run_tagmask_eval(root, store, cfg, model=model, pretrained=pretrained, device=device,
+                                      progress=lambda n: bar.advance(task, n))
+        if as_json:
+            _emit_json(result)
+        else:
+            note = " (already evaluated: stored metrics)" if result["skipped"] else ""
+            err.print(f"TagMask evaluation of {result['model_id']}, run {result['run']}{note}")
+            out.print(table_text(result["metrics"]))
+        return
+    if dataset not in SEG_DATASETS:
+        raise TTDError(f"unknown --dataset {dataset!r}: use tagmask or one of {', '.join(SEG_DATASETS)}")
+    from .segeval.cli import evaluate_segmentation_command
+
+    evaluate_segmentation_command(dataset, root, store, model, pretrained, head, config, max_samples, device,
+                                  as_json)
+
+
+@app.command()
 def sql(
     query: Annotated[str, typer.Argument(help="One SELECT statement over the store's views.")],
     store: Annotated[str, typer.Option(help="Store URI.")],

@@ -1,0 +1,135 @@
+"""TagMask metrics against hand-computed cases and a numpy reference; the evaluation end to end."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ttd import schemas
+from ttd.metrics_sql import CAPTION_CLASS_ID, tagmask_metrics
+from ttd.tagmask_eval import caption_counts, noun_predictions, run_tagmask_eval, table_text, word_targets
+
+
+def predictions(rows):
+    cols = ["dataset", "key", "method", "word_index", "word", "score", "predicted", "target"]
+    return pa.Table.from_pylist([dict(zip(cols, ("tagmask",) + r)) for r in rows],
+                                schema=schemas.get("eval_predictions").arrow)
+
+
+def counts(rows):
+    cols = ["dataset", "key", "class_id", "class_name", "intersection", "union", "predicted", "target"]
+    return pa.Table.from_pylist([dict(zip(cols, ("tagmask",) + r)) for r in rows],
+                                schema=schemas.get("eval_counts").arrow)
+
+
+def as_dict(rows):
+    return {(r["method"], r["metric"]): r["value"] for r in rows}
+
+
+# key, method, word_index, word, score, predicted, target
+HAND = [
+    ("a", "pixel", 0, "dog", 0.9, True, True),
+    ("a", "pixel", 1, "on", 0.1, False, False),
+    ("a", "pixel", 2, "cat", 0.6, True, True),
+    ("a", "pixel", 3, "time", 0.7, True, False),
+    ("b", "pixel", 0, "car", 0.2, False, True),
+    ("b", "pixel", 1, "tree", 1.0, True, True),
+    ("b", "pixel", 2, "sky", 0.0, False, False),
+]
+
+
+def test_classification_metrics_by_hand():
+    m = as_dict(tagmask_metrics(predictions(HAND), counts([])))
+    # tp=3 (dog, cat, tree), fp=1 (time), fn=1 (car), tn=2 (on, sky)
+    assert m[("pixel", "precision")] == pytest.approx(75.0)
+    assert m[("pixel", "recall")] == pytest.approx(75.0)
+    assert m[("pixel", "f1")] == pytest.approx(75.0)
+    assert m[("pixel", "accuracy")] == pytest.approx(100 * 5 / 7)
+    # AP(a): ranks dog(1,T) time(2,F) cat(3,T) on(4,F): (1/1 + 2/3) / 2; AP(b): tree(1,T) car(2,T): 1
+    assert m[("pixel", "map")] == pytest.approx(100 * ((1 + 2 / 3) / 2 + 1) / 2)
+    # both captions have 2 true tags; a selects 2, b selects 1 -> half are single-tag
+    assert m[("pixel", "single_tag_share")] == pytest.approx(50.0)
+
+
+def reference_ap(scores, targets):
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    t = np.asarray(targets)[order]
+    hits = np.cumsum(t)
+    return float(np.mean((hits / np.arange(1, len(t) + 1))[t])) if t.any() else None
+
+
+def test_metrics_equal_a_numpy_reference_on_random_data():
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(40):
+        n = int(rng.integers(1, 9))
+        scores = rng.random(n)
+        targets = rng.random(n) < 0.4
+        for j in range(n):
+            rows.append((f"k{k}", "pixel", j, f"w{j}", float(scores[j]), bool(scores[j] >= 0.5), bool(targets[j])))
+    m = as_dict(tagmask_metrics(predictions(rows), counts([])))
+    pred = np.array([r[5] for r in rows])
+    targ = np.array([r[6] for r in rows])
+    tp, fp, fn = (pred & targ).sum(), (pred & ~targ).sum(), (~pred & targ).sum()
+    assert m[("pixel", "f1")] == pytest.approx(100 * 2 * tp / (2 * tp + fp + fn))
+    assert m[("pixel", "accuracy")] == pytest.approx(100 * (pred == targ).mean())
+    aps = []
+    for k in range(40):
+        sub = [r for r in rows if r[0] == f"k{k}"]
+        ap = reference_ap([r[4] for r in sub], [r[6] for r in sub])
+        if ap is not None:
+            aps.append(ap)
+    assert m[("pixel", "map")] == pytest.approx(100 * np.mean(aps))
+
+
+def test_caption_segmentation_and_coverage_by_hand():
+    class_map = np.zeros((4, 4), np.uint8)
+    class_map[0, :] = 3  # a visible tag with 4 pixels
+    class_map[3, :2] = 5  # a second visible tag with 2 pixels
+    heat = np.zeros((4, 4))
+    heat[0, :] = 1.0  # the caption covers tag 3 fully ...
+    heat[1, 0] = 1.0  # ... plus one background pixel, and none of tag 5
+    mentions = [{"class_id": 3, "class_name": "dog", "visible": True},
+                {"class_id": 5, "class_name": "cat", "visible": True},
+                {"class_id": 7, "class_name": "bird", "visible": False}]
+    rows = caption_counts("k", heat, class_map, mentions, 0.4)
+    cap = next(r for r in rows if r["class_id"] == CAPTION_CLASS_ID)
+    assert (cap["intersection"], cap["union"], cap["predicted"], cap["target"]) == (4, 7, 5, 6)
+    m = as_dict(tagmask_metrics(predictions(HAND), counts([tuple(r[k] for k in ("key", "class_id", "class_name",
+                                                                                  "intersection", "union",
+                                                                                  "predicted", "target"))
+                                                           for r in rows])))
+    assert m[("caption", "caption_miou")] == pytest.approx(100 * 4 / 7)
+    assert m[("caption", "caption_mfpr")] == pytest.approx(100 * 1 / 7)
+    assert m[("caption", "caption_mfnr")] == pytest.approx(100 * 2 / 7)
+    iou_fpr_fnr = sum(m[("caption", k)] for k in ("caption_miou", "caption_mfpr", "caption_mfnr"))
+    assert iou_fpr_fnr == pytest.approx(100.0)
+    assert m[("caption", "coverage_best")] == pytest.approx(100.0)
+    assert m[("caption", "coverage_second")] == pytest.approx(0.0)
+
+
+def test_word_targets_and_noun_baseline_use_spans():
+    mentions = [{"char_start": 2, "char_end": 11, "visible": True},   # "fire truck"
+                {"char_start": 20, "char_end": 23, "visible": False}]  # an absent "cat"
+    starts, ends = [0, 2, 17, 20], [1, 11, 19, 23]  # a, fire truck, by, cat
+    assert word_targets(starts, ends, mentions) == [False, True, False, False]
+
+    class Nouns:
+        char_start, char_end = (7, 20), (11, 23)  # "truck", "cat"
+
+    assert noun_predictions(starts, ends, Nouns) == [False, True, False, True]
+    assert noun_predictions(starts, ends, ValueError("parse failed")) == [False] * 4
+
+
+@pytest.mark.slow
+def test_evaluation_end_to_end(tmp_path):
+    from ttd.synth.generate import synthesize
+
+    synthesize(str(tmp_path / "synth"), train=0, eval=24, seed=5)
+    store = str(tmp_path / "store")
+    first = run_tagmask_eval(str(tmp_path / "synth" / "eval"), store, model="ttd-micro")
+    assert not first["skipped"] and first["samples"] == 24
+    for method in ("pixel", "image", "text", "noun"):
+        assert 0 <= first["metrics"][method]["f1"] <= 100
+    assert "pixel-tag" in table_text(first["metrics"])
+    again = run_tagmask_eval(str(tmp_path / "synth" / "eval"), store, model="ttd-micro")
+    assert again["skipped"] and again["metrics"] == first["metrics"]
