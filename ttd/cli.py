@@ -274,6 +274,55 @@ def evaluate(
 
 
 @app.command()
+def parse(
+    corpus: Annotated[str, typer.Option(help="Corpus URI: img2dataset output folder or a JSONL/CSV manifest.")],
+    store: Annotated[str, typer.Option(help="Store URI (local path or s3://bucket/prefix); created if absent.")],
+    policy: Annotated[str | None, typer.Option(help="Candidates: words (every word, stop words flagged; the "
+                                                    "default), content (no stop words) or nouns (the noun "
+                                                    "baseline). See docs/METHOD.md.")] = None,
+    tagger: Annotated[bool | None, typer.Option("--tagger/--no-tagger", help="POS tags and lemmas (default), or "
+                                                "the tokenizer alone: much faster, pos null, lemma = lower "
+                                                "case.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Processes across shards (default 1).")] = None,
+    max_caption_chars: Annotated[int | None, typer.Option(help="Longer captions are truncated at a word "
+                                                               "boundary and flagged (default 1000).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML with ParseConfig fields; flags override it.")] = None,
+    corpus_format: Annotated[str, typer.Option(help="auto, webdataset, parquet, files or manifest.")] = "auto",
+    corpus_name: Annotated[str | None, typer.Option(help="Name of the corpus in the store (default: the "
+                                                       "folder name).")] = None,
+    include_incomplete: Annotated[bool, typer.Option(help="Also read shards without img2dataset's _stats.json.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Parse every shard's captions into candidate tags (tables `tags`, `captions`, `errors`); done shards are
+    skipped, new ones parsed."""
+    from .config import load_yaml
+    from .parse import ParseConfig, run_parse
+
+    overrides = {k: v for k, v in {"policy": policy, "tagger": tagger, "workers": workers,
+                                   "max_caption_chars": max_caption_chars}.items() if v is not None}
+    cfg = load_yaml(ParseConfig, config, overrides)
+    with _progress(not as_json) as bar:
+        task = bar.add_task("parse", total=None, rate="")
+        seen = {"captions": 0}
+
+        def step(shard, counts):
+            seen["captions"] += counts["captions"] if counts else 0
+            elapsed = bar.tasks[0].elapsed or 1e-9
+            bar.update(task, advance=1, rate=f"{seen['captions'] / elapsed:,.0f} captions/s")
+
+        summary = run_parse(corpus, store, cfg, fmt=corpus_format, name=corpus_name,
+                            include_incomplete=include_incomplete, progress=step)
+    if as_json:
+        _emit_json(summary)
+    else:
+        err.print(f"parsed {summary['done']} shard(s), {summary['skipped_done']} already done, "
+                  f"{len(summary['waiting'])} waiting; {summary['captions']} captions ({summary['parsed']} "
+                  f"distinct parsed), {summary['tags']} tags, {summary['errors']} errors, "
+                  f"{summary['warnings']} warnings; {summary['captions_per_s']:,.0f} captions/s")
+
+
+@app.command()
 def sql(
     query: Annotated[str, typer.Argument(help="One SELECT statement over the store's views.")],
     store: Annotated[str, typer.Option(help="Store URI.")],
@@ -302,6 +351,18 @@ def sql(
         for row in result.to_pylist():
             table.add_row(*("" if v is None else str(v) for v in row.values()))
         out.print(table)
+
+
+@app.command()
+def show(
+    store: Annotated[str, typer.Option(help="Store URI with `relevancy` and `masks` for the sample.")],
+    key: Annotated[str, typer.Option(help="Sample key.")],
+    out: Annotated[str, typer.Option(help="PNG file to write.")],
+) -> None:
+    """Draw one sample: its image, caption, candidate tags with pixel/image/text scores, and tag heatmaps."""
+    from .show import render
+
+    err.print(f"wrote {render(store, key, out)}")
 
 
 def main() -> None:
