@@ -30,13 +30,13 @@ out = Console()
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=err, show_path=False, show_time=False)],
         force=True,
     )
-    for noisy in ("botocore", "s3fs", "aiobotocore", "fsspec", "urllib3", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # our own messages at INFO; libraries (open_clip logs through the root logger) only when they warn
+    logging.getLogger("ttd").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 @app.callback()
@@ -320,6 +320,10 @@ def parse(
                   f"{len(summary['waiting'])} waiting; {summary['captions']} captions ({summary['parsed']} "
                   f"distinct parsed), {summary['tags']} tags, {summary['errors']} errors, "
                   f"{summary['warnings']} warnings; {summary['captions_per_s']:,.0f} captions/s")
+    if summary["failed"]:  # the others are committed; these are retried by the next run
+        err.print(f"{len(summary['failed'])} shard(s) failed and were left for the next run: "
+                  + ", ".join(f["shard"] for f in summary["failed"]))
+        raise typer.Exit(1)
 
 
 @app.command()

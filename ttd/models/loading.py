@@ -92,6 +92,11 @@ def read_artefact_config(path: Path) -> dict:
         raise TTDError(f"{path} is not a ttd model artefact ({ARTEFACT_CONFIG} unreadable: {exc})") from None
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def load_model(name: str | None = None, pretrained: str | None = None, *, device: str | torch.device = "cpu",
                seed: int = 0) -> ClipBundle:
     """Load a CLIP model.
@@ -127,10 +132,14 @@ def load_model(name: str | None = None, pretrained: str | None = None, *, device
                        f"configs ({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))}) or --pretrained "
                        "pointing at a ttd artefact")
     torch.manual_seed(seed)  # random weights are reproducible, so their model_id means something
+    quiet = _DropRandomInitWarning()  # we load our own weights next, or say so ourselves
+    logging.getLogger().addFilter(quiet)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
     except RuntimeError as exc:
         raise TTDError(f"cannot load model {name!r} with pretrained={pretrained!r}: {exc}") from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
     if state is not None:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
