@@ -91,3 +91,24 @@ def test_help_explains_every_command():
     for cmd in ("synth", "index", "sql"):
         assert cmd in out
     assert "--corpus" in ttd("index", "--help").stdout
+
+
+def test_parse_synth_corpus_then_query_tags(synth_pair, tmp_path):
+    store = str(tmp_path / "store")
+    corpus = str(synth_pair / "a" / "train")
+    first = json.loads(ttd("parse", "--corpus", corpus, "--store", store, "--json").stdout)
+    assert first["done"] == 3 and first["captions"] == 60 and first["tags"] > 60 and first["policy"] == "words"
+    again = json.loads(ttd("parse", "--corpus", corpus, "--store", store, "--json").stdout)
+    assert again["done"] == 0 and again["skipped_done"] == 3
+    out = ttd("sql", "--store", store, "SELECT lemma, count(*) FROM tags GROUP BY 1 ORDER BY 2 DESC LIMIT 20",
+              "--format", "json").stdout
+    rows = json.loads(out)
+    assert len(rows) == 20 and rows[0]["count_star()"] >= rows[-1]["count_star()"]
+
+
+def test_parse_user_errors_are_one_line(tmp_path):
+    proc = ttd("parse", "--corpus", str(tmp_path), "--store", str(tmp_path / "s"), "--policy", "nouns",
+               "--no-tagger", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "needs POS tags" in lines[0]

@@ -7,15 +7,15 @@ import posixpath
 from ..errors import TTDError
 from ..store import check_name
 from ..uri import resolve
-from .base import DEFAULT_MAX_PIXELS, Corpus, ReadIssue, Sample, ShardRef, ShardStats, decode_image
+from .base import DEFAULT_MAX_PIXELS, Caption, Corpus, ReadIssue, Sample, ShardRef, ShardStats, decode_image
 from .img2dataset import FilesCorpus, ParquetCorpus, WebDatasetCorpus
 from .manifest import ManifestCorpus
 
 FORMATS = {"webdataset": WebDatasetCorpus, "parquet": ParquetCorpus, "files": FilesCorpus,
            "manifest": ManifestCorpus}
 
-__all__ = ["Corpus", "ReadIssue", "Sample", "ShardRef", "ShardStats", "FORMATS", "open_corpus", "decode_image",
-           "detect_format"]
+__all__ = ["Caption", "Corpus", "ReadIssue", "Sample", "ShardRef", "ShardStats", "FORMATS", "open_corpus",
+           "decode_image", "detect_format"]
 
 
 def detect_format(loc) -> str:

@@ -9,7 +9,7 @@ import posixpath
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,6 +42,15 @@ class Sample:
     def image(self) -> Image.Image:
         """Decode to RGB, or raise ImageDecodeError with a stable `error_type`."""
         return decode_image(self.image_bytes, self.max_pixels)
+
+
+class Caption(NamedTuple):
+    """One sample's caption without its image: what stages that never look at pixels read (`read_captions`).
+    A tuple, not a dataclass: tens of thousands are made per shard."""
+
+    key: str
+    caption: str | None
+    source: str = ""
 
 
 @dataclass
@@ -186,6 +195,12 @@ class Corpus:
     def read_shard(self, shard: ShardRef, stats: ShardStats | None = None) -> Iterator[Sample | ReadIssue]:
         """Yield the shard's samples in order, and a ReadIssue for each problem; fills `stats` as it goes."""
         raise NotImplementedError
+
+    def read_captions(self, shard: ShardRef, stats: ShardStats | None = None) -> Iterator[Caption | ReadIssue]:
+        """Like `read_shard`, the same samples and issues in the same order, but captions only. Readers override
+        it where images can be skipped (tar members read past, parquet image columns never read)."""
+        for item in self.read_shard(shard, stats):
+            yield Caption(item.key, item.caption, item.source) if isinstance(item, Sample) else item
 
     def metadata_files(self) -> list[str]:
         """URIs of Parquet files with one row per input (img2dataset metadata), for the `samples` SQL view."""

@@ -7,6 +7,7 @@ salvaged, which webdataset's pipeline abstracts away behind its error handlers.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import re
 import tarfile
@@ -14,7 +15,9 @@ from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 
+from . import tarscan
 from .base import (
+    Caption,
     Corpus,
     ReadIssue,
     Sample,
@@ -26,7 +29,10 @@ from .base import (
     read_metadata,
 )
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+CAPTION_META_COLUMNS = ["key", "status", "caption"]  # all a caption-only pass needs from the metadata
 _SHARD_RE = re.compile(r"^(\d+)\.(tar|parquet)$")
 
 
@@ -58,10 +64,11 @@ class _Img2datasetCorpus(Corpus):
         return [self.loc.uri(self.loc.join(f"{n}.parquet")) for n in self._shard_names()
                 if self.loc.fs.exists(self.loc.join(f"{n}.parquet"))]
 
-    def _load_meta(self, shard: ShardRef, stats: ShardStats | None) -> tuple[dict[str, dict], list[ReadIssue]]:
+    def _load_meta(self, shard: ShardRef, stats: ShardStats | None,
+                   columns: list[str] | None = None) -> tuple[dict[str, dict], list[ReadIssue]]:
         """key -> metadata row of successful rows; non-success rows are counted as skipped."""
         issues = []
-        table = read_metadata(self.loc, self.loc.join(f"{shard.name}.parquet"))
+        table = read_metadata(self.loc, self.loc.join(f"{shard.name}.parquet"), columns)
         if table is None:
             issues.append(self._issue(shard, None, "missing_metadata",
                                       f"no {shard.name}.parquet beside the shard: keys cannot be checked",
@@ -84,8 +91,9 @@ class _Img2datasetCorpus(Corpus):
                               "metadata lists the key as success but the shard holds no image for it", stats,
                               source=source)
 
-    def _sample(self, shard: ShardRef, key: str, files: dict[str, bytes], meta: dict[str, dict],
-                stats: ShardStats | None, source: str) -> Iterator[Sample | ReadIssue]:
+    def _sample(self, shard: ShardRef, key: str, files: dict[str, bytes | None], meta: dict[str, dict],
+                stats: ShardStats | None, source: str, captions_only: bool = False
+                ) -> Iterator[Sample | Caption | ReadIssue]:
         image_ext = next((e for e in IMAGE_EXTS if e in files), None)
         if image_ext is None:
             yield self._issue(shard, key, "missing_image", f"no image member among {sorted(files)}", stats,
@@ -101,9 +109,12 @@ class _Img2datasetCorpus(Corpus):
         if warning:
             yield self._issue(shard, key, "invalid_utf8", warning + "; undecodable bytes replaced", stats,
                               "warning", source)
-        info = dict(meta.get(key) or json_meta(files.get("json")))
         if stats is not None:
             stats.samples += 1
+        if captions_only:
+            yield Caption(key, caption, source)
+            return
+        info = dict(meta.get(key) or json_meta(files.get("json")))
         yield Sample(self.name, shard.name, key, caption, files[image_ext], info, source, self.max_pixels)
 
 
@@ -126,12 +137,13 @@ class WebDatasetCorpus(_Img2datasetCorpus):
                     if not member.isfile():
                         continue
                     key, ext = _split_member(member.name)
+                    data = tar.extractfile(member).read()  # first: a member cut off mid-data joins no group
                     if key != group_key and group_key is not None:
                         seen.add(group_key)
                         yield from self._sample(shard, group_key, group, meta, stats, source)
                         group = {}
                     group_key = key
-                    group[ext] = tar.extractfile(member).read()
+                    group[ext] = data
         except (tarfile.TarError, EOFError, OSError) as exc:
             yield self._issue(shard, None, "truncated_shard",
                               f"tar ends early or is corrupt ({type(exc).__name__}: {exc}); samples before it kept",
@@ -140,6 +152,60 @@ class WebDatasetCorpus(_Img2datasetCorpus):
             seen.add(group_key)
             yield from self._sample(shard, group_key, group, meta, stats, source)
         yield from self._finish(shard, meta, seen, stats, source)
+
+    def read_captions(self, shard: ShardRef, stats: ShardStats | None = None) -> Iterator[Caption | ReadIssue]:
+        """The tar scanned by `tarscan`: image and json members are read past, never kept or parsed."""
+        try:
+            members, error = self._scan_captions(shard)
+        except tarscan.Unsupported as exc:
+            log.debug("shard %s: %s; reading captions with tarfile", shard.name, exc)
+            yield from super().read_captions(shard, stats)
+            return
+        meta, issues = self._load_meta(shard, stats, CAPTION_META_COLUMNS)
+        yield from issues
+        source = self.loc.uri(shard.paths[0])
+        seen: set[str] = set()
+        group_key, group = None, {}
+        for key, ext, data in members:
+            if key != group_key and group_key is not None:
+                seen.add(group_key)
+                yield from self._sample(shard, group_key, group, meta, stats, source, captions_only=True)
+                group = {}
+            group_key = key
+            group[ext] = data
+        if error is not None:
+            yield self._issue(shard, None, "truncated_shard",
+                              f"tar ends early or is corrupt ({type(error).__name__}: {error}); samples before it "
+                              "kept", stats, source=source)
+        if group_key is not None:
+            seen.add(group_key)
+            yield from self._sample(shard, group_key, group, meta, stats, source, captions_only=True)
+        yield from self._finish(shard, meta, seen, stats, source)
+
+    def _scan_captions(self, shard: ShardRef) -> tuple[list[tuple[str, str, bytes | None]], Exception | None]:
+        """(key, ext, txt bytes or None) per member, and the error that ended the scan early, if any. A pristine
+        tar takes `fast_scan`; any other is read again by the exact `scan`. Collected before anything is yielded,
+        so that an `Unsupported` tar can still be re-read from the start with tarfile."""
+        members: list[tuple[str, str, bytes | None]] = []
+        try:
+            with self.loc.fs.open(shard.paths[0], "rb") as f:
+                fast = tarscan.fast_scan(f)
+            if fast is not None:
+                for name, data in fast:
+                    key, _, ext = name.rpartition("/")[2].partition(".")
+                    members.append((key, ext.lower(), data))
+                return members, None
+        except (tarfile.TarError, EOFError, OSError):
+            pass  # the exact scan below says what is wrong
+        try:
+            with self.loc.fs.open(shard.paths[0], "rb") as f:
+                for name, data in tarscan.scan(f):
+                    key, _, ext = name.rpartition("/")[2].partition(".")  # as _split_member, inlined: hot loop
+                    ext = ext.lower()
+                    members.append((key, ext, data if ext == "txt" else None))
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            return members, exc
+        return members, None
 
 
 class FilesCorpus(_Img2datasetCorpus):
@@ -221,6 +287,41 @@ class ParquetCorpus(_Img2datasetCorpus):
                         if stats is not None:
                             stats.samples += 1
                         yield Sample(self.name, shard.name, key, caption, data or b"", row, source, self.max_pixels)
+            except Exception as exc:
+                yield self._issue(shard, None, "truncated_shard", f"{type(exc).__name__}: {exc}", stats,
+                                  source=source)
+
+    def read_captions(self, shard: ShardRef, stats: ShardStats | None = None) -> Iterator[Caption | ReadIssue]:
+        """Only the key, status and caption columns are read: image bytes never leave the file."""
+        source = self.loc.uri(shard.paths[0])
+        try:
+            f = self.loc.fs.open(shard.paths[0], "rb")
+            pf = pq.ParquetFile(f)
+        except Exception as exc:  # unreadable footer: the whole shard is one error row
+            yield self._issue(shard, None, "unreadable_shard", f"{type(exc).__name__}: {exc}", stats, source=source)
+            return
+        with f:
+            names = pf.schema_arrow.names
+            if not any(e in names for e in IMAGE_EXTS):
+                yield self._issue(shard, None, "missing_image", f"no image column among {names}", stats,
+                                  source=source)
+                return
+            columns = [c for c in CAPTION_META_COLUMNS if c in names]
+            try:
+                for batch in pf.iter_batches(batch_size=4096, columns=columns):
+                    n = batch.num_rows
+                    keys = batch.column("key").to_pylist() if "key" in columns else [None] * n
+                    statuses = batch.column("status").to_pylist() if "status" in columns else [None] * n
+                    captions = batch.column("caption").to_pylist() if "caption" in columns else [None] * n
+                    for key, status, caption in zip(keys, statuses, captions):
+                        status = status or "success"
+                        if status != "success":
+                            if stats is not None:
+                                stats.skipped_status[status] += 1
+                            continue
+                        if stats is not None:
+                            stats.samples += 1
+                        yield Caption(str(key), caption, source)
             except Exception as exc:
                 yield self._issue(shard, None, "truncated_shard", f"{type(exc).__name__}: {exc}", stats,
                                   source=source)

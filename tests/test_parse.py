@@ -1,0 +1,356 @@
+"""Stage `parse`: candidate tags, bad captions, incremental and resumable runs, processes, S3, SQL."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from conftest import build_corpus, jpeg
+
+from ttd import schemas
+from ttd.corpus import Caption, ReadIssue, ShardRef
+from ttd.corpus.img2dataset_writer import ShardWriter, make_key
+from ttd.errors import TTDError
+from ttd.parse import ParseConfig, parse_shard, run_parse
+from ttd.sql import query
+from ttd.store import Store
+from ttd.tags import CaptionParser, clean_caption, compound_nouns
+from ttd.uri import resolve
+
+
+@pytest.fixture(scope="module")
+def words():
+    return CaptionParser("words")
+
+
+def cands(parser, text):
+    r = parser.parse([text])[0]
+    assert not isinstance(r, Exception), r
+    return [dict(zip(r._fields, values)) for values in zip(*r)]
+
+
+# ---------------------------------------------------------------- candidates
+
+def test_words_policy_keeps_every_word_in_order_with_exact_spans(words):
+    text = "Two hot dogs and a fire truck near the traffic lights, what a moment!"
+    got = cands(words, text)
+    assert [c["text"] for c in got] == ["Two", "hot dogs", "and", "a", "fire truck", "near", "the", "traffic lights",
+                                       "what", "a", "moment"]
+    for c in got:
+        assert text[c["char_start"]:c["char_end"]] == c["text"]
+        assert c["lower"] == c["text"].lower()
+    by = {c["text"]: c for c in got}
+    assert by["hot dogs"]["is_compound"] and by["hot dogs"]["lemma"] == "hot dog" and by["hot dogs"]["pos"] == "NOUN"
+    assert by["fire truck"]["is_compound"] and by["traffic lights"]["lemma"] == "traffic light"
+    assert [c["text"] for c in got if c["is_stop"]] == ["Two", "and", "a", "the", "what", "a"]
+    assert not by["moment"]["is_stop"] and by["moment"]["is_alpha"] and not by["moment"]["is_compound"]
+    assert by["Two"]["lemma"] == "two" and by["Two"]["pos"] == "NUM"
+
+
+def test_lemmas_of_plurals_and_hyphenated_words(words):
+    got = {c["text"]: c for c in cands(words, "three cats chasing mice past two t-shirts")}
+    assert got["cats"]["lemma"] == "cat" and got["mice"]["lemma"] == "mouse"
+    assert got["t-shirts"]["lemma"] == "t-shirt" and not got["t-shirts"]["is_compound"]
+    assert got["chasing"]["lemma"] == "chase" and got["chasing"]["pos"] == "VERB"
+
+
+def test_content_policy_drops_stop_words_and_punctuation():
+    got = cands(CaptionParser("content"), "A dog and the cat, on a red sofa... near the fire hydrant!")
+    assert [c["text"] for c in got] == ["dog", "cat", "red", "sofa", "near", "fire hydrant"]
+    assert not any(c["is_stop"] for c in got)
+
+
+def test_nouns_policy_keeps_only_nouns_and_compounds():
+    got = cands(CaptionParser("nouns"), "a happy dog running after two hot dogs on the beach in Paris")
+    assert [c["text"] for c in got] == ["dog", "hot dogs", "beach", "Paris"]
+    assert {c["pos"] for c in got} == {"NOUN", "PROPN"}
+
+
+def test_tokenizer_only_mode():
+    got = cands(CaptionParser("words", tagger=False), "Two Hot Dogs near the cats")
+    assert [(c["text"], c["lemma"], c["pos"]) for c in got] == [
+        ("Two", "two", None), ("Hot Dogs", "hot dog", None), ("near", "near", None), ("the", "the", None),
+        ("cats", "cats", None)]  # no lemmatizer: the lower-case form; a listed compound: its listed singular
+
+
+def test_nouns_without_tagger_is_a_clear_error():
+    with pytest.raises(TTDError, match="needs POS tags"):
+        CaptionParser("nouns", tagger=False)
+    with pytest.raises(TTDError, match="needs POS tags"):
+        from ttd.config import build
+
+        build(ParseConfig, {"policy": "nouns", "tagger": False})
+
+
+def test_config_from_yaml_with_flag_overrides(tmp_path):
+    from ttd.config import load_yaml
+
+    path = tmp_path / "parse.yaml"
+    path.write_text("policy: content\nmax_caption_chars: 200\nworkers: 4\n")
+    cfg = load_yaml(ParseConfig, path, {"workers": 2})
+    assert (cfg.policy, cfg.max_caption_chars, cfg.workers, cfg.tagger) == ("content", 200, 2, True)
+    assert set(cfg.output_config()) == {"policy", "tagger", "compounds", "noun_pairs", "max_caption_chars"}
+    path.write_text("polcy: words\n")
+    with pytest.raises(TTDError, match="polcy"):
+        load_yaml(ParseConfig, path)
+
+
+def test_compounds_can_be_switched_off_and_the_list_is_large():
+    got = cands(CaptionParser("words", compounds=False), "a hot dog")
+    assert [c["text"] for c in got] == ["a", "hot", "dog"]
+    singulars = {s for _, s in compound_nouns()}
+    assert len(singulars) >= 300 and {"hot dog", "fire truck", "teddy bear", "stop sign"} <= singulars
+
+
+def test_identical_captions_are_parsed_once(words):
+    before = words.parsed
+    out = words.parse(["a red bus", "a cat", "a red bus", "a cat", "a red bus"])
+    assert words.parsed - before <= 2
+    assert out[0] is out[2] is out[4]
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("raw,empty", [(None, True), ("", True), ("   \t\n ", True), ("\x00\x07", True),
+                                       ("&nbsp;", True)])
+def test_empty_captions(raw, empty):
+    c = clean_caption(raw, 1000)
+    assert c.empty is empty and c.text == ""
+
+
+def test_bad_inputs_are_normalised_and_flagged():
+    c = clean_caption("fish &amp; chips &lt;b&gt;hot&lt;/b&gt; rock&notes", 1000)
+    assert c.text == "fish & chips <b>hot</b> rock&notes" and c.fixes == ("html_entities",)  # no legacy '&not'
+    c = clean_caption("a\x00dog\x07\nbarks", 1000)
+    assert c.text == "a dog  barks" and c.fixes == ("control_characters",) and len(c.text) == len("a\x00dog\x07\nbarks")
+    c = clean_caption("lone \ud800 surrogate", 1000)
+    assert c.text == "lone \ufffd surrogate" and "lone_surrogates" in c.fixes
+    c = clean_caption("cafe\u0301", 1000)
+    assert c.text == "caf\u00e9" and c.fixes == ("unicode_nfc",)
+    for text in ("собака бежит по траве", "一只狗在草地上跑"):
+        assert clean_caption(text, 1000).likely_not_english
+    assert not clean_caption("a café in Zürich with a señor", 1000).likely_not_english
+    assert not clean_caption("🐶🐶 dog emoji 🎉", 1000).likely_not_english
+    long = ("word " * 20_000).strip()  # 99,999 characters
+    c = clean_caption(long, 1000)
+    assert c.truncated and len(c.text) <= 1000 and c.text.endswith("word") and c.n_chars_original == len(long)
+
+
+def test_parser_survives_every_bad_caption(words):
+    texts = [clean_caption(t, 1000).text for t in ("собака бежит", "一只狗在草地上跑", "🐶🐶 🎉", "lone \ud800",
+                                                   "x" * 1000, "<b>dog</b>", "\u200b")]
+    for t, r in zip(texts, words.parse(texts)):
+        assert not isinstance(r, Exception)
+        assert all(t[s:e] == x for x, s, e in zip(r.text, r.char_start, r.char_end))
+
+
+class FakeCorpus:
+    """Yields the given captions as one shard, so inputs no file format can carry (a lone surrogate) reach the stage."""
+
+    name = "fake"
+
+    def __init__(self, captions):
+        self.captions = captions
+
+    def read_captions(self, shard, stats=None):
+        stats.errors += 1  # readers count their own issues
+        yield ReadIssue("fake", "00000", "k-missing", "missing_in_shard", "gone", "error", "src")
+        for i, c in enumerate(self.captions):
+            stats.samples += 1
+            yield Caption(f"k{i:02d}", c, "src")
+
+
+BAD = [None, "", "   ", "word " * 20_000, "собака бежит по траве", "一只狗在草地上跑", "🐶 and 🐱", "&amp; &lt;b&gt;",
+       "lone \ud800 surrogate", "ctrl\x00\x07chars", "a normal dog"]
+
+
+def test_bad_captions_each_get_a_row_and_the_shard_commits(tmp_path):
+    shard = ShardRef("fake", "00000", (), True, "fp")
+    config = ParseConfig()
+    result = parse_shard(FakeCorpus(BAD), shard, config.parser(), config)
+    store = Store(str(tmp_path / "s"), create=True)
+    store.commit("parse", shard.partition, "fp", result.tables)  # every string is storable
+    caps = {r["key"]: r for r in store.read("captions").to_pylist()}
+    assert len(caps) == len(BAD)
+    errs = sorted((r["key"], r["error_type"], r["severity"]) for r in store.read("errors").to_pylist())
+    assert errs == [
+        ("k-missing", "missing_in_shard", "error"),
+        ("k00", "empty_caption", "error"), ("k01", "empty_caption", "error"), ("k02", "empty_caption", "error"),
+        ("k03", "caption_truncated", "warning"),
+        ("k04", "likely_not_english", "warning"), ("k05", "likely_not_english", "warning"),
+        ("k07", "caption_normalised", "warning"), ("k08", "caption_normalised", "warning"),
+        ("k09", "caption_normalised", "warning"),
+    ]
+    messages = {r["key"]: r["message"] for r in store.read("errors").to_pylist()}
+    assert "html_entities" in messages["k07"] and "lone_surrogates" in messages["k08"]
+    assert "control_characters" in messages["k09"] and "100000 characters" in messages["k03"].replace(",", "")
+    assert caps["k00"]["n_chars_original"] is None and caps["k00"]["n_candidates"] == 0
+    assert caps["k03"]["truncated"] and len(caps["k03"]["caption"]) <= 1000
+    assert caps["k07"]["caption"] == "& <b>" and caps["k07"]["normalised"]
+    assert caps["k08"]["caption"] == "lone \ufffd surrogate"
+    tags = store.read("tags")
+    assert set(tags["key"].to_pylist()) == {k for k, r in caps.items() if r["n_candidates"]}
+    assert {"dog", "🐶", "🐱"} <= set(tags["text"].to_pylist())
+    truncated = tags.filter(pc.field("key") == "k03")
+    assert all(truncated["caption_truncated"].to_pylist()) and truncated.num_rows == caps["k03"]["n_candidates"]
+    for r in tags.to_pylist():
+        assert caps[r["key"]]["caption"][r["char_start"]:r["char_end"]] == r["text"]
+    assert result.stats.errors == 4 and result.stats.warnings == 6
+
+
+def test_a_caption_spacy_fails_on_is_an_error_row_not_a_lost_shard(tmp_path, monkeypatch):
+    real = CaptionParser._candidates
+
+    def flaky(self, caption, doc):
+        if "boom" in caption:
+            raise ValueError("simulated spaCy failure")
+        return real(self, caption, doc)
+
+    monkeypatch.setattr(CaptionParser, "_candidates", flaky)
+    config = ParseConfig(dedupe=False)
+    shard = ShardRef("fake", "00000", (), True, "fp")
+    result = parse_shard(FakeCorpus(["a dog", "boom goes the cat", "a red bus"]), shard, config.parser(), config)
+    errors = result.tables["errors"].to_pylist()
+    assert [(e["key"], e["error_type"]) for e in errors[1:]] == [("k01", "parse_failed")]
+    assert "simulated spaCy failure" in errors[1]["message"]
+    assert set(result.tables["tags"]["key"].to_pylist()) == {"k00", "k02"}
+    assert result.tables["captions"]["n_candidates"].to_pylist() == [2, 0, 3]
+
+
+# ---------------------------------------------------------------- the stage
+
+def manifests_state(store_uri):
+    docs = Store(store_uri).manifests("parse")
+    return {(d["shard"], d["fingerprint"], d["committed_at"]) for d in docs}
+
+
+def file_mtimes(root):
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def add_shard(uri, shard_id, n=3):
+    w = ShardWriter(resolve(uri), shard_id)
+    for i in range(n):
+        w.add(make_key(shard_id, i), f"a dog and a teddy bear number {i}", jpeg(shard_id * 10 + i), width=32,
+              height=32)
+    w.close()
+
+
+def test_stage_fills_tags_then_is_incremental(tmp_path):
+    corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
+    keys = build_corpus(corpus, shards=2, per_shard=4)
+    first = run_parse(corpus, store)
+    assert first["done"] == 2 and first["captions"] == 8 and first["errors"] == 0
+    assert first["parsed"] == 8 and first["tags"] > 8
+    tags = Store(store).read("tags")
+    assert set(tags["key"].to_pylist()) == set(keys["success"])
+    assert tags.group_by(["key", "tag_index"]).aggregate([]).num_rows == tags.num_rows
+    # second run: nothing new, not even a manifest rewritten
+    state, mtimes = manifests_state(store), file_mtimes(tmp_path / "s")
+    again = run_parse(corpus, store)
+    assert again["done"] == 0 and again["skipped_done"] == 2
+    assert manifests_state(store) == state and file_mtimes(tmp_path / "s") == mtimes
+    # a new shard is the only work
+    add_shard(corpus, 2)
+    third = run_parse(corpus, store)
+    assert third["done"] == 1 and third["skipped_done"] == 2 and third["captions"] == 3
+    assert state < manifests_state(store)
+    # a changed config re-parses (new fingerprint), and replaces the old rows
+    content = run_parse(corpus, store, ParseConfig(policy="content"))
+    assert content["done"] == 3
+    assert set(Store(store).read("tags")["policy"].to_pylist()) == {"content"}
+    # the acceptance query
+    rows = query(store, "SELECT lemma, count(*) AS n FROM tags GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 20").to_pylist()
+    assert rows[:2] == [{"lemma": "photo number", "n": 8}, {"lemma": "shard", "n": 8}]  # a noun pair merged
+    joined = query(store, "SELECT count(*) AS n FROM tags t JOIN captions c USING (corpus, shard, key) "
+                          "WHERE substr(c.caption, t.char_start + 1, t.char_end - t.char_start) = t.text").to_pylist()
+    assert joined == [{"n": Store(store).read("tags").num_rows}]
+
+
+def test_incomplete_shard_waits(tmp_path):
+    corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
+    build_corpus(corpus, shards=2, per_shard=2)
+    stats = tmp_path / "c" / "00001_stats.json"
+    saved = stats.read_bytes()
+    stats.unlink()
+    first = run_parse(corpus, store)
+    assert first["done"] == 1 and first["waiting"] == ["00001"]
+    stats.write_bytes(saved)
+    assert run_parse(corpus, store)["done"] == 1
+
+
+def test_killed_run_resumes_without_duplicates(tmp_path, monkeypatch):
+    corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
+    build_corpus(corpus, shards=3, per_shard=3)
+    real = Store._atomic_write
+    commits = {"n": 0}
+
+    def crash_on_second_manifest(self, path, data):
+        if "/manifests/parse/" in path:
+            commits["n"] += 1
+            if commits["n"] == 2:
+                raise KeyboardInterrupt("killed between data and manifest")
+        return real(self, path, data)
+
+    monkeypatch.setattr(Store, "_atomic_write", crash_on_second_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        run_parse(corpus, store)
+    monkeypatch.setattr(Store, "_atomic_write", real)
+    assert len(Store(store).manifests("parse")) == 1
+    assert set(Store(store).read("tags")["shard"].to_pylist()) == {"00000"}  # the orphan files are invisible
+    resumed = run_parse(corpus, store)
+    assert resumed["done"] == 2 and resumed["skipped_done"] == 1
+    tags = Store(store).read("tags")
+    assert tags.group_by(["key", "tag_index"]).aggregate([]).num_rows == tags.num_rows
+    assert Store(store).read("captions").num_rows == 9
+
+
+def test_a_shard_that_cannot_be_read_fails_alone_and_is_retried(tmp_path):
+    corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
+    build_corpus(corpus, shards=3, per_shard=2)
+    meta = tmp_path / "c" / "00001.parquet"
+    saved = meta.read_bytes()
+    meta.write_bytes(b"not a parquet file")
+    first = run_parse(corpus, store)
+    assert first["done"] == 2 and [f["shard"] for f in first["failed"]] == ["00001"]
+    assert "00001" not in {d["shard"] for d in Store(store).manifests("parse")}
+    meta.write_bytes(saved)
+    second = run_parse(corpus, store)
+    assert second["done"] == 1 and second["failed"] == [] and second["skipped_done"] == 2
+
+
+def _sorted_rows(table: pa.Table) -> list[dict]:
+    return sorted(table.to_pylist(), key=lambda r: (r["key"], r.get("tag_index", 0)))
+
+
+def test_two_workers_give_the_same_tags_as_one(tmp_path):
+    corpus = str(tmp_path / "c")
+    build_corpus(corpus, shards=3, per_shard=3)
+    one = run_parse(corpus, str(tmp_path / "s1"), ParseConfig(workers=1))
+    two = run_parse(corpus, str(tmp_path / "s2"), ParseConfig(workers=2))
+    assert one["done"] == two["done"] == 3 and one["tags"] == two["tags"]
+    for table in ("tags", "captions"):
+        assert _sorted_rows(Store(str(tmp_path / "s1")).read(table)) == \
+            _sorted_rows(Store(str(tmp_path / "s2")).read(table))
+    fps = [{d["shard"]: d["fingerprint"] for d in Store(str(tmp_path / s)).manifests("parse")} for s in ("s1", "s2")]
+    assert fps[0] == fps[1]  # workers is speed, not output: no re-parse when it changes
+
+
+def test_parquet_corpus_reads_captions_without_images(tmp_path):
+    corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
+    keys = build_corpus(corpus, shards=2, per_shard=3, output_format="parquet")
+    summary = run_parse(corpus, store, ParseConfig(tagger=False))
+    assert summary["captions"] == 6 and summary["format"] == "parquet"
+    assert set(Store(store).read("captions")["key"].to_pylist()) == set(keys["success"])
+
+
+def test_stage_on_s3(s3_bucket):
+    corpus, store = f"{s3_bucket}/corpus", f"{s3_bucket}/store"
+    keys = build_corpus(corpus, shards=2, per_shard=2)
+    assert run_parse(corpus, store)["done"] == 2
+    assert run_parse(corpus, store)["skipped_done"] == 2
+    rows = query(store, "SELECT count(DISTINCT key) AS n FROM tags").to_pylist()
+    assert rows == [{"n": len(keys["success"])}]
+    manifest = json.loads(resolve(store).fs.cat_file(f"{store}/manifests/parse/corpus=corpus/shard=00000.json"))
+    assert manifest["model_id"].startswith("spacy/") and manifest["config"]["policy"] == "words"
+    assert schemas.get("tags").version == manifest["schema_versions"]["tags"]

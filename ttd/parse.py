@@ -1,0 +1,377 @@
+"""Stage `parse`: candidate tags from each shard's captions, into the `tags` and `captions` tables.
+
+Per shard: read the captions (never the images), normalise and truncate them (`ttd.tags.clean_caption`), parse each
+distinct caption once with spaCy (`ttd.tags.CaptionParser`), then commit `tags`, `captions` and `errors` together.
+A shard is skipped when its manifest's fingerprint (stage, version, output-affecting config, spaCy model, compound
+list, input files) is unchanged; a shard killed before its manifest is invisible and redone. With `workers > 1`,
+shards go to that many processes, each loading the model once; each process commits its own shards.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pydantic
+from pydantic import Field
+
+from . import schemas
+from .corpus import Corpus, ReadIssue, ShardRef, ShardStats, open_corpus
+from .errors import TTDError
+from .nlp import english_model_id
+from .store import Store, fingerprint
+from .tags import CaptionParser, CleanCaption, Parsed, clean_caption, compounds_digest
+
+log = logging.getLogger(__name__)
+
+STAGE = "parse"
+STAGE_VERSION = 1
+OUTPUT_FIELDS = ("policy", "tagger", "compounds", "noun_pairs", "max_caption_chars")
+
+
+class ParseConfig(pydantic.BaseModel):
+    """How candidates are made. Only OUTPUT_FIELDS change the output (and so the fingerprint); the rest is speed."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    policy: Literal["words", "content", "nouns"] = Field(
+        "words", description="words: every word (stop words flagged, not dropped), as in the paper; content: no "
+                             "stop words; nouns: nouns and proper nouns only (the paper's noun-parsing baseline).")
+    tagger: bool = Field(True, description="Run spaCy's tagger and lemmatizer (POS, lemmas). False: tokenizer only, "
+                                           "pos null and lemma = lower-case form; about 30x faster.")
+    compounds: bool = Field(True, description="Merge multi-word nouns ('hot dog', 'fire truck') into one candidate.")
+    noun_pairs: bool = Field(True, description="With the tagger and compounds: also merge two adjacent nouns that "
+                                               "the list does not know ('dog bed').")
+    max_caption_chars: int = Field(1000, ge=16, le=1_000_000,
+                                   description="Longer captions are cut at a word boundary and flagged.")
+    batch_size: int = Field(256, ge=1, le=100_000, description="Captions per spaCy batch (nlp.pipe).")
+    workers: int = Field(1, ge=1, le=512, description="Processes across shards; each loads the model once.")
+    dedupe: bool = Field(True, description="Parse each distinct caption once per shard (and recent ones across "
+                                           "shards). Off only to measure what deduplication saves.")
+    cache_size: int = Field(100_000, ge=0, description="Distinct captions remembered across shards per process.")
+
+    @pydantic.model_validator(mode="after")
+    def _nouns_need_the_tagger(self) -> ParseConfig:
+        if self.policy == "nouns" and not self.tagger:
+            raise ValueError("policy 'nouns' needs POS tags: run with the tagger (drop --no-tagger), or use policy "
+                             "words or content")
+        return self
+
+    def output_config(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in OUTPUT_FIELDS}
+
+    def parser(self) -> CaptionParser:
+        return CaptionParser(self.policy, tagger=self.tagger, compounds=self.compounds, noun_pairs=self.noun_pairs,
+                             batch_size=self.batch_size, cache_size=self.cache_size if self.dedupe else 0)
+
+
+@dataclass
+class ShardResult:
+    """What parsing one shard produced, before it is committed."""
+
+    tables: dict[str, pa.Table]
+    stats: ShardStats
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.stats.as_dict(), **self.counts}
+
+
+# ---------------------------------------------------------------- one shard
+
+def _issue_rows(key: str, source: str, c: CleanCaption, max_chars: int) -> list[dict[str, Any]]:
+    """The `errors` rows a caption earns; none for a clean one."""
+    rows = []
+
+    def add(kind: str, message: str, severity: str = "warning") -> None:
+        rows.append({"key": key, "stage": STAGE, "error_type": kind, "message": message, "severity": severity,
+                     "source": source})
+
+    if c.empty:
+        what = "missing" if c.n_chars_original is None else ("empty" if not c.n_chars_original else
+                                                               "only whitespace or control characters")
+        add("empty_caption", f"caption is {what}: no candidate tags", "error")
+        return rows
+    if c.fixes:
+        add("caption_normalised", f"fixed {', '.join(c.fixes)}; tag offsets index the stored caption "
+                                  "(captions.caption)")
+    if c.truncated:
+        add("caption_truncated", f"caption has {c.n_chars_original} characters; only the first {len(c.text)} "
+                                 f"were parsed (max_caption_chars={max_chars}, cut at a word boundary)")
+    if c.likely_not_english:
+        add("likely_not_english", f"{c.non_latin_share:.0%} of the letters are outside the Latin script; parsed "
+                                  "with the English model anyway")
+    return rows
+
+
+def _tags_table(keys: list[str], cleans: list[CleanCaption], results: list[Parsed | Exception | None],
+                policy: str) -> pa.Table:
+    """Candidates of every caption, one row each; built column by column (a shard holds about 10 rows a caption)."""
+    rows = [(k, c, r) for k, c, r in zip(keys, cleans, results) if isinstance(r, Parsed) and len(r)]
+    counts = np.array([len(r) for _, _, r in rows], dtype=np.int64)
+    n_rows = int(counts.sum())
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    cols: dict[str, Any] = {
+        "key": np.repeat(np.array([k for k, _, _ in rows], dtype=object), counts),
+        "tag_index": np.arange(n_rows) - starts,
+        "caption_truncated": np.repeat(np.array([c.truncated for _, c, _ in rows], dtype=bool), counts),
+        "policy": pa.repeat(pa.scalar(policy), n_rows),
+    }
+    for i, name in enumerate(Parsed._fields):
+        cols[name] = list(chain.from_iterable(r[i] for _, _, r in rows))
+    schema = schemas.get("tags").arrow
+    arrays = {f.name: cols[f.name] if isinstance(cols[f.name], pa.Array) else pa.array(cols[f.name], f.type)
+              for f in schema}
+    return pa.table(arrays, schema=schema)
+
+
+def _captions_table(keys: list[str], cleans: list[CleanCaption], results: list[Parsed | Exception | None],
+                    policy: str) -> pa.Table:
+    schema = schemas.get("captions").arrow
+    cols = {
+        "key": keys,
+        "caption": [c.text for c in cleans],
+        "n_chars_original": [c.n_chars_original for c in cleans],
+        "truncated": [c.truncated for c in cleans],
+        "normalised": [c.changed for c in cleans],
+        "likely_not_english": [c.likely_not_english for c in cleans],
+        "n_candidates": [len(r) if isinstance(r, Parsed) else 0 for r in results],
+        "policy": [policy] * len(keys),
+    }
+    return pa.table({f.name: pa.array(cols[f.name], f.type) for f in schema}, schema=schema)
+
+
+@contextmanager
+def _gc_paused():
+    """A shard allocates millions of short-lived, acyclic objects; the cyclic collector's full passes over the
+    loaded model's objects then cost a fifth of the time. Paused per shard; cycles are collected afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def parse_shard(corpus: Corpus, shard: ShardRef, parser: CaptionParser, config: ParseConfig) -> ShardResult:
+    """Read one shard's captions and turn them into the three tables; never raises for a bad sample."""
+    with _gc_paused():
+        return _parse_shard(corpus, shard, parser, config)
+
+
+def _parse_shard(corpus: Corpus, shard: ShardRef, parser: CaptionParser, config: ParseConfig) -> ShardResult:
+    stats = ShardStats()
+    errors: list[dict[str, Any]] = []
+    keys: list[str] = []
+    cleans: list[CleanCaption] = []
+    caption_rows: list[dict[str, Any]] = []
+    for item in corpus.read_captions(shard, stats):
+        if isinstance(item, ReadIssue):
+            errors.append(item.as_row(stage=STAGE))
+            continue
+        clean = clean_caption(item.caption, config.max_caption_chars)
+        if clean.empty or clean.fixes or clean.truncated or clean.non_latin_share:
+            caption_rows.extend(_issue_rows(item.key, item.source, clean, config.max_caption_chars))
+        keys.append(item.key)
+        cleans.append(clean)
+    n_read = len(errors)
+    errors.extend(caption_rows)
+    todo = [i for i, c in enumerate(cleans) if not c.empty]
+    before = parser.parsed
+    parsed = parser.parse([cleans[i].text for i in todo], dedupe=config.dedupe)
+    results: list[Parsed | Exception | None] = [None] * len(cleans)
+    for i, r in zip(todo, parsed):
+        results[i] = r
+        if isinstance(r, Exception):
+            errors.append({"key": keys[i], "stage": STAGE, "error_type": "parse_failed", "severity": "error",
+                           "message": f"spaCy failed: {type(r).__name__}: {r}"[:500], "source": ""})
+    tags = _tags_table(keys, cleans, results, config.policy)
+    counts = {
+        "captions": len(keys),
+        "parsed": parser.parsed - before,
+        "tags": tags.num_rows,
+        "empty": sum(c.empty for c in cleans),
+        "truncated": sum(c.truncated for c in cleans),
+        "normalised": sum(bool(c.fixes) for c in cleans),
+        "not_english": sum(c.likely_not_english for c in cleans),
+        "parse_failed": sum(isinstance(r, Exception) for r in results),
+    }
+    for row in errors[n_read:]:  # read issues were counted by the reader
+        if row["severity"] == "error":
+            stats.errors += 1
+        else:
+            stats.warnings += 1
+    tables = {"tags": tags, "captions": _captions_table(keys, cleans, results, config.policy),
+              "errors": pa.Table.from_pylist(errors, schema=schemas.get("errors").arrow)}
+    return ShardResult(tables, stats, counts)
+
+
+def commit_shard(store: Store, shard: ShardRef, fp: str, result: ShardResult, config: ParseConfig,
+                 model_id: str) -> None:
+    store.commit(STAGE, shard.partition, fp, result.tables, stage_version=STAGE_VERSION,
+                 config={**config.output_config(), "stats": result.as_dict()}, model_id=model_id,
+                 input_fingerprint=shard.fingerprint)
+
+
+# ---------------------------------------------------------------- worker processes
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(config: dict[str, Any], corpus_uri: str, fmt: str, name: str, store_uri: str,
+                 model_id: str) -> None:
+    cfg = ParseConfig(**config)
+    _WORKER.update(config=cfg, parser=cfg.parser(), corpus=open_corpus(corpus_uri, fmt=fmt, name=name),
+                   store=Store(store_uri), model_id=model_id)
+
+
+def _process(corpus: Corpus, store: Store, shard: ShardRef, fp: str, parser: CaptionParser, config: ParseConfig,
+             model_id: str) -> dict[str, Any]:
+    result = parse_shard(corpus, shard, parser, config)
+    commit_shard(store, shard, fp, result, config, model_id)
+    return result.as_dict()
+
+
+def _work(shard: ShardRef, fp: str) -> dict[str, Any]:
+    w = _WORKER
+    return _process(w["corpus"], w["store"], shard, fp, w["parser"], w["config"], w["model_id"])
+
+
+def _process_context() -> multiprocessing.context.BaseContext:
+    """Not fork: the parent may hold threads (s3fs's event loop, Arrow's pools) that a fork would copy broken.
+    A fork server that has imported spaCy once (about 4 s here: thinc imports torch) forks clean workers at no
+    import cost; spawn, where there is no fork server, pays the import in every worker."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["ttd.tags", "spacy"])  # only effective before the fork server first starts
+    return ctx
+
+
+Outcome = Callable[[ShardRef, "dict[str, Any] | BaseException"], None]
+
+
+def _run_pool(todo: list[tuple[ShardRef, str]], corpus: Corpus, store_uri: str, config: ParseConfig,
+              model_id: str, outcome: Outcome) -> None:
+    init = (config.model_dump(), corpus.uri, corpus.format, corpus.name, store_uri, model_id)
+    with ProcessPoolExecutor(min(config.workers, len(todo)), mp_context=_process_context(),
+                             initializer=_init_worker, initargs=init) as pool:
+        pending = {pool.submit(_work, shard, fp): shard for shard, fp in todo}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    shard = pending.pop(fut)
+                    exc = fut.exception()
+                    if isinstance(exc, (BrokenProcessPool, TTDError)):  # not one shard's problem: stop, one line
+                        raise exc
+                    outcome(shard, exc if exc is not None else fut.result())
+        except BrokenProcessPool:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise TTDError("a parse worker process died (out of memory, or killed); shards committed so far are "
+                           "kept, re-run to finish. Calling run_parse(workers > 1) from a script needs the "
+                           "`if __name__ == '__main__':` guard") from None
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _run_here(todo: list[tuple[ShardRef, str]], corpus: Corpus, store: Store, config: ParseConfig, model_id: str,
+              outcome: Outcome) -> None:
+    parser = config.parser()
+    for shard, fp in todo:
+        try:
+            counts: dict[str, Any] | BaseException = _process(corpus, store, shard, fp, parser, config, model_id)
+        except TTDError:
+            raise  # a setup problem (schema version, store), the same for every shard: one clear line
+        except Exception as exc:
+            counts = exc
+        outcome(shard, counts)
+
+
+# ---------------------------------------------------------------- the stage
+
+_SUMMED = ("samples", "captions", "parsed", "tags", "errors", "warnings", "empty", "truncated", "normalised",
+           "not_english", "parse_failed")
+
+
+def run_parse(
+    corpus_uri: str,
+    store_uri: str,
+    config: ParseConfig | None = None,
+    *,
+    fmt: str = "auto",
+    name: str | None = None,
+    include_incomplete: bool = False,
+    progress: Callable[[ShardRef, dict[str, Any] | None], None] | None = None,
+) -> dict[str, Any]:
+    """Parse every shard not yet done under this config; returns a summary of what was done and skipped.
+
+    `progress(shard, counts)` is called once per shard: counts is None for a skipped, waiting or failed shard.
+    A shard that fails as a whole (an unreadable file, a failed write) is listed in `failed` and left uncommitted
+    for the next run; the other shards go on."""
+    t0 = time.perf_counter()
+    config = config or ParseConfig()
+    corpus = open_corpus(corpus_uri, fmt=fmt, name=name)
+    store = Store(store_uri, create=True)
+    store.register_corpus(corpus.name, corpus.uri, corpus.format)
+    model_id = english_model_id()
+    summary: dict[str, Any] = {"corpus": corpus.name, "format": corpus.format, **config.output_config(),
+                               "model_id": model_id, "workers": config.workers, "shards": 0, "done": 0,
+                               "skipped_done": 0, "waiting": [], "failed": [], **dict.fromkeys(_SUMMED, 0)}
+    todo = _plan(corpus, store, config, model_id, include_incomplete, summary, progress)
+
+    def outcome(shard: ShardRef, counts: dict[str, Any] | BaseException) -> None:
+        if isinstance(counts, BaseException):
+            log.error("shard %s/%s failed, left for the next run: %s: %s", corpus.name, shard.name,
+                      type(counts).__name__, counts)
+            summary["failed"].append({"shard": shard.name, "error": f"{type(counts).__name__}: {counts}"[:500]})
+            counts = None
+        else:
+            summary["done"] += 1
+            for k in _SUMMED:
+                summary[k] += counts.get(k, 0)
+        if progress:
+            progress(shard, counts)
+
+    if todo and config.workers > 1 and len(todo) > 1:
+        _run_pool(todo, corpus, store_uri, config, model_id, outcome)
+    elif todo:
+        _run_here(todo, corpus, store, config, model_id, outcome)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    summary["captions_per_s"] = round(summary["captions"] / summary["seconds"], 1) if summary["seconds"] else 0.0
+    return summary
+
+
+def _plan(corpus: Corpus, store: Store, config: ParseConfig, model_id: str, include_incomplete: bool,
+          summary: dict[str, Any], progress: Callable | None) -> list[tuple[ShardRef, str]]:
+    """The shards to parse, with their fingerprints; done and waiting shards are counted in `summary`."""
+    fp_config = {**config.output_config(), "compound_list": compounds_digest() if config.compounds else None}
+    todo = []
+    for shard in corpus.shards():
+        summary["shards"] += 1
+        if not shard.complete and not include_incomplete:
+            log.warning("shard %s/%s has no _stats.json yet (still downloading?): left for a later run",
+                        corpus.name, shard.name)
+            summary["waiting"].append(shard.name)
+        else:
+            fp = fingerprint(STAGE, STAGE_VERSION, fp_config, model_id, shard.fingerprint)
+            if not store.is_done(STAGE, shard.partition, fp):
+                todo.append((shard, fp))
+                continue
+            summary["skipped_done"] += 1
+        if progress:
+            progress(shard, None)
+    return todo
