@@ -112,3 +112,25 @@ def test_parse_user_errors_are_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "needs POS tags" in lines[0]
+
+
+def test_score_synth_corpus_then_answer_the_acceptance_questions(synth_pair, tmp_path):
+    store = str(tmp_path / "store")
+    corpus = str(synth_pair / "a" / "train")
+    ttd("parse", "--corpus", corpus, "--store", store, "--json")
+    first = json.loads(ttd("score", "--corpus", corpus, "--store", store, "--model", "ttd-micro", "--workers", "0",
+                           "--json").stdout)
+    assert first["done"] == 3 and first["images"] == 60 and first["masks"] > 0
+    again = json.loads(ttd("score", "--corpus", corpus, "--store", store, "--model", "ttd-micro", "--workers", "0",
+                           "--json").stdout)
+    assert again["done"] == 0 and again["skipped_done"] == 3
+    top = json.loads(ttd("sql", "--store", store, "SELECT lower(text) AS tag, count(*) AS n FROM relevancy WHERE "
+                         "selected GROUP BY 1 ORDER BY 2 DESC LIMIT 5", "--format", "json").stdout)
+    assert top and top[0]["n"] >= top[-1]["n"]
+    stop = json.loads(ttd("sql", "--store", store, "SELECT t.is_stop, avg(r.selected::INT) AS rate FROM relevancy r "
+                          "JOIN tags t USING (corpus, shard, key, tag_index) GROUP BY 1", "--format", "json").stdout)
+    assert {r["is_stop"] for r in stop} == {True, False}
+    key = json.loads(ttd("sql", "--store", store, "SELECT key FROM masks LIMIT 1", "--format", "json").stdout)[0]
+    out = tmp_path / "show.png"
+    ttd("show", "--store", store, "--key", key["key"], "--out", str(out))
+    assert out.stat().st_size > 1000
