@@ -1,0 +1,67 @@
+"""Pre-training determinism, artefacts that carry their config, and refusing unsafe checkpoints."""
+
+import hashlib
+import pickle
+
+import pytest
+import torch
+
+from ttd.errors import TTDError
+from ttd.models import load_model
+from ttd.pretrain import PretrainConfig, lr_at, run_pretrain
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from ttd.synth.generate import synthesize
+
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(str(root), train=0, eval=0, pretrain=48, seed=1)
+    return str(root / "pretrain")
+
+
+def test_same_seed_same_weights_and_artefact_loads(corpus, tmp_path):
+    cfg = PretrainConfig(model="ttd-micro", steps=4, batch_size=16, warmup_steps=1, log_every=2)
+    a = run_pretrain(corpus, str(tmp_path / "a"), cfg, seed=3, device="cpu")
+    run_pretrain(corpus, str(tmp_path / "b"), cfg, seed=3, device="cpu")
+    run_pretrain(corpus, str(tmp_path / "c"), cfg, seed=4, device="cpu")
+    assert a["pairs"] == 48 and a["steps"] == 4
+    wa, wb, wc = (digest(tmp_path / d / "model.safetensors") for d in "abc")
+    assert wa == wb != wc
+    bundle = load_model(pretrained=str(tmp_path / "a"))  # no --model: the artefact names it
+    assert bundle.name == "ttd-micro" and bundle.model_id.startswith("ttd-micro@")
+    assert (tmp_path / "a" / "train_log.parquet").is_file()
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = PretrainConfig(steps=100, warmup_steps=10, lr=1e-3)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(99, cfg) < 1e-5
+
+
+class Boom:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    bad = tmp_path / "evil.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"weights": Boom()}, f)
+    with pytest.raises(TTDError, match="refused to load"):
+        load_model("ttd-micro", str(bad))
+
+
+def test_plain_tensor_checkpoint_and_unknown_model(tmp_path):
+    state = load_model("ttd-micro").model.state_dict()
+    torch.save(state, tmp_path / "ok.pt")
+    assert load_model("ttd-micro", str(tmp_path / "ok.pt")).model_id.startswith("ttd-micro@")
+    with pytest.raises(TTDError, match="unknown model"):
+        load_model("no-such-model")
+    with pytest.raises(TTDError, match="does not exist"):
+        load_model("ttd-micro", "/nonexistent/weights.safetensors")
