@@ -49,7 +49,7 @@ class ParseConfig(pydantic.BaseModel):
         "words", description="words: every word (stop words flagged, not dropped), as in the paper; content: no "
                              "stop words; nouns: nouns and proper nouns only (the paper's noun-parsing baseline).")
     tagger: bool = Field(True, description="Run spaCy's tagger and lemmatizer (POS, lemmas). False: tokenizer only, "
-                                           "pos null and lemma = lower-case form; about 30x faster.")
+                                           "pos null and lemma = lower-case form; about 10x faster.")
     compounds: bool = Field(True, description="Merge multi-word nouns ('hot dog', 'fire truck') into one candidate.")
     noun_pairs: bool = Field(True, description="With the tagger and compounds: also merge two adjacent nouns that "
                                                "the list does not know ('dog bed').")
