@@ -95,11 +95,9 @@ class ShardScorer:
         by_key: dict[str, list[dict]] = defaultdict(list)
         for row in tags.to_pylist():
             by_key[row["key"]].append(row)
-        captions = {}
-        if "captions" in schemas.all_schemas():
-            t = self.store.read("captions", columns=["key", "caption"], filter=where)
-            captions = dict(zip(t["key"].to_pylist(), t["caption"].to_pylist()))
-        return by_key, captions
+        # the parsed (normalised) caption, which the tag offsets index into; the raw caption if parse wrote none
+        t = self.store.read("captions", columns=["key", "caption"], filter=where)
+        return by_key, dict(zip(t["key"].to_pylist(), t["caption"].to_pylist()))
 
     def _decode(self, sample: Sample):
         try:
