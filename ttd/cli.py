@@ -369,6 +369,32 @@ def show(
     err.print(f"wrote {render(store, key, out)}")
 
 
+@app.command()
+def report(
+    store: Annotated[str, typer.Option(help="Store URI to report on.")],
+    out_dir: Annotated[str, typer.Option("--out", help="Local folder for report.md, report.html and their PNGs.")]
+    = "ttd-report",
+    samples: Annotated[int, typer.Option(help="Scored samples to draw as heatmap overlays (first keys in order).")]
+    = 4,
+    runs: Annotated[str | None, typer.Option(help="Comma-separated evaluation run ids (or unique prefixes) to "
+                                             "show, in this order; the first is the comparison baseline "
+                                             "(default: every run, oldest first).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the written paths and runs as JSON on stdout.")]
+    = False,
+) -> None:
+    """Report what a store holds: stages, errors, evaluation metrics with a run-against-run comparison, charts,
+    training curves and sample heatmaps, as Markdown and a self-contained HTML page."""
+    from .report import build_report
+
+    wanted = [r.strip() for r in runs.split(",") if r.strip()] if runs else None
+    result = build_report(store, out_dir, samples=samples, runs=wanted)
+    if as_json:
+        _emit_json(result)
+    else:
+        err.print(f"wrote {result['markdown']} and {result['html']}: {len(result['runs'])} evaluation run(s), "
+                  f"{len(result['plots'])} chart(s), {len(result['samples'])} sample(s)")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
