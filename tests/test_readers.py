@@ -268,3 +268,44 @@ def test_read_captions_handles_pax_and_gnu_headers(tmp_path, fmt):
     a, b, sa, sb = _both_ways(str(tmp_path / "c"))
     assert a == b and sa == sb
     assert [k for k, _ in b] == ["000000001", "000000002", "000000003"]
+
+
+def _tar_of(members: list[tuple[str, bytes]], fmt=tarfile.USTAR_FORMAT) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("buffer", [512, 1024, 3 * 512 + 100, 1 << 20])
+def test_fast_scan_equals_the_exact_scan_across_buffer_boundaries(monkeypatch, buffer):
+    from ttd.corpus import tarscan
+
+    monkeypatch.setattr(tarscan, "SCAN_BUFFER", buffer)
+    rng = np.random.default_rng(1)
+    members = []
+    for i, size in enumerate([0, 1, 511, 512, 513, 5000, 20, 2048, 700]):
+        members.append((f"{i:09d}.jpg", rng.bytes(size)))
+        members.append((f"{i:09d}.txt", f"caption {i} ".encode() * (size % 97 + 1)))
+    blob = _tar_of(members)
+    want = [(n, d if n.endswith(".txt") else None) for n, d in tarscan.scan(io.BytesIO(blob))]
+    assert tarscan.fast_scan(io.BytesIO(blob)) == want
+    assert [n for n, _ in want] == [n for n, _ in members]
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512
+    for cut in range(100, end + 512, 389):  # cut before the end-of-archive block: it gives up, never misreads
+        assert tarscan.fast_scan(io.BytesIO(blob[:cut])) is None, cut
+
+
+def test_fast_scan_gives_up_on_member_data_that_looks_like_a_header():
+    from ttd.corpus import tarscan
+
+    fake = bytearray(1024)
+    fake[512 + 257:512 + 262] = b"ustar"  # a block inside the data with the ustar magic where a header has it
+    blob = _tar_of([("000000000.jpg", bytes(fake)), ("000000000.txt", b"a dog")])
+    assert tarscan.fast_scan(io.BytesIO(blob)) is None
+    assert [n for n, _ in tarscan.scan(io.BytesIO(blob))] == ["000000000.jpg", "000000000.txt"]

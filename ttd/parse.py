@@ -13,16 +13,16 @@ import gc
 import logging
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import chain
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pydantic
 from pydantic import Field
 
@@ -31,7 +31,7 @@ from .corpus import Corpus, ReadIssue, ShardRef, ShardStats, open_corpus
 from .errors import TTDError
 from .nlp import english_model_id
 from .store import Store, fingerprint
-from .tags import CaptionParser, CleanCaption, Parsed, clean_caption, compounds_digest
+from .tags import CaptionParser, CleanCaption, TagColumns, clean_caption, compounds_digest
 
 log = logging.getLogger(__name__)
 
@@ -115,29 +115,34 @@ def _issue_rows(key: str, source: str, c: CleanCaption, max_chars: int) -> list[
     return rows
 
 
-def _tags_table(keys: list[str], cleans: list[CleanCaption], results: list[Parsed | Exception | None],
-                policy: str) -> pa.Table:
-    """Candidates of every caption, one row each; built column by column (a shard holds about 10 rows a caption)."""
-    rows = [(k, c, r) for k, c, r in zip(keys, cleans, results) if isinstance(r, Parsed) and len(r)]
-    counts = np.array([len(r) for _, _, r in rows], dtype=np.int64)
+def _tags_table(keys: list[str], cleans: list[CleanCaption], sample_text: np.ndarray, parsed: TagColumns,
+                policy: str) -> tuple[pa.Table, np.ndarray]:
+    """Every caption's candidates, one row each, gathered column-wise from the parsed distinct texts:
+    `sample_text[i]` is sample i's row in `parsed` (-1: nothing parsed). Also returns candidates per sample."""
+    per_text = parsed.counts(int(sample_text.max(initial=-1)) + 1)
+    text_start = np.cumsum(per_text) - per_text
+    has = sample_text >= 0
+    counts = np.zeros(len(keys), dtype=np.int64)
+    counts[has] = per_text[sample_text[has]]
     n_rows = int(counts.sum())
-    starts = np.repeat(np.cumsum(counts) - counts, counts)
-    cols: dict[str, Any] = {
-        "key": np.repeat(np.array([k for k, _, _ in rows], dtype=object), counts),
-        "tag_index": np.arange(n_rows) - starts,
-        "caption_truncated": np.repeat(np.array([c.truncated for _, c, _ in rows], dtype=bool), counts),
+    first = np.cumsum(counts) - counts
+    tag_index = np.arange(n_rows) - np.repeat(first, counts)
+    rows = np.repeat(np.where(has, text_start[np.maximum(sample_text, 0)], 0), counts) + tag_index
+    sample = np.repeat(np.arange(len(keys)), counts)
+    cols = parsed.take(rows, sample).columns
+    cols.update({
+        "key": pc.take(pa.array(keys, pa.string()), pa.array(sample)),
+        "tag_index": tag_index,
+        "caption_truncated": np.fromiter((c.truncated for c in cleans), bool, len(cleans))[sample],
         "policy": pa.repeat(pa.scalar(policy), n_rows),
-    }
-    for i, name in enumerate(Parsed._fields):
-        cols[name] = list(chain.from_iterable(r[i] for _, _, r in rows))
+    })
     schema = schemas.get("tags").arrow
     arrays = {f.name: cols[f.name] if isinstance(cols[f.name], pa.Array) else pa.array(cols[f.name], f.type)
               for f in schema}
-    return pa.table(arrays, schema=schema)
+    return pa.table(arrays, schema=schema), counts
 
 
-def _captions_table(keys: list[str], cleans: list[CleanCaption], results: list[Parsed | Exception | None],
-                    policy: str) -> pa.Table:
+def _captions_table(keys: list[str], cleans: list[CleanCaption], n_candidates: np.ndarray, policy: str) -> pa.Table:
     schema = schemas.get("captions").arrow
     cols = {
         "key": keys,
@@ -146,7 +151,7 @@ def _captions_table(keys: list[str], cleans: list[CleanCaption], results: list[P
         "truncated": [c.truncated for c in cleans],
         "normalised": [c.changed for c in cleans],
         "likely_not_english": [c.likely_not_english for c in cleans],
-        "n_candidates": [len(r) if isinstance(r, Parsed) else 0 for r in results],
+        "n_candidates": n_candidates,
         "policy": [policy] * len(keys),
     }
     return pa.table({f.name: pa.array(cols[f.name], f.type) for f in schema}, schema=schema)
@@ -190,14 +195,25 @@ def _parse_shard(corpus: Corpus, shard: ShardRef, parser: CaptionParser, config:
     errors.extend(caption_rows)
     todo = [i for i, c in enumerate(cleans) if not c.empty]
     before = parser.parsed
-    parsed = parser.parse([cleans[i].text for i in todo], dedupe=config.dedupe)
-    results: list[Parsed | Exception | None] = [None] * len(cleans)
-    for i, r in zip(todo, parsed):
-        results[i] = r
-        if isinstance(r, Exception):
+    sample_text = np.full(len(cleans), -1, dtype=np.int64)
+    if config.dedupe:  # each distinct caption once (the tagger path also remembers recent ones across shards)
+        distinct: dict[str, int] = {}
+        for i in todo:
+            sample_text[i] = distinct.setdefault(cleans[i].text, len(distinct))
+        texts = list(distinct)
+    else:
+        sample_text[todo] = np.arange(len(todo))
+        texts = [cleans[i].text for i in todo]
+    parsed = parser.parse_columns(texts, dedupe=config.dedupe)
+    failed = np.zeros(len(cleans), dtype=bool)
+    if parsed.failed:
+        for i in np.flatnonzero(np.isin(sample_text, list(parsed.failed))).tolist():
+            r = parsed.failed[int(sample_text[i])]
+            failed[i] = True
             errors.append({"key": keys[i], "stage": STAGE, "error_type": "parse_failed", "severity": "error",
                            "message": f"spaCy failed: {type(r).__name__}: {r}"[:500], "source": ""})
-    tags = _tags_table(keys, cleans, results, config.policy)
+        sample_text[failed] = -1
+    tags, n_candidates = _tags_table(keys, cleans, sample_text, parsed, config.policy)
     counts = {
         "captions": len(keys),
         "parsed": parser.parsed - before,
@@ -206,14 +222,14 @@ def _parse_shard(corpus: Corpus, shard: ShardRef, parser: CaptionParser, config:
         "truncated": sum(c.truncated for c in cleans),
         "normalised": sum(bool(c.fixes) for c in cleans),
         "not_english": sum(c.likely_not_english for c in cleans),
-        "parse_failed": sum(isinstance(r, Exception) for r in results),
+        "parse_failed": int(failed.sum()),
     }
     for row in errors[n_read:]:  # read issues were counted by the reader
         if row["severity"] == "error":
             stats.errors += 1
         else:
             stats.warnings += 1
-    tables = {"tags": tags, "captions": _captions_table(keys, cleans, results, config.policy),
+    tables = {"tags": tags, "captions": _captions_table(keys, cleans, n_candidates, config.policy),
               "errors": pa.Table.from_pylist(errors, schema=schemas.get("errors").arrow)}
     return ShardResult(tables, stats, counts)
 
@@ -315,9 +331,11 @@ def run_parse(
     fmt: str = "auto",
     name: str | None = None,
     include_incomplete: bool = False,
+    shards: Collection[str] | None = None,
     progress: Callable[[ShardRef, dict[str, Any] | None], None] | None = None,
 ) -> dict[str, Any]:
     """Parse every shard not yet done under this config; returns a summary of what was done and skipped.
+    `shards` limits the run to those shard names (a batch of the Prefect flow); the others are not counted.
 
     `progress(shard, counts)` is called once per shard: counts is None for a skipped, waiting or failed shard.
     A shard that fails as a whole (an unreadable file, a failed write) is listed in `failed` and left uncommitted
@@ -331,7 +349,7 @@ def run_parse(
     summary: dict[str, Any] = {"corpus": corpus.name, "format": corpus.format, **config.output_config(),
                                "model_id": model_id, "workers": config.workers, "shards": 0, "done": 0,
                                "skipped_done": 0, "waiting": [], "failed": [], **dict.fromkeys(_SUMMED, 0)}
-    todo = _plan(corpus, store, config, model_id, include_incomplete, summary, progress)
+    todo = _plan(corpus, store, config, model_id, include_incomplete, summary, progress, shards)
 
     def outcome(shard: ShardRef, counts: dict[str, Any] | BaseException) -> None:
         if isinstance(counts, BaseException):
@@ -355,23 +373,53 @@ def run_parse(
     return summary
 
 
-def _plan(corpus: Corpus, store: Store, config: ParseConfig, model_id: str, include_incomplete: bool,
-          summary: dict[str, Any], progress: Callable | None) -> list[tuple[ShardRef, str]]:
-    """The shards to parse, with their fingerprints; done and waiting shards are counted in `summary`."""
+class PlannedShard(NamedTuple):
+    """One shard as planning sees it: its parse fingerprint (None while it waits for img2dataset's _stats.json) and
+    whether the store already holds its output under that fingerprint."""
+
+    shard: ShardRef
+    fingerprint: str | None
+    done: bool
+
+
+def plan_shards(corpus: Corpus, store: Store, config: ParseConfig, model_id: str | None = None,
+                include_incomplete: bool = False) -> list[PlannedShard]:
+    """Every shard of the corpus, in order, with its fingerprint and done state; reads manifests, never data."""
+    model_id = model_id or english_model_id()
     fp_config = {**config.output_config(), "compound_list": compounds_digest() if config.compounds else None}
-    todo = []
+    planned = []
     for shard in corpus.shards():
-        summary["shards"] += 1
         if not shard.complete and not include_incomplete:
+            planned.append(PlannedShard(shard, None, False))
+            continue
+        fp = fingerprint(STAGE, STAGE_VERSION, fp_config, model_id, shard.fingerprint)
+        planned.append(PlannedShard(shard, fp, store.is_done(STAGE, shard.partition, fp)))
+    return planned
+
+
+def _plan(corpus: Corpus, store: Store, config: ParseConfig, model_id: str, include_incomplete: bool,
+          summary: dict[str, Any], progress: Callable | None,
+          shards: Collection[str] | None = None) -> list[tuple[ShardRef, str]]:
+    """The shards to parse, with their fingerprints; done and waiting shards are counted in `summary`."""
+    planned = plan_shards(corpus, store, config, model_id, include_incomplete)
+    if shards is not None:
+        wanted = set(shards)
+        unknown = sorted(wanted - {p.shard.name for p in planned})
+        if unknown:
+            raise TTDError(f"corpus {corpus.name!r} has no shard(s) {', '.join(unknown[:5])}")
+        planned = [p for p in planned if p.shard.name in wanted]
+    todo = []
+    for p in planned:
+        summary["shards"] += 1
+        if p.fingerprint is None:
             log.warning("shard %s/%s has no _stats.json yet (still downloading?): left for a later run",
-                        corpus.name, shard.name)
-            summary["waiting"].append(shard.name)
+                        corpus.name, p.shard.name)
+            summary["waiting"].append(p.shard.name)
+        elif not p.done:
+            todo.append((p.shard, p.fingerprint))
+            continue
         else:
-            fp = fingerprint(STAGE, STAGE_VERSION, fp_config, model_id, shard.fingerprint)
-            if not store.is_done(STAGE, shard.partition, fp):
-                todo.append((shard, fp))
-                continue
             summary["skipped_done"] += 1
         if progress:
-            progress(shard, None)
+            progress(p.shard, None)
     return todo

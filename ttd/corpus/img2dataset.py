@@ -12,7 +12,9 @@ import posixpath
 import re
 import tarfile
 from collections.abc import Iterator
+from typing import NamedTuple
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from . import tarscan
@@ -31,7 +33,7 @@ from .base import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # in order of preference when a sample has two
 CAPTION_META_COLUMNS = ["key", "status", "caption"]  # all a caption-only pass needs from the metadata
 _SHARD_RE = re.compile(r"^(\d+)\.(tar|parquet)$")
 
@@ -41,6 +43,43 @@ def _split_member(name: str) -> tuple[str, str]:
     base = posixpath.basename(name)
     key, _, ext = base.partition(".")
     return key, ext.lower()
+
+
+_MEMBER_NAME = re.compile(r"^(?:[^\n]*/)?([^/.\n]*)(?:\.([^/\n]*))?$", re.M)
+
+
+class _Groups(NamedTuple):
+    """A pristine tar's members grouped by sample (consecutive members with one key)."""
+
+    keys: list[str]
+    has_image: list[bool]
+    texts: list[bytes | None]  # the group's `.txt` bytes
+    bounds: list[int]  # group i holds members bounds[i]:bounds[i + 1]
+    exts: list[str]  # lower-case extension per member
+
+    def exts_of(self, i: int) -> list[str]:
+        return self.exts[self.bounds[i]:self.bounds[i + 1]]
+
+
+def _group_members(members: list[tuple[str, bytes | None]]) -> _Groups | None:
+    """Keys and extensions of every member with one regular expression, groups found with array operations;
+    None for names this cannot split (a line break inside a name)."""
+    names = "\n".join(name for name, _ in members)
+    parts = _MEMBER_NAME.findall(names)
+    if len(parts) != len(members):
+        return None
+    keys = np.array([k for k, _ in parts], dtype=object)
+    exts = "\n".join(e for _, e in parts).lower().split("\n") if parts else []
+    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]])) if parts else np.zeros(0, np.int64)
+    is_image = np.isin(np.array(exts, dtype=object), list(IMAGE_EXTS))
+    has_image = np.logical_or.reduceat(is_image, starts).tolist() if parts else []
+    texts: list[bytes | None] = [None] * len(starts)
+    txt = [i for i, e in enumerate(exts) if e == "txt"]
+    if txt:
+        group = np.searchsorted(starts, txt, side="right") - 1
+        for g, i in zip(group.tolist(), txt):  # the last `.txt` of a group wins, as in a dict
+            texts[g] = members[i][1]
+    return _Groups(keys[starts].tolist(), has_image, texts, [*starts.tolist(), len(members)], exts)
 
 
 class _Img2datasetCorpus(Corpus):
@@ -165,6 +204,10 @@ class WebDatasetCorpus(_Img2datasetCorpus):
         yield from issues
         source = self.loc.uri(shard.paths[0])
         seen: set[str] = set()
+        if isinstance(members, _Groups):  # a pristine tar, grouped in bulk: the usual case
+            yield from self._plain_captions(shard, members, meta, stats, source, seen)
+            yield from self._finish(shard, meta, seen, stats, source)
+            return
         group_key, group = None, {}
         for key, ext, data in members:
             if key != group_key and group_key is not None:
@@ -182,19 +225,38 @@ class WebDatasetCorpus(_Img2datasetCorpus):
             yield from self._sample(shard, group_key, group, meta, stats, source, captions_only=True)
         yield from self._finish(shard, meta, seen, stats, source)
 
-    def _scan_captions(self, shard: ShardRef) -> tuple[list[tuple[str, str, bytes | None]], Exception | None]:
+    def _plain_captions(self, shard: ShardRef, groups: _Groups, meta: dict[str, dict], stats: ShardStats | None,
+                        source: str, seen: set[str]) -> Iterator[Caption | ReadIssue]:
+        """`_sample(captions_only=True)` per group, without its generator and dict where nothing is unusual."""
+        for i, (key, image, data) in enumerate(zip(groups.keys, groups.has_image, groups.texts)):
+            seen.add(key)
+            if data is not None and image and (not meta or key in meta):
+                try:
+                    caption = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    pass
+                else:
+                    if stats is not None:
+                        stats.samples += 1
+                    yield Caption(key, caption, source)
+                    continue
+            files = dict.fromkeys(groups.exts_of(i))  # only the caption's bytes matter here
+            if data is not None:
+                files["txt"] = data
+            yield from self._sample(shard, key, files, meta, stats, source, captions_only=True)
+
+    def _scan_captions(self, shard: ShardRef) -> tuple[list[tuple[str, str, bytes | None]] | _Groups, Exception | None]:
         """(key, ext, txt bytes or None) per member, and the error that ended the scan early, if any. A pristine
-        tar takes `fast_scan`; any other is read again by the exact `scan`. Collected before anything is yielded,
-        so that an `Unsupported` tar can still be re-read from the start with tarfile."""
+        tar takes `fast_scan` and comes grouped by sample (`_group_members`); any other is read again by the exact
+        `scan`. Collected before anything is yielded, so that an `Unsupported` tar can still be re-read from the
+        start with tarfile."""
         members: list[tuple[str, str, bytes | None]] = []
         try:
             with self.loc.fs.open(shard.paths[0], "rb") as f:
                 fast = tarscan.fast_scan(f)
-            if fast is not None:
-                for name, data in fast:
-                    key, _, ext = name.rpartition("/")[2].partition(".")
-                    members.append((key, ext.lower(), data))
-                return members, None
+            groups = _group_members(fast) if fast is not None else None
+            if groups is not None:
+                return groups, None
         except (tarfile.TarError, EOFError, OSError):
             pass  # the exact scan below says what is wrong
         try:

@@ -177,76 +177,131 @@ def scan(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
 
 
 _POW8 = 8 ** np.arange(5, -1, -1)
+_SIZE_POW8 = 8 ** np.arange(10, -1, -1)
+_MAGIC = np.frombuffer(b"ustar", dtype=np.uint8)
+SCAN_BUFFER = 16 << 20  # fast_scan works on the archive 16 MiB at a time
 
 
-def _headers_ok(buf: bytes, starts: list[int]) -> bool:
-    """Every header at `starts` has tarfile's layout of checksum ("%06o\\0 ") and a matching unsigned byte sum."""
-    if not starts:
-        return True
-    a = np.frombuffer(buf, dtype=np.uint8)
-    h = a[np.add.outer(np.asarray(starts), np.arange(BLOCK))]
+def _headers_valid(h: np.ndarray) -> bool:
+    """Every header row has tarfile's checksum layout ("%06o\0 ") with a matching unsigned byte sum, a plain
+    "%011o" size and no ustar prefix."""
     field = h[:, 148:156]
     if not ((field[:, 6] == 0) & (field[:, 7] == 32)).all():
         return False
     digits = field[:, :6].astype(np.int64) - 48
     if ((digits < 0) | (digits > 7)).any():
         return False
-    want = digits @ _POW8
-    return bool((h.sum(axis=1, dtype=np.int64) - field.sum(axis=1, dtype=np.int64) + 256 == want).all())
+    if not (((h[:, 135] == 0) | (h[:, 135] == 32)) & (h[:, 345] == 0)).all():
+        return False
+    return bool((h.sum(axis=1, dtype=np.int64) - field.sum(axis=1, dtype=np.int64) + 256 == digits @ _POW8).all())
+
+
+def _sizes(h: np.ndarray) -> np.ndarray | None:
+    digits = h[:, 124:135].astype(np.int64) - 48
+    if ((digits < 0) | (digits > 7)).any():
+        return None
+    return digits @ _SIZE_POW8
 
 
 def fast_scan(f: BinaryIO) -> list[tuple[str, bytes | None]] | None:
     """(name, bytes of `.txt` members else None) for a pristine archive, or None: anything unusual (a damaged or
-    truncated archive, GNU or size-carrying pax headers, prefixed names) is left to `scan`, which then reads the
-    stream again. The walk only follows sizes; headers are checked in bulk, a buffer at a time, before their
-    members count."""
-    buf, pos = b"", 0
-    starts: list[int] = []
+    truncated archive, GNU or size-carrying pax headers, prefixed names, a non-ustar header) is left to `scan`,
+    which then reads the stream again.
+
+    Vectorised: in each buffer the blocks carrying the ustar magic are the candidate headers; their sizes say
+    where each member's successor starts, and the archive is accepted only if those chain exactly from the
+    buffer's first block to the next buffer or to the end-of-archive block (so a member's data that happens to
+    look like a header makes the scan give up, never misread). Only names and `.txt` bytes reach Python."""
     out: list[tuple[str, bytes | None]] = []
-    path = None  # from a pax header, for the next member
+    carry, skip = b"", 0  # bytes from the next header on; bytes of a long member still to pass over
+    path: str | None = None  # from a pax header, for the next member
     while True:
-        if len(buf) - pos < BLOCK:
-            if not _headers_ok(buf, starts):
-                return None
-            buf, pos, starts = _refill(f, buf, pos, BLOCK), 0, []
-            if len(buf) < BLOCK:
-                return None  # no end-of-archive block: tarfile's own rules apply
-        kind = buf[pos + 156]
-        if kind == 0 and buf.count(0, pos, pos + BLOCK) == BLOCK:  # end of archive
-            return out if path is None and _headers_ok(buf, starts) else None
-        if buf[pos + 135] not in (0, 32) or buf[pos + 345]:
+        data = f.read(SCAN_BUFFER)
+        if skip:
+            if len(data) <= skip:
+                if not data:
+                    return None  # ends inside a member
+                skip -= len(data)
+                continue
+            data, skip = data[skip:], 0
+        buf = carry + data if carry else data
+        nblk = len(buf) // BLOCK
+        if nblk == 0:
+            return None  # no end-of-archive block: tarfile's own rules apply
+        a = np.frombuffer(buf, dtype=np.uint8, count=nblk * BLOCK).reshape(nblk, BLOCK)
+        heads = np.flatnonzero((a[:, 257:262] == _MAGIC).all(axis=1))
+        if not len(heads):
+            if not a[0].any():
+                return out if path is None else None  # end of archive
             return None
-        try:
-            size = int(buf[pos + 124:pos + 135], 8)
-        except ValueError:
+        if heads[0] != 0:
             return None
-        end = pos + BLOCK + (-(-size // BLOCK) * BLOCK)
-        if end > len(buf):  # the member continues past the buffer: check what is here, then read on
-            if not _headers_ok(buf, starts):
-                return None
-            buf, starts = _refill(f, buf, pos, end - pos), []
-            pos, end = 0, end - pos
-            if len(buf) < end:
-                return None
-            continue
-        starts.append(pos)
-        if kind == 120:  # 'x': a pax header for the next member
-            pax = _pax(buf[pos + BLOCK:pos + BLOCK + size])
-            if "size" in pax:
-                return None
-            path = pax.get("path", path)
-        elif kind in (48, 0):  # '0' or '\0': a regular file
-            name_end = buf.find(b"\0", pos, pos + 100)
-            raw = buf[pos:name_end if name_end >= 0 else pos + 100]
+        h = a[heads]
+        sizes = _sizes(h)
+        if sizes is None or not _headers_valid(h):
+            return None
+        after = heads + 1 + (sizes + BLOCK - 1) // BLOCK
+        if (after[:-1] != heads[1:]).any():
+            return None
+        kinds = h[:, 156]
+        names = h[:, :100].copy().view("S100").ravel().tolist()  # numpy drops the trailing NULs
+        whole = len(heads) - 1 if after[-1] > nblk else len(heads)  # the last member may run past this buffer
+        begins = ((heads[:whole] + 1) * BLOCK).tolist()
+        ends = (heads[:whole] * BLOCK + BLOCK + sizes[:whole]).tolist()
+        if not whole:
+            pass
+        elif path is None and ((kinds[:whole] == 48) | (kinds[:whole] == 0)).all():  # the usual case: in bulk
             try:
-                name = path or raw.decode("utf-8")
+                decoded = b"\0".join(names[:whole]).decode("utf-8").split("\0")
             except UnicodeDecodeError:
                 return None
-            if name.endswith("/"):
+            if len(decoded) != whole or any(n.endswith("/") for n in decoded):  # a NUL inside a name; a directory
                 return None
-            data = buf[pos + BLOCK:pos + BLOCK + size] if name[-4:].lower() == ".txt" else None
-            out.append((name, data))
-            path = None
+            out.extend([(n, buf[b:e] if n[-4:].lower() == ".txt" else None)
+                        for n, b, e in zip(decoded, begins, ends)])
         else:
+            for i, kind in enumerate(kinds[:whole].tolist()):
+                if kind == 120:  # 'x': a pax header for the next member
+                    pax = _pax(buf[begins[i]:ends[i]])
+                    if "size" in pax:
+                        return None
+                    path = pax.get("path", path)
+                elif kind in (48, 0):  # '0' or '\0': a regular file
+                    try:
+                        name = path or names[i].split(b"\0", 1)[0].decode("utf-8")
+                    except UnicodeDecodeError:
+                        return None
+                    if name.endswith("/"):
+                        return None
+                    out.append((name, buf[begins[i]:ends[i]] if name[-4:].lower() == ".txt" else None))
+                    path = None
+                else:
+                    return None
+        last = int(heads[-1])
+        end = int(after[-1])
+        if end > nblk:  # a member continues into the next read: keep its header onwards, or pass over its data
+            if kinds[-1] not in (120, 48, 0):
+                return None
+            rest = len(buf) - last * BLOCK
+            need = (end - last) * BLOCK
+            if kinds[-1] == 120 or names[-1][-4:].lower() == b".txt" or need <= SCAN_BUFFER:
+                carry = buf[last * BLOCK:]
+                more = f.read(need - rest)
+                if len(more) < need - rest:
+                    return None
+                carry += more  # the whole member is in `carry` now: the next buffer starts with it
+                continue
+            name_i = len(heads) - 1
+            try:
+                name = path or names[name_i].split(b"\0", 1)[0].decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+            out.append((name, None))
+            path = None
+            skip, carry = need - rest, b""
+            continue
+        if end < nblk:  # the next block is inside this buffer and is no header: it must end the archive
+            if not a[end].any():
+                return out if path is None else None
             return None
-        pos = end
+        carry = buf[end * BLOCK:]  # the members end at the buffer's last whole block: a partial one carries on
