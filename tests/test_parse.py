@@ -14,7 +14,7 @@ from ttd.errors import TTDError
 from ttd.parse import ParseConfig, parse_shard, run_parse
 from ttd.sql import query
 from ttd.store import Store
-from ttd.tags import CaptionParser, clean_caption, compound_nouns
+from ttd.tags import CaptionParser, Parsed, TagColumns, clean_caption, compound_nouns
 from ttd.uri import resolve
 
 
@@ -354,3 +354,28 @@ def test_stage_on_s3(s3_bucket):
     manifest = json.loads(resolve(store).fs.cat_file(f"{store}/manifests/parse/corpus=corpus/shard=00000.json"))
     assert manifest["model_id"].startswith("spacy/") and manifest["config"]["policy"] == "words"
     assert schemas.get("tags").version == manifest["schema_versions"]["tags"]
+
+
+@pytest.mark.parametrize("policy", ["words", "content"])
+def test_batched_tokenizer_path_equals_the_per_caption_path(monkeypatch, policy):
+    """Without the tagger, captions are tokenised many at a time as one Doc and candidates built with array
+    operations; the result must be exactly what tokenising each caption alone gives."""
+    from ttd import tags
+
+    monkeypatch.setattr(tags, "FAST_CHUNK", 4)  # several chunks, captions at every chunk edge
+    texts = ["Two hot dogs and a fire truck near the traffic lights, what a moment!", "hot", "dog hot dog",
+             "mother-in-law's t-shirt x-ray - a - b", "a-b-c--d -e f- g", "  leading and trailing  ", "🐶🐶 dog 🎉",
+             "собака бежит", "don't can't I'm", "http://example.com/a-b.jpg dog", "e-mail: a@b.com",
+             "(hot dog)", "hot\u00a0dog", "end-", "-start", "U.S.A. dogs.", ":) :-( smile", "Hot Dogs",
+             "hot-dog stand", "ice cream cone ice cream", "the a of", "teddy bears' picnic", "x" * 300]
+    parser = CaptionParser(policy, tagger=False)
+    fast = parser.parse_columns(texts)
+    slow = TagColumns.from_parsed(parser._parse_all(texts))
+    assert fast.caption.tolist() == slow.caption.tolist() and len(fast) > 40
+    for name in Parsed._fields:
+        a, b = fast.columns[name], slow.columns[name]
+        assert (a.to_pylist() if isinstance(a, pa.Array) else a.tolist()) == \
+               (b.to_pylist() if isinstance(b, pa.Array) else b.tolist()), name
+    for i, s, e, t in zip(fast.caption.tolist(), fast.columns["char_start"].tolist(),
+                          fast.columns["char_end"].tolist(), fast.columns["text"].to_pylist()):
+        assert texts[i][s:e] == t
