@@ -114,8 +114,8 @@ def caption_heatmap(dense: torch.Tensor, caption_emb: torch.Tensor, size: tuple[
 
 @torch.no_grad()
 def run_tagmask_eval(root: str, store_uri: str, config: TagmaskEvalConfig | None = None, *,
-                     model: str | None = None, pretrained: str | None = None, device: str | None = None,
-                     progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                     model: str | None = None, pretrained: str | None = None, lora: str | None = None,
+                     device: str | None = None, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Evaluate one model on a TagMask-style eval set; returns {run, model_id, metrics, seconds, skipped}."""
     t0 = time.perf_counter()
     config = config or TagmaskEvalConfig()
@@ -123,7 +123,7 @@ def run_tagmask_eval(root: str, store_uri: str, config: TagmaskEvalConfig | None
     mentions, loc = load_ground_truth(root)
     corpus = open_corpus(root)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bundle = load_model(model, pretrained, device=dev)
+    bundle = load_model(model, pretrained, device=dev, lora=lora)
     result_cfg = config.model_dump(mode="json", exclude={"score": {"batch_size", "decode_threads"}})
     data_fp = fingerprint([s.fingerprint for s in corpus.shards()])
     run = fingerprint("tagmask", STAGE_VERSION, bundle.model_id, data_fp, result_cfg)

@@ -97,15 +97,35 @@ class _DropRandomInitWarning(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
+LORA_CONFIG = "lora.json"
+LORA_WEIGHTS = "lora.safetensors"
+
+
+def read_lora_manifest(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    try:
+        doc = json.loads((p / LORA_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise TTDError(f"--lora {str(path)!r} is not a ttd LoRA artefact ({LORA_CONFIG} unreadable: {exc}); "
+                       "`ttd distill` writes one") from None
+    if doc.get("kind") != "lora":
+        raise TTDError(f"--lora {str(path)!r}: {LORA_CONFIG} is not a LoRA manifest")
+    return doc
+
+
 def load_model(name: str | None = None, pretrained: str | None = None, *, device: str | torch.device = "cpu",
-               seed: int = 0) -> ClipBundle:
+               seed: int = 0, lora: str | None = None) -> ClipBundle:
     """Load a CLIP model.
 
     - `pretrained` a folder written by ttd (model.json + model.safetensors): its config names the model.
     - `pretrained` a .safetensors / .pt file: weights for `name`.
     - `pretrained` a tag (e.g. `openai`): open_clip's registry (downloads where the network allows).
     - no `pretrained`: `name` (default: the shipped `ttd-tiny`) with random weights from `seed`.
+    - `lora` a folder written by `ttd distill` (lora.json + lora.safetensors): its update is merged into the base
+      model, which its manifest names when `name` and `pretrained` are not given; the base's identity must match.
     """
+    if lora:
+        return _load_with_lora(name, pretrained, device, seed, lora)
     register_shipped_configs()
     device = torch.device(device)
     state = None
@@ -158,3 +178,30 @@ def load_model(name: str | None = None, pretrained: str | None = None, *, device
     tokenizer = open_clip.get_tokenizer(name)
     return ClipBundle(model, preprocess, tokenizer, name, f"{name}@{weights_id}", image_size, patch,
                       int(model.context_length), device)
+
+
+def _load_with_lora(name: str | None, pretrained: str | None, device, seed: int, lora: str) -> ClipBundle:
+    from .lora import add_lora, load_lora_state, merge_lora
+
+    doc = read_lora_manifest(lora)
+    base = doc.get("base", {})
+    if name is None and pretrained is None:
+        name, pretrained = base.get("name"), base.get("pretrained")
+    bundle = load_model(name, pretrained, device=device, seed=seed)
+    if base.get("model_id") and bundle.model_id != base["model_id"]:
+        raise TTDError(f"--lora {lora!r} was trained on base model {base['model_id']}, not {bundle.model_id}: give "
+                       "that base with --model/--pretrained, or omit both to use the one its manifest names")
+    spec = doc["lora"]
+    deltas = add_lora(bundle.model, rank=spec["rank"], alpha=spec["alpha"], towers=spec["towers"],
+                      targets=spec["targets"], last_blocks=spec.get("last_blocks"))
+    wpath = Path(lora) / LORA_WEIGHTS
+    try:
+        load_lora_state(deltas, load_state_dict(wpath))
+    except ValueError as exc:
+        raise TTDError(f"--lora {lora!r}: {exc}") from None
+    merge_lora(bundle.model)
+    for p in bundle.model.parameters():
+        p.requires_grad_(True)
+    bundle.model.to(bundle.device).eval()
+    bundle.model_id = f"{bundle.model_id}+lora-{_file_digest(wpath)}"
+    return bundle

@@ -26,7 +26,8 @@ SHOWN = (("miou", "mIoU"), ("mfpr", "mFPR"), ("mfnr", "mFNR"))
 def evaluate_segmentation_command(dataset: str, root: str, store: str, model: str | None = None,
                                   pretrained: str | None = None, head: str | None = None,
                                   config_path: str | Path | None = None, max_images: int | None = None,
-                                  device: str | None = None, as_json: bool = False) -> dict[str, Any]:
+                                  device: str | None = None, as_json: bool = False,
+                                  lora: str | None = None) -> dict[str, Any]:
     """Run the evaluation and report it; returns the summary (also printed as JSON on stdout with `as_json`)."""
     if dataset not in DATASETS:
         raise TTDError(f"--dataset must be one of {', '.join(DATASETS)} for segmentation, not {dataset!r}")
@@ -43,8 +44,8 @@ def evaluate_segmentation_command(dataset: str, root: str, store: str, model: st
             bar.update(task, completed=state["done"], total=state["total"],
                        rate=f"{state['done'] / elapsed:,.2f} images/s")
 
-        summary = run_segeval(dataset, root, store, config, model=model, pretrained=pretrained, device=device,
-                              progress=step)
+        summary = run_segeval(dataset, root, store, config, model=model, pretrained=pretrained, lora=lora,
+                              device=device, progress=step)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     else:

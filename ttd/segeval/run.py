@@ -81,8 +81,8 @@ def _stored_errors(store: Store, dataset: str, run_id: str) -> int:
 
 
 def run_segeval(dataset: str, root: str | Path, store_uri: str, config: SegEvalConfig | None = None, *,
-                model: str | None = None, pretrained: str | None = None, device: str | None = None,
-                progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+                model: str | None = None, pretrained: str | None = None, lora: str | None = None,
+                device: str | None = None, progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Evaluate a model on a segmentation eval set and commit `eval_counts` + `metrics`; return the summary.
 
     `progress` is called after each image with {"done": n, "total": N}."""
@@ -90,7 +90,7 @@ def run_segeval(dataset: str, root: str | Path, store_uri: str, config: SegEvalC
     data = open_dataset(dataset, root, config.max_images)  # a wrong layout fails before the model loads
     store = Store(store_uri, create=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    bundle = load_model(model, pretrained, device=device)
+    bundle = load_model(model, pretrained, device=device, lora=lora)
     run_id = run_id_for(bundle.model_id, dataset, data.root, config, data.class_names)
     input_fp = data.fingerprint()
     fp = fingerprint(run_id, STAGE_VERSION, input_fp)

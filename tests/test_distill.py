@@ -1,0 +1,223 @@
+"""`ttd distill`: the losses by hand, LoRA, a short fine-tune on real pseudo-labels, exact resume, refusals."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ttd.distill import (
+    DistillConfig,
+    distill_loss,
+    run_distill,
+    scaled_target,
+    tag_loss,
+    union_of_selected,
+    validation_losses,
+)
+from ttd.errors import TTDError
+from ttd.models import load_model
+from ttd.models.lora import add_lora, merge_lora
+from ttd.store import Store
+
+# ---------------------------------------------------------------- losses by hand
+
+
+def test_scaled_target_places_the_target_in_the_predictions_own_range():
+    pred = torch.tensor([[[0.1, 0.3], [0.2, 0.5]]])
+    target = torch.tensor([[[0.0, 1.0], [0.5, 0.0]]])
+    got = scaled_target(pred, target)
+    assert torch.allclose(got, torch.tensor([[[0.1, 0.5], [0.3, 0.1]]]))
+
+
+def test_tag_loss_by_hand_and_a_zero_target_can_be_met():
+    pred = torch.tensor([[[0.1, 0.3], [0.2, 0.5]], [[0.2, 0.2], [0.2, 0.4]]], requires_grad=True)
+    targets = torch.tensor([[[0.0, 1.0], [0.5, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    # map 0: target 0.1 + t * 0.4 = [0.1, 0.5, 0.3, 0.1]; squared differences x 10^2: [0, 4, 1, 16]
+    # map 1: unselected, target its minimum 0.2: differences [0, 0, 0, 0.2] -> x 10^2 squared: [0, 0, 0, 4]
+    expected = (0 + 4 + 1 + 16 + 0 + 0 + 0 + 4) / 8
+    loss = tag_loss(pred, targets, scale=10.0)
+    assert loss.item() == pytest.approx(expected)
+    loss.backward()
+    # the zero-target map is pushed down only where it is above its minimum: flat maps meet a zero target
+    assert pred.grad[1, 1, 1] > 0 and pred.grad[1, 0, 0] == 0
+    flat = torch.full((1, 2, 2), 0.3)
+    assert tag_loss(flat, torch.zeros(1, 2, 2), scale=10.0).item() == 0.0
+    l1 = tag_loss(pred.detach(), targets, scale=10.0, form="l1").item()
+    assert l1 == pytest.approx((0 + 2 + 1 + 4 + 0 + 0 + 0 + 2) / 8)
+
+
+def test_union_and_distill_loss_by_hand():
+    targets = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 0.0]],
+                            [[0.5, 0.5], [0.5, 0.5]]])
+    sample_of_tag = torch.tensor([0, 0, 0, 1])
+    selected = torch.tensor([True, True, False, False])
+    union, has = union_of_selected(targets, sample_of_tag, selected, batch=2)
+    assert union[0].tolist() == [[1.0, 0.0], [0.0, 1.0]] and has.tolist() == [True, False]
+    assert union[1].abs().sum() == 0  # no selected tag: no union, and the sample does not count
+    caption = torch.tensor([[[0.4, 0.2], [0.2, 0.2]], [[9.0, 9.0], [9.0, 0.0]]])
+    # sample 0: range [0.2, 0.4], target [0.4, 0.2, 0.2, 0.4]: only the last pixel is off by 0.2 -> (2)^2 / 4
+    assert distill_loss(caption, union, has, scale=10.0).item() == pytest.approx(4 / 4)
+    assert distill_loss(caption, union, torch.tensor([False, False]), scale=10.0).item() == 0.0
+
+
+def test_config_rejects_inconsistent_settings():
+    with pytest.raises(ValueError):
+        DistillConfig(batch_size=10, grad_accum=3)
+    with pytest.raises(ValueError):
+        DistillConfig(w_distill=0, w_tag=0, w_contrastive=0)
+    with pytest.raises(ValueError):
+        DistillConfig(unknown_key=1)
+
+
+def test_lora_starts_at_the_base_model_and_merges_exactly():
+    bundle = load_model("ttd-micro")
+    net = bundle.model
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = net.encode_image(x)
+    deltas = add_lora(net, rank=4, alpha=8, towers=("visual", "text"), targets=("attn_in", "mlp_fc"), seed=1)
+    assert sum(p.numel() for p in net.parameters() if p.requires_grad) == sum(
+        d.lora_A.numel() + d.lora_B.numel() for d in deltas.values())
+    with torch.no_grad():
+        assert torch.allclose(net.encode_image(x), before)
+        for d in deltas.values():
+            d.lora_B.normal_(std=0.05)
+        adapted = net.encode_image(x)
+        merge_lora(net)
+        assert torch.allclose(net.encode_image(x), adapted, atol=1e-5)
+        assert not torch.allclose(adapted, before)
+
+
+# ---------------------------------------------------------------- on real pseudo-labels
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """A TagMask-Synth train and held-out split, parsed and scored by ttd-micro (random weights) in one store."""
+    from ttd.parse import ParseConfig, run_parse
+    from ttd.score import run_score
+    from ttd.synth.generate import synthesize
+
+    base = tmp_path_factory.mktemp("distill")
+    synthesize(str(base / "synth"), train=48, eval=24, seed=3)
+    store = str(base / "store")
+    for split in ("train", "eval"):
+        run_parse(str(base / "synth" / split), store, ParseConfig(tagger=False))
+        run_score(str(base / "synth" / split), store, model="ttd-micro", workers=0)
+    return base, store
+
+
+QUICK = dict(steps=6, batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1, lr=5e-3)
+
+
+def test_short_fine_tune_lowers_l_distill_on_held_out_pairs(scored):
+    base, store = scored
+    cfg = DistillConfig(**{**QUICK, "steps": 24, "lr": 1e-2, "w_contrastive": 0.0})
+    summary = run_distill(str(base / "synth" / "train"), store, str(base / "lora"), cfg, model="ttd-micro")
+    assert not summary["skipped"] and (base / "lora" / "lora.json").exists()
+    assert not (base / "lora" / "checkpoint").exists()  # removed once the artefact is committed
+    held_out = str(base / "synth" / "eval")
+    before = validation_losses(held_out, store, cfg, model="ttd-micro")
+    after = validation_losses(held_out, store, cfg, lora=str(base / "lora"))
+    assert before["samples"] == after["samples"] == 24
+    assert after["distill"] < 0.9 * before["distill"], (before, after)
+    # a second run with the same inputs is skipped; the training log is in the store
+    again = run_distill(str(base / "synth" / "train"), store, str(base / "lora"), cfg, model="ttd-micro")
+    assert again["skipped"] and again["fingerprint"] == summary["fingerprint"]
+    from ttd.sql import query
+
+    rows = query(store, "SELECT count(*) AS n, min(loss_distill) AS lo FROM train_log").to_pylist()
+    assert rows[0]["n"] == 24 and rows[0]["lo"] is not None
+
+
+def test_resume_after_a_crash_gives_the_same_weights(scored, tmp_path):
+    base, store = scored
+    corpus = str(base / "synth" / "train")
+    cfg = DistillConfig(**QUICK)
+    run_distill(corpus, store, str(tmp_path / "straight"), cfg, model="ttd-micro", seed=7)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(step, _losses):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_distill(corpus, store, str(tmp_path / "resumed"), cfg, model="ttd-micro", seed=7, progress=crash_at_5)
+    state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and not (tmp_path / "resumed" / "lora.json").exists()
+    summary = run_distill(corpus, store, str(tmp_path / "resumed"), cfg, model="ttd-micro", seed=7)
+    assert summary["resumed_from"] == 4
+    a = load_file(str(tmp_path / "straight" / "lora.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = run_distill(corpus, store, str(tmp_path / "seed8"), cfg, model="ttd-micro", seed=8)
+    c = load_file(str(tmp_path / "seed8" / "lora.safetensors"))
+    assert other["fingerprint"] != summary["fingerprint"] and not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_lora_artefact_is_used_by_score_and_evaluate(scored, tmp_path):
+    from ttd.score import run_score
+    from ttd.tagmask_eval import TagmaskEvalConfig, run_tagmask_eval
+
+    base, store = scored
+    out = str(tmp_path / "lora")
+    run_distill(str(base / "synth" / "train"), store, out, DistillConfig(**{**QUICK, "steps": 2}),
+                model="ttd-micro")
+    tuned = load_model(lora=out)  # the manifest names the base
+    assert tuned.model_id.startswith(load_model("ttd-micro").model_id + "+lora-")
+    s = run_score(str(base / "synth" / "train"), str(tmp_path / "store2"), lora=out, workers=0)
+    assert s["model_id"] == tuned.model_id
+    r = run_tagmask_eval(str(base / "synth" / "eval"), str(tmp_path / "store2"), TagmaskEvalConfig(max_samples=8),
+                         lora=out)
+    assert r["model_id"] == tuned.model_id and "pixel" in r["metrics"]
+    with pytest.raises(TTDError, match="trained on base model"):
+        load_model("ttd-tiny", lora=out)
+
+
+class Payload:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_checkpoints_and_artefacts_that_are_pickles_with_code_are_refused(scored, tmp_path, monkeypatch):
+    base, store = scored
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "lora"
+    run_distill(str(base / "synth" / "train"), store, str(out), DistillConfig(**{**QUICK, "steps": 2}),
+                model="ttd-micro")
+    (out / "lora.safetensors").write_bytes(pickle.dumps({"w": Payload()}))
+    with pytest.raises(TTDError, match="safetensors"):
+        load_model(lora=str(out))
+    fp = json.loads((out / "lora.json").read_text())["fingerprint"]  # same inputs, same fingerprint
+    deltas = add_lora(load_model("ttd-micro").model, rank=8, alpha=16, towers=("visual", "text"),
+                      targets=("attn_in", "attn_out", "mlp_fc", "mlp_proj"))
+    names = [f"{n}.{k}" for n in deltas for k in ("lora_A", "lora_B")]
+    ckpt = tmp_path / "crashed" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.safetensors").write_bytes(pickle.dumps({"w": Payload()}))
+    (ckpt / "state.json").write_text(json.dumps({"step": 1, "consumed": 8, "fingerprint": fp, "params": names,
+                                                 "log": []}))
+    cfg = DistillConfig(**{**QUICK, "steps": 2})
+    with pytest.raises(TTDError, match="checkpoint .* unreadable"):
+        run_distill(str(base / "synth" / "train"), store, str(tmp_path / "crashed"), cfg, model="ttd-micro")
+    assert not (tmp_path / "PWNED").exists()  # never unpickled
+
+
+def test_bad_inputs_are_clear_errors(scored, tmp_path):
+    base, store = scored
+    with pytest.raises(TTDError, match="does not exist"):
+        run_distill(str(base / "synth" / "train"), str(tmp_path / "no-store"), str(tmp_path / "o"), model="ttd-micro")
+    Store(str(tmp_path / "empty-store"), create=True)
+    with pytest.raises(TTDError, match="no scored shard"):
+        run_distill(str(base / "synth" / "train"), str(tmp_path / "empty-store"), str(tmp_path / "o"),
+                    model="ttd-micro")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(TTDError, match="not a ttd distill artefact"):
+        run_distill(str(base / "synth" / "train"), store, str(tmp_path / "busy"), model="ttd-micro")
+    with pytest.raises(TTDError, match="not a ttd LoRA artefact"):
+        load_model(lora=str(tmp_path / "busy"))

@@ -1,0 +1,609 @@
+"""`ttd distill`: TTD step 2, text-tag self-distillation, from the pseudo-labels the `score` stage stored.
+
+For each training sample: its caption, its candidate tags with their selection (`relevancy.selected`) and the
+selected tags' heatmaps (`masks`, min-max normalised by construction: quantised 0..255 over their own range).
+Heatmaps here are cosine maps between the dense head's patch features and a text embedding. Losses (weights and
+forms are configuration; docs/METHOD.md says what comes from the paper and what is ours):
+
+- `L_distill`: the caption's heatmap against the union (pixel-wise max) of its selected tags' normalised maps;
+- `L_tag`: each candidate tag's heatmap against its own normalised map when selected, a zero map when not;
+- `L_contrastive` (optional): CLIP's loss on the batch's image and caption embeddings, to stay near pre-training.
+
+The prediction is never min-max normalised (its maximum would always be 1 and a zero target could never be met,
+which collapses the dense features): the target is mapped into the prediction's own current range [lo, hi], held
+constant (no gradient), and compared with the raw map, scaled by `heatmap_scale`. A zero target then means "as
+low as your lowest pixel", which can be met.
+
+Data stream: shards in a seeded order per epoch, the store's rows for one shard at a time (filtered reads, never a
+whole table), images decoded lazily, a seeded shuffle buffer. The stream is a pure function of (seed, epoch), so a
+resumed run skips the samples already consumed (without decoding them) and continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import open_clip
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pydantic
+import torch
+import torch.nn.functional as F
+
+from . import __version__, schemas
+from .corpus import ReadIssue, open_corpus
+from .errors import ImageDecodeError, TTDError
+from .models.dense import HEADS, encode_image_dense
+from .models.loading import ARTEFACT_CONFIG, LORA_CONFIG, LORA_WEIGHTS, load_model, load_state_dict
+from .models.lora import TARGETS, TOWERS, add_lora, lora_state
+from .pretrain import _geometry_and_norm, _param_groups, lr_at, save_artefact
+from .relevancy import _encode_trimmed, _trimmable
+from .store import Store, fingerprint
+
+log = logging.getLogger(__name__)
+
+STAGE = "distill"
+STAGE_VERSION = 1
+CHECKPOINT_DIR = "checkpoint"
+_PERF_FIELDS = {"checkpoint_every", "log_every", "decode_threads"}
+
+
+class DistillConfig(pydantic.BaseModel):
+    """Every choice of the fine-tune. Defaults are ours unless docs/METHOD.md says they come from the paper."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    steps: int = pydantic.Field(300, ge=1, description="Optimiser steps.")
+    batch_size: int = pydantic.Field(32, ge=1, description="Samples per optimiser step (over all accumulations).")
+    grad_accum: int = pydantic.Field(1, ge=1, description="Micro-batches per step (batch_size / grad_accum each).")
+    lr: float = pydantic.Field(5e-4, gt=0)
+    weight_decay: float = pydantic.Field(0.01, ge=0)
+    warmup_steps: int = pydantic.Field(30, ge=0)
+    max_grad_norm: float = pydantic.Field(1.0, gt=0)
+    lora: bool = pydantic.Field(True, description="LoRA on both towers; False: full fine-tuning.")
+    lora_rank: int = pydantic.Field(8, ge=1)
+    lora_alpha: float = pydantic.Field(16.0, gt=0)
+    lora_towers: tuple[Literal[TOWERS], ...] = ("visual", "text")
+    lora_targets: tuple[Literal[tuple(TARGETS)], ...] = ("attn_in", "attn_out", "mlp_fc", "mlp_proj")
+    lora_last_blocks: int | None = pydantic.Field(None, ge=1, description="Only the last N blocks of each tower.")
+    head: Literal[HEADS] = pydantic.Field("maskclip", description="Dense head the heatmaps are trained through.")
+    w_distill: float = pydantic.Field(1.0, ge=0)
+    w_tag: float = pydantic.Field(1.0, ge=0)
+    w_contrastive: float = pydantic.Field(0.1, ge=0)
+    loss: Literal["mse", "l1"] = "mse"
+    heatmap_scale: float = pydantic.Field(10.0, gt=0, description="Raw cosine differences are multiplied by this.")
+    threshold: float | None = pydantic.Field(None, ge=0, le=1, description="Re-select tags by pixel_score >= this "
+                                             "(only tags with a stored mask can be selected); None: the score "
+                                             "stage's decisions.")
+    templates: tuple[str, ...] = ("a photo of a {}.",)
+    max_tags: int = pydantic.Field(24, ge=1, description="Candidates per caption used by L_tag (the first N).")
+    shuffle_buffer: int = pydantic.Field(1000, ge=1)
+    checkpoint_every: int = pydantic.Field(50, ge=1)
+    log_every: int = pydantic.Field(10, ge=1)
+    decode_threads: int = pydantic.Field(2, ge=1)
+    amp: bool = pydantic.Field(True, description="bf16 autocast on GPU (ignored on CPU).")
+    deterministic: bool = pydantic.Field(True, description="torch deterministic algorithms: same seed, same "
+                                         "weights, and a resumed run equals an uninterrupted one.")
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
+        if self.w_distill + self.w_tag + self.w_contrastive == 0:
+            raise ValueError("all loss weights are zero: nothing to train")
+        if any("{}" not in t for t in self.templates) or not self.templates:
+            raise ValueError("every template needs one '{}' slot for the tag")
+        return self
+
+    def result_config(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude=_PERF_FIELDS)
+
+
+# ---------------------------------------------------------------- losses
+
+def _distance(pred: torch.Tensor, target: torch.Tensor, form: str) -> torch.Tensor:
+    diff = pred - target
+    return diff.pow(2) if form == "mse" else diff.abs()
+
+
+def scaled_target(pred: torch.Tensor, target01: torch.Tensor) -> torch.Tensor:
+    """A [0, 1] target map placed into each predicted map's own range [lo, hi] (per map, no gradient)."""
+    flat = pred.detach().flatten(-2)
+    lo = flat.amin(-1)[..., None, None]
+    hi = flat.amax(-1)[..., None, None]
+    return lo + target01 * (hi - lo)
+
+
+def distill_loss(caption_maps: torch.Tensor, union: torch.Tensor, has_selected: torch.Tensor, *,
+                 scale: float, form: str = "mse") -> torch.Tensor:
+    """L_distill: caption heatmaps [B, h, w] against the union of their selected tags' maps [B, h, w]; samples
+    without a selected tag [B] bool do not count."""
+    if not bool(has_selected.any()):
+        return caption_maps.sum() * 0.0
+    pred, union = caption_maps[has_selected], union[has_selected]
+    return _distance(pred * scale, scaled_target(pred, union) * scale, form).mean()
+
+
+def tag_loss(tag_maps: torch.Tensor, targets: torch.Tensor, *, scale: float, form: str = "mse") -> torch.Tensor:
+    """L_tag: each tag heatmap [M, h, w] against its own normalised map, or zeros for an unselected tag."""
+    if tag_maps.shape[0] == 0:
+        return tag_maps.sum() * 0.0
+    return _distance(tag_maps * scale, scaled_target(tag_maps, targets) * scale, form).mean()
+
+
+def union_of_selected(targets: torch.Tensor, sample_of_tag: torch.Tensor, selected: torch.Tensor,
+                      batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-wise max of each sample's selected tag maps: ([B, h, w], has_selected [B])."""
+    h, w = targets.shape[-2:]
+    union = torch.zeros(batch, h, w, dtype=targets.dtype, device=targets.device)
+    sel = selected.nonzero().flatten()
+    if len(sel):
+        flat = targets[sel].flatten(1)
+        union.view(batch, -1).scatter_reduce_(0, sample_of_tag[sel][:, None].expand_as(flat), flat, "amax")
+    has = torch.zeros(batch, dtype=torch.bool, device=targets.device)
+    has[sample_of_tag[sel]] = True
+    return union, has
+
+
+# ---------------------------------------------------------------- data
+
+class TrainItem:
+    """One training sample: image (lazy), caption, candidate tags, selections and normalised target maps."""
+
+    __slots__ = ("key", "sample", "caption", "tags", "selected", "maps")
+
+    def __init__(self, key, sample, caption, tags, selected, maps):
+        self.key, self.sample, self.caption = key, sample, caption
+        self.tags, self.selected, self.maps = tags, selected, maps
+
+
+def _shard_labels(store: Store, corpus: str, shard: str, config: DistillConfig) -> dict[str, dict]:
+    """key -> {caption, tags, selected, maps} for one shard, read with partition filters."""
+    where = (ds.field("corpus") == corpus) & (ds.field("shard") == shard)
+    rel = store.read("relevancy", columns=["key", "tag_index", "text", "pixel_score", "selected"], filter=where)
+    masks = store.read("masks", columns=["key", "tag_index", "height", "width", "heatmap"], filter=where)
+    caps = store.read("captions", columns=["key", "caption"], filter=where)
+    maps: dict[tuple[str, int], np.ndarray] = {}
+    for k, i, h, w, data in zip(*(masks[c].to_pylist() for c in ("key", "tag_index", "height", "width",
+                                                                   "heatmap"))):
+        maps[(k, i)] = np.frombuffer(data, np.uint8).reshape(h, w)  # 0..255 over its own range: min-max /255
+    out: dict[str, dict] = {}
+    for k, i, text, score, sel in zip(*(rel[c].to_pylist() for c in ("key", "tag_index", "text", "pixel_score",
+                                                                       "selected"))):
+        if config.threshold is not None:
+            sel = score is not None and score >= config.threshold and (k, i) in maps
+        sel = bool(sel) and (k, i) in maps
+        entry = out.setdefault(k, {"order": [], "caption": None})
+        entry["order"].append((i, text.lower(), sel, maps.get((k, i)) if sel else None))
+    for k, c in zip(caps["key"].to_pylist(), caps["caption"].to_pylist()):
+        if k in out:
+            out[k]["caption"] = c
+    for entry in out.values():
+        entry["order"].sort(key=lambda t: t[0])
+    return out
+
+
+class DistillStream:
+    """The training samples of a corpus's scored shards, as a deterministic stream for a seed."""
+
+    def __init__(self, corpus, store: Store, shards: list, config: DistillConfig, seed: int):
+        self.corpus, self.store, self.shards, self.config, self.seed = corpus, store, shards, config, seed
+
+    def _epoch(self, epoch: int) -> Iterator[TrainItem]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.shards))
+        buffer: list[TrainItem] = []
+        for s in order.tolist():
+            shard = self.shards[s]
+            labels = _shard_labels(self.store, self.corpus.name, shard.name, self.config)
+            for item in self.corpus.read_shard(shard):
+                if isinstance(item, ReadIssue) or item.key not in labels:
+                    continue
+                lab = labels[item.key]
+                tags = lab["order"][: self.config.max_tags]
+                caption = lab["caption"] or item.caption or ""
+                buffer.append(TrainItem(item.key, item, caption, [t[1] for t in tags], [t[2] for t in tags],
+                                        [t[3] for t in tags]))
+                if len(buffer) >= self.config.shuffle_buffer:
+                    yield buffer.pop(int(rng.integers(len(buffer))))
+        while buffer:
+            yield buffer.pop(int(rng.integers(len(buffer))))
+
+    def items(self, skip: int = 0) -> Iterator[tuple[int, TrainItem]]:
+        """(epoch, item) forever; the first `skip` items are passed over without decoding their images."""
+        epoch, n = 0, 0
+        while True:
+            empty = True
+            for item in self._epoch(epoch):
+                empty = False
+                if n >= skip:
+                    yield epoch, item
+                n += 1
+            if empty:
+                raise TTDError("no scored sample with candidate tags to train on: run `ttd score` first")
+            epoch += 1
+
+
+# ---------------------------------------------------------------- the model side
+
+def _text_features(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Text embeddings with gradients; tokens cut after the longest (exact under CLIP's causal mask)."""
+    return _encode_trimmed(model, tokens) if _trimmable(model) else model.encode_text(tokens)
+
+
+class Batch:
+    def __init__(self, images, tokens, tag_prompts, sample_of_tag, uniq_of_tag, selected, targets, n_templates):
+        self.images, self.tokens, self.tag_prompts = images, tokens, tag_prompts
+        self.sample_of_tag, self.uniq_of_tag, self.selected, self.targets = (sample_of_tag, uniq_of_tag, selected,
+                                                                             targets)
+        self.n_templates = n_templates
+
+
+def make_batch(items: list[TrainItem], bundle, config: DistillConfig, pool: ThreadPoolExecutor) -> Batch | None:
+    """Decode and normalise the images, tokenise captions and the batch's distinct tags, stack the target maps
+    (at the pseudo-labels' grid; resized to the model's in `losses`). None when no image decodes."""
+    geo, mean, std = _geometry_and_norm(bundle.preprocess)
+    dev = bundle.device
+
+    def decode(item: TrainItem):
+        try:
+            return torch.from_numpy(np.asarray(geo(item.sample.image()), dtype=np.uint8).copy()).permute(2, 0, 1)
+        except ImageDecodeError as exc:
+            log.warning("sample %s skipped: %s", item.key, exc)
+            return None
+
+    images = list(pool.map(decode, items))
+    keep = [i for i, im in enumerate(images) if im is not None]
+    if not keep:
+        return None
+    items = [items[i] for i in keep]
+    x = torch.stack([images[i] for i in keep]).float().div_(255.0)
+    x = ((x - mean) / std).to(dev)
+    tokens = bundle.tokenizer([it.caption for it in items]).to(dev)
+    uniq: dict[str, int] = {}
+    sample_of_tag, uniq_of_tag, selected, targets = [], [], [], []
+    grid = None
+    for b, it in enumerate(items):
+        for tag, sel, m in zip(it.tags, it.selected, it.maps):
+            sample_of_tag.append(b)
+            uniq_of_tag.append(uniq.setdefault(tag, len(uniq)))
+            selected.append(sel)
+            targets.append(m)
+            if m is not None and grid is None:
+                grid = m.shape
+    if grid is None:
+        side = bundle.image_size // bundle.patch_size
+        grid = (side, side)
+    maps = torch.zeros(len(targets), *grid)
+    for j, m in enumerate(targets):
+        if m is None:
+            continue
+        t = torch.from_numpy(m.astype(np.float32) / 255.0)
+        if t.shape != maps.shape[1:]:
+            t = F.interpolate(t[None, None], size=grid, mode="bilinear", align_corners=False)[0, 0]
+        maps[j] = t
+    prompts = [t.format(tag) for tag in uniq for t in config.templates]
+    prompt_tokens = bundle.tokenizer(prompts).to(dev) if prompts else torch.zeros(0, 1, dtype=torch.long)
+    return Batch(x, tokens, prompt_tokens, torch.tensor(sample_of_tag, dtype=torch.long, device=dev),
+                 torch.tensor(uniq_of_tag, dtype=torch.long, device=dev),
+                 torch.tensor(selected, dtype=torch.bool, device=dev), maps.to(dev), len(config.templates))
+
+
+def losses(model, batch: Batch, config: DistillConfig, clip_loss) -> dict[str, torch.Tensor]:
+    """The three terms and their weighted sum for one micro-batch."""
+    global_emb, dense = encode_image_dense(model, batch.images, config.head)
+    dense = F.normalize(dense.float(), dim=-1)
+    caption = F.normalize(_text_features(model, batch.tokens).float(), dim=-1)
+    caption_maps = torch.einsum("bhwd,bd->bhw", dense, caption)
+    out: dict[str, torch.Tensor] = {}
+    zero = caption_maps.sum() * 0.0
+    if len(batch.tag_prompts) and (config.w_tag or config.w_distill):
+        tag_emb = _text_features(model, batch.tag_prompts).float()
+        tag_emb = F.normalize(F.normalize(tag_emb, dim=-1).reshape(-1, batch.n_templates, tag_emb.shape[-1])
+                              .mean(1), dim=-1)
+        targets = batch.targets
+        if targets.shape[-2:] != dense.shape[1:3]:
+            targets = F.interpolate(targets[:, None], size=dense.shape[1:3], mode="bilinear",
+                                    align_corners=False)[:, 0]
+        tag_maps = torch.einsum("mhwd,md->mhw", dense[batch.sample_of_tag], tag_emb[batch.uniq_of_tag])
+        union, has = union_of_selected(targets, batch.sample_of_tag, batch.selected, dense.shape[0])
+        out["distill"] = distill_loss(caption_maps, union, has, scale=config.heatmap_scale, form=config.loss)
+        out["tag"] = tag_loss(tag_maps, targets, scale=config.heatmap_scale, form=config.loss)
+    else:
+        out["distill"] = out["tag"] = zero
+    if config.w_contrastive:
+        out["contrastive"] = clip_loss(F.normalize(global_emb.float(), dim=-1), caption, model.logit_scale.exp())
+    else:
+        out["contrastive"] = zero
+    out["loss"] = (config.w_distill * out["distill"] + config.w_tag * out["tag"]
+                   + config.w_contrastive * out["contrastive"])
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _save_checkpoint(folder: Path, step: int, consumed: int, fp: str, trainable: dict[str, torch.nn.Parameter],
+                     opt: torch.optim.Optimizer, log_rows: list[dict]) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in trainable.items()}
+    names = list(trainable)
+    index = {id(p): i for i, p in enumerate(trainable.values())}
+    for p, st in opt.state.items():
+        i = index[id(p)]
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    tmp = folder / "state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(folder / "state.safetensors")
+    doc = {"step": step, "consumed": consumed, "fingerprint": fp, "params": names, "log": log_rows}
+    tmp_json = folder / "state.json.tmp"
+    tmp_json.write_text(json.dumps(doc))
+    tmp_json.replace(folder / "state.json")  # written last: the checkpoint's commit point
+
+
+def _load_checkpoint(folder: Path, fp: str, trainable: dict[str, torch.nn.Parameter],
+                     opt: torch.optim.Optimizer) -> tuple[int, int, list[dict]] | None:
+    try:
+        doc = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if doc.get("fingerprint") != fp or doc.get("params") != list(trainable):
+        log.warning("checkpoint in %s belongs to another configuration: starting afresh", folder)
+        return None
+    try:
+        state = load_state_dict(folder / "state.safetensors")
+    except TTDError as exc:
+        raise TTDError(f"checkpoint {folder} is unreadable ({exc}); delete that folder to start afresh") from None
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(state[f"param.{n}"])
+    params = list(trainable.values())
+    for key, v in state.items():
+        if key.startswith("opt."):
+            _, i, k = key.split(".", 2)
+            opt.state[params[int(i)]][k] = v.to(params[int(i)].device) if k != "step" else v
+    return doc["step"], doc["consumed"], doc["log"]
+
+
+# ---------------------------------------------------------------- the stage
+
+def _data_fingerprint(store: Store, corpus_name: str) -> tuple[str, list[str]]:
+    """Fingerprint of the pseudo-labels: the committed score manifests of the corpus (fingerprint per shard)."""
+    done = sorted((m["shard"], m["fingerprint"]) for m in store.manifests("score") if m.get("corpus") == corpus_name)
+    if not done:
+        raise TTDError(f"the store has no scored shard of corpus {corpus_name!r}: run `ttd score` first")
+    return fingerprint(done), [s for s, _ in done]
+
+
+def _artefact_fingerprint(out: Path) -> str | None:
+    for name in (LORA_CONFIG, ARTEFACT_CONFIG):
+        try:
+            doc = json.loads((out / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if doc.get("kind") in ("lora", "distill"):
+            return doc.get("fingerprint")
+    return None
+
+
+def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillConfig | None = None, *,
+                model: str | None = None, pretrained: str | None = None, seed: int = 0, device: str | None = None,
+                progress: Callable[[int, dict[str, float]], None] | None = None, rank: int = 0,
+                world: int = 1) -> dict[str, Any]:
+    """Fine-tune and write the artefact at `out_uri` (a local folder); returns a summary.
+
+    Data-parallel (`world` > 1, one call per rank inside an initialised torch.distributed group, as Ray Train's
+    workers are): every rank reads the same stream and trains on its share of each batch; gradients are averaged
+    across ranks before each step, so the weights stay identical on every rank; rank 0 alone writes.
+
+    Skipped when `out_uri` already holds an artefact with this run's fingerprint. A checkpoint is written every
+    `checkpoint_every` steps under `out_uri/checkpoint/`; a re-run with the same inputs resumes from it exactly.
+    `progress(step, losses)` is called after every step."""
+    t0 = time.perf_counter()
+    config = config or DistillConfig()
+    out = Path(out_uri)
+    if "://" in out_uri and not out_uri.startswith("file://"):
+        raise TTDError("--out must be a local folder (artefacts are loaded from local paths)")
+    corpus = open_corpus(corpus_uri)
+    store = Store(store_uri)
+    data_fp, shard_names = _data_fingerprint(store, corpus.name)
+    shards = [s for s in corpus.shards() if s.name in set(shard_names)]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    bundle = load_model(model, pretrained, device=dev)
+    base = {"name": bundle.name, "pretrained": str(Path(pretrained).resolve()) if pretrained and
+            Path(pretrained).exists() else pretrained, "model_id": bundle.model_id}
+    fp = fingerprint(STAGE, STAGE_VERSION, config.result_config(), bundle.model_id, data_fp, seed)
+    if _artefact_fingerprint(out) == fp:
+        return {"artefact": str(out), "skipped": True, "fingerprint": fp, "seconds": round(time.perf_counter() - t0, 2)}
+    if out.exists() and any(out.iterdir()) and _artefact_fingerprint(out) is None \
+            and not (out / CHECKPOINT_DIR).exists():
+        raise TTDError(f"--out {out_uri!r} exists and is not a ttd distill artefact: give an empty or new folder")
+
+    net = bundle.model
+    if config.lora:
+        deltas = add_lora(net, rank=config.lora_rank, alpha=config.lora_alpha, towers=config.lora_towers,
+                          targets=config.lora_targets, last_blocks=config.lora_last_blocks, seed=seed)
+        trainable = {f"{n}.{k}": getattr(d, k) for n, d in deltas.items() for k in ("lora_A", "lora_B")}
+        groups = [{"params": list(trainable.values()), "weight_decay": config.weight_decay}]
+    else:
+        deltas = {}
+        trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
+        groups = _param_groups(net, config.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    resumed = _load_checkpoint(out / CHECKPOINT_DIR, fp, trainable, opt)
+    start, consumed, log_rows = resumed or (0, 0, [])
+    if resumed:
+        log.info("resuming %s from step %d", out, start)
+
+    stream = DistillStream(corpus, store, shards, config, seed).items(skip=consumed)
+    pool = ThreadPoolExecutor(config.decode_threads)
+    clip_loss = open_clip.ClipLoss()
+    micro = config.batch_size // config.grad_accum
+    autocast = dev.type == "cuda" and config.amp
+
+    def next_batch() -> tuple[Batch, int]:
+        nonlocal consumed
+        while True:
+            items, epoch = [], 0
+            while len(items) < micro:
+                epoch, item = next(stream)
+                consumed += 1
+                items.append(item)
+            batch = make_batch(items[rank::world], bundle, config, pool)
+            if batch is not None:
+                return batch, epoch
+
+    net.train()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if config.deterministic:  # CPU float reductions otherwise differ run to run (1e-7): resume would not be exact
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    window_t, window_n, epoch = time.perf_counter(), 0, 0
+    last: dict[str, float] = {}
+    try:
+        for step in range(start, config.steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, config)
+            opt.zero_grad(set_to_none=True)
+            sums = {"loss": 0.0, "distill": 0.0, "tag": 0.0, "contrastive": 0.0}
+            for _ in range(config.grad_accum):
+                batch, epoch = next_batch()
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                    terms = losses(net, batch, config, clip_loss)
+                (terms["loss"] / config.grad_accum).backward()
+                for k in sums:
+                    sums[k] += float(terms[k].detach()) / config.grad_accum
+                window_n += batch.images.shape[0]
+            if world > 1:
+                sums = _average_across_ranks(trainable, sums, world)
+            torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.max_grad_norm)
+            opt.step()
+            if not config.lora:
+                with torch.no_grad():
+                    net.logit_scale.clamp_(0, math.log(100))
+            last = sums
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                now = time.perf_counter()
+                log_rows.append({"step": step + 1, "epoch": float(epoch), "loss": sums["loss"],
+                                 "loss_distill": sums["distill"], "loss_tag": sums["tag"],
+                                 "loss_contrastive": sums["contrastive"], "lr": lr_at(step, config),
+                                 "samples_per_s": window_n / max(now - window_t, 1e-9)})
+                window_t, window_n = now, 0
+                log.debug("step %d %s", step + 1, sums)
+            if rank == 0 and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                _save_checkpoint(out / CHECKPOINT_DIR, step + 1, consumed, fp, trainable, opt, log_rows)
+            if progress and rank == 0:
+                progress(step + 1, sums)
+    finally:
+        pool.shutdown(wait=False)
+        torch.use_deterministic_algorithms(deterministic)
+    net.eval()
+    seconds = time.perf_counter() - t0
+    meta = {"fingerprint": fp, "base": base, "config": config.model_dump(mode="json"), "seed": seed,
+            "corpus": corpus_uri, "corpus_name": corpus.name, "store": store_uri, "data_fingerprint": data_fp,
+            "steps": config.steps, "ttd_version": __version__, "train_seconds": round(seconds, 1)}
+    result = {"artefact": str(out), "skipped": False, "fingerprint": fp, "steps": config.steps,
+              "resumed_from": start, "final": {k: round(v, 5) for k, v in last.items()}, "seconds": round(seconds, 1),
+              "world": world}
+    if rank != 0:
+        return result
+    out.mkdir(parents=True, exist_ok=True)
+    if config.lora:
+        from safetensors.torch import save_file
+
+        tmp = out / (LORA_WEIGHTS + ".tmp")
+        save_file(lora_state(deltas), str(tmp), metadata={"ttd_version": __version__})
+        tmp.replace(out / LORA_WEIGHTS)
+        spec = {"rank": config.lora_rank, "alpha": config.lora_alpha, "towers": list(config.lora_towers),
+                "targets": list(config.lora_targets), "last_blocks": config.lora_last_blocks}
+        tmp_json = out / (LORA_CONFIG + ".tmp")
+        tmp_json.write_text(json.dumps({"kind": "lora", "lora": spec, **meta}, indent=2, sort_keys=True))
+        tmp_json.replace(out / LORA_CONFIG)  # last: the artefact's commit point
+    else:
+        save_artefact(out, bundle, {"kind": "distill", **meta})
+    table = pa.Table.from_pylist(log_rows, schema=schemas.get("train_log").arrow)
+    store.commit(STAGE, {"run": fp}, fp, {"train_log": table}, stage_version=STAGE_VERSION,
+                 config={**config.result_config(), "seed": seed, "artefact": str(out)}, model_id=bundle.model_id,
+                 input_fingerprint=data_fp)
+    _remove_checkpoint(out / CHECKPOINT_DIR)
+    return result
+
+
+def _average_across_ranks(trainable: dict[str, torch.nn.Parameter], sums: dict[str, float],
+                          world: int) -> dict[str, float]:
+    """All-reduce (mean) every gradient and the logged loss terms over the data-parallel group."""
+    import torch.distributed as dist
+
+    for p in trainable.values():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+    values = torch.tensor([sums[k] for k in sums], dtype=torch.float64, device=next(iter(trainable.values())).device)
+    dist.all_reduce(values)
+    return {k: float(v) / world for k, v in zip(sums, values)}
+
+
+def _remove_checkpoint(folder: Path) -> None:
+    for name in ("state.json", "state.safetensors"):
+        try:
+            os.remove(folder / name)
+        except FileNotFoundError:
+            pass
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+
+@torch.no_grad()
+def validation_losses(corpus_uri: str, store_uri: str, config: DistillConfig | None = None, *,
+                      model: str | None = None, pretrained: str | None = None, lora: str | None = None,
+                      max_samples: int = 256, device: str | None = None) -> dict[str, float]:
+    """Mean loss terms of a model (base, or with a LoRA artefact) on a scored corpus, without training: a
+    held-out check that distillation generalises. Samples in the stream's order for seed 0."""
+    config = config or DistillConfig()
+    corpus = open_corpus(corpus_uri)
+    store = Store(store_uri)
+    _, shard_names = _data_fingerprint(store, corpus.name)
+    shards = [s for s in corpus.shards() if s.name in set(shard_names)]
+    bundle = load_model(model, pretrained, device=torch.device(device or "cpu"), lora=lora)
+    pool = ThreadPoolExecutor(config.decode_threads)
+    clip_loss = open_clip.ClipLoss()
+    totals: dict[str, float] = {}
+    n = 0
+
+    def flush(items: list[TrainItem]) -> int:
+        batch = make_batch(items, bundle, config, pool)
+        if batch is None:
+            return 0
+        terms = losses(bundle.model, batch, config, clip_loss)
+        for k, v in terms.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * batch.images.shape[0]
+        return batch.images.shape[0]
+
+    items: list[TrainItem] = []
+    for epoch, item in DistillStream(corpus, store, shards, config, 0).items():
+        if epoch > 0 or n + len(items) >= max_samples:  # one pass, at most max_samples
+            break
+        items.append(item)
+        if len(items) == config.batch_size:
+            n += flush(items)
+            items = []
+    if items:
+        n += flush(items)
+    pool.shutdown()
+    return {k: v / max(n, 1) for k, v in totals.items()} | {"samples": n}

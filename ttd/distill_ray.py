@@ -1,0 +1,63 @@
+"""`ttd distill --num-workers K`: data-parallel TTD fine-tuning through Ray Train.
+
+Each Ray Train worker runs `run_distill` as one rank of the torch.distributed group that `TorchTrainer` sets up
+(gloo on CPU, NCCL on GPUs); ranks average their gradients every step, so all of them hold the same weights and
+rank 0 writes the checkpoints, the artefact and the training log. `--out` must be a folder every worker can reach
+(local Ray: any local folder; a cluster: shared storage), and so must the corpus and the store (S3 works).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from .distill import DistillConfig, run_distill
+from .errors import TTDError
+
+
+def _worker(args: dict[str, Any]) -> None:
+    import ray.train
+    import torch
+
+    ctx = ray.train.get_context()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(args["threads"])
+    summary = run_distill(args["corpus"], args["store"], args["out"], DistillConfig(**args["config"]),
+                          model=args["model"], pretrained=args["pretrained"], seed=args["seed"], device=device,
+                          rank=ctx.get_world_rank(), world=ctx.get_world_size())
+    ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
+
+
+def run_distill_ray(corpus_uri: str, store_uri: str, out_uri: str, config: DistillConfig | None = None, *,
+                    model: str | None = None, pretrained: str | None = None, seed: int = 0, num_workers: int = 2,
+                    ray_address: str | None = None) -> dict[str, Any]:
+    """Train with `num_workers` data-parallel ranks; returns rank 0's summary (as `run_distill`)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    config = config or DistillConfig()
+    if config.batch_size % (config.grad_accum * num_workers):
+        raise TTDError(f"batch_size {config.batch_size} must be a multiple of grad_accum x num_workers "
+                       f"({config.grad_accum} x {num_workers})")
+    out = os.path.abspath(out_uri)
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, num_workers), include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
+    args = {"corpus": corpus_uri, "store": store_uri, "out": out, "config": config.model_dump(mode="json"),
+            "model": model, "pretrained": pretrained, "seed": seed, "threads": threads}
+    trainer = TorchTrainer(_worker, train_loop_config=args,
+                           scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus >= num_workers,
+                                                        resources_per_worker={"CPU": 1}),
+                           run_config=RunConfig(name="ttd-distill", storage_path=tempfile.mkdtemp(prefix="ttd-ray-")))
+    result = trainer.fit()
+    if result.error:
+        raise TTDError(f"distributed distillation failed: {result.error}")
+    return {**(result.metrics or {}), "artefact": out, "num_workers": num_workers}
