@@ -10,9 +10,11 @@ from safetensors.torch import load_file
 from ttd.distill import (
     DistillConfig,
     distill_loss,
+    raw_tag_loss,
     run_distill,
     scaled_target,
     tag_loss,
+    teacher_tag_targets,
     union_of_selected,
     validation_losses,
 )
@@ -46,6 +48,35 @@ def test_tag_loss_by_hand_and_a_zero_target_can_be_met():
     assert tag_loss(flat, torch.zeros(1, 2, 2), scale=10.0).item() == 0.0
     l1 = tag_loss(pred.detach(), targets, scale=10.0, form="l1").item()
     assert l1 == pytest.approx((0 + 2 + 1 + 4 + 0 + 0 + 0 + 2) / 8)
+
+
+def test_a_flat_map_cannot_meet_a_peaked_target_when_contrast_is_kept():
+    """Collapse guard: with the target's span floored at the teacher's range, flattening every heatmap (which
+    makes range-relative targets trivially met) leaves a loss."""
+    flat = torch.full((1, 2, 2), 0.2)
+    target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    assert tag_loss(flat, target, scale=10.0).item() == 0.0  # the collapse: met by a flat map
+    kept = tag_loss(flat, target, scale=10.0, contrast=torch.tensor([0.3])).item()
+    assert kept == pytest.approx((0.3 * 10) ** 2 / 4)  # the peak pixel must rise by the teacher's 0.3
+    # an unselected tag (contrast 0, zero target) is still met by a flat map
+    assert tag_loss(flat, torch.zeros(1, 2, 2), scale=10.0, contrast=torch.tensor([0.0])).item() == 0.0
+    has = torch.tensor([True])
+    assert distill_loss(flat, target, has, scale=10.0, contrast=torch.tensor([0.3])).item() == pytest.approx(
+        kept)
+
+
+def test_teacher_tag_targets_pin_absolute_levels():
+    """Selected: the teacher's raw map (lo + t * range); unselected: flat at the sample's background level (the
+    lowest lo of its selected tags); a sample without selected tags: no target (inf), not counted."""
+    targets = torch.tensor([[[1.0, 0.0], [0.0, 0.5]], [[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    raw = teacher_tag_targets(targets, lo=torch.tensor([-0.1, 0.0, 0.0]), contrast=torch.tensor([0.4, 0.0, 0.0]),
+                              selected=torch.tensor([True, False, False]), sample_of_tag=torch.tensor([0, 0, 1]),
+                              batch=2)
+    assert torch.allclose(raw[0], torch.tensor([[0.3, -0.1], [-0.1, 0.1]]))
+    assert torch.allclose(raw[1], torch.full((2, 2), -0.1)) and torch.isinf(raw[2]).all()
+    pred = torch.zeros(3, 2, 2)
+    # map 0: (0.3, 0.1, 0.1, 0.1) off -> x10 squared (9, 1, 1, 1); map 1: 0.1 off everywhere -> 4 x 1; map 2 skipped
+    assert raw_tag_loss(pred, raw, scale=10.0).item() == pytest.approx((9 + 1 + 1 + 1 + 4) / 8)
 
 
 def test_union_and_distill_loss_by_hand():

@@ -81,6 +81,13 @@ class DistillConfig(pydantic.BaseModel):
     w_contrastive: float = pydantic.Field(0.1, ge=0)
     loss: Literal["mse", "l1"] = "mse"
     heatmap_scale: float = pydantic.Field(10.0, gt=0, description="Raw cosine differences are multiplied by this.")
+    tag_target: Literal["teacher", "own_range"] = pydantic.Field(
+        "teacher", description="teacher: L_tag compares each tag's raw heatmap with the teacher's raw map (selected) "
+                               "or a flat map at the sample's background level, the lowest value of its selected "
+                               "tags' teacher maps (unselected); own_range: targets placed in each map's own range.")
+    keep_contrast: bool = pydantic.Field(True, description="A range-relative target with a peak spans at least the "
+                                         "least range of the sample's selected tags' teacher maps: flat maps cannot "
+                                         "meet it (no collapse).")
     threshold: float | None = pydantic.Field(None, ge=0, le=1, description="Re-select tags by pixel_score >= this "
                                              "(only tags with a stored mask can be selected); None: the score "
                                              "stage's decisions.")
@@ -88,7 +95,7 @@ class DistillConfig(pydantic.BaseModel):
     max_tags: int = pydantic.Field(24, ge=1, description="Candidates per caption used by L_tag (the first N).")
     shuffle_buffer: int = pydantic.Field(1000, ge=1)
     checkpoint_every: int = pydantic.Field(50, ge=1)
-    log_every: int = pydantic.Field(10, ge=1)
+    log_every: int = pydantic.Field(10, ge=1, description="Steps between train_log rows and progress log lines.")
     decode_threads: int = pydantic.Field(2, ge=1)
     amp: bool = pydantic.Field(True, description="bf16 autocast on GPU (ignored on CPU).")
     deterministic: bool = pydantic.Field(True, description="torch deterministic algorithms: same seed, same "
@@ -115,29 +122,58 @@ def _distance(pred: torch.Tensor, target: torch.Tensor, form: str) -> torch.Tens
     return diff.pow(2) if form == "mse" else diff.abs()
 
 
-def scaled_target(pred: torch.Tensor, target01: torch.Tensor) -> torch.Tensor:
-    """A [0, 1] target map placed into each predicted map's own range [lo, hi] (per map, no gradient)."""
+def scaled_target(pred: torch.Tensor, target01: torch.Tensor, contrast: torch.Tensor | None = None) -> torch.Tensor:
+    """A [0, 1] target map placed into each predicted map's own range: lo + t * max(hi - lo, contrast), per map,
+    without gradient. `contrast` [N] (the teacher's own range for that map) keeps a flat map from meeting a
+    target that has a peak: without it, flattening every map makes every loss zero (the collapse we measured)."""
     flat = pred.detach().flatten(-2)
-    lo = flat.amin(-1)[..., None, None]
-    hi = flat.amax(-1)[..., None, None]
-    return lo + target01 * (hi - lo)
+    lo = flat.amin(-1)
+    span = flat.amax(-1) - lo
+    if contrast is not None:
+        span = torch.maximum(span, contrast.to(span.dtype))
+    return lo[..., None, None] + target01 * span[..., None, None]
 
 
 def distill_loss(caption_maps: torch.Tensor, union: torch.Tensor, has_selected: torch.Tensor, *,
-                 scale: float, form: str = "mse") -> torch.Tensor:
+                 scale: float, form: str = "mse", contrast: torch.Tensor | None = None) -> torch.Tensor:
     """L_distill: caption heatmaps [B, h, w] against the union of their selected tags' maps [B, h, w]; samples
-    without a selected tag [B] bool do not count."""
+    without a selected tag [B] bool do not count. `contrast` [B]: the least range the caption map must span."""
     if not bool(has_selected.any()):
         return caption_maps.sum() * 0.0
     pred, union = caption_maps[has_selected], union[has_selected]
-    return _distance(pred * scale, scaled_target(pred, union) * scale, form).mean()
+    floor = contrast[has_selected] if contrast is not None else None
+    return _distance(pred * scale, scaled_target(pred, union, floor) * scale, form).mean()
 
 
-def tag_loss(tag_maps: torch.Tensor, targets: torch.Tensor, *, scale: float, form: str = "mse") -> torch.Tensor:
-    """L_tag: each tag heatmap [M, h, w] against its own normalised map, or zeros for an unselected tag."""
+def teacher_tag_targets(targets: torch.Tensor, lo: torch.Tensor, contrast: torch.Tensor, selected: torch.Tensor,
+                        sample_of_tag: torch.Tensor, batch: int) -> torch.Tensor:
+    """Raw-cosine targets for L_tag: a selected tag's teacher map (lo + t * contrast, exactly the stored map); an
+    unselected tag's flat map at its sample's background level (the lowest `lo` of the sample's selected tags).
+    Absolute levels, so an irrelevant tag cannot stay high by being flat, and a selected one cannot flatten."""
+    background = torch.full((batch,), float("inf"), device=targets.device)
+    sel = selected.nonzero().flatten()
+    background.scatter_reduce_(0, sample_of_tag[sel], lo[sel], "amin")
+    raw = lo[:, None, None] + targets * contrast[:, None, None]
+    floor = background[sample_of_tag][:, None, None].expand_as(raw)
+    return torch.where(selected[:, None, None], raw, floor)
+
+
+def raw_tag_loss(tag_maps: torch.Tensor, raw_targets: torch.Tensor, *, scale: float, form: str = "mse"
+                 ) -> torch.Tensor:
+    """L_tag against absolute (raw cosine) targets; tags of samples without any selected tag do not count."""
+    valid = torch.isfinite(raw_targets[:, 0, 0])
+    if not bool(valid.any()):
+        return tag_maps.sum() * 0.0
+    return _distance(tag_maps[valid] * scale, raw_targets[valid] * scale, form).mean()
+
+
+def tag_loss(tag_maps: torch.Tensor, targets: torch.Tensor, *, scale: float, form: str = "mse",
+             contrast: torch.Tensor | None = None) -> torch.Tensor:
+    """L_tag: each tag heatmap [M, h, w] against its own normalised map, or zeros for an unselected tag.
+    `contrast` [M]: the least range each map must span (the teacher's range for a selected tag, 0 otherwise)."""
     if tag_maps.shape[0] == 0:
         return tag_maps.sum() * 0.0
-    return _distance(tag_maps * scale, scaled_target(tag_maps, targets) * scale, form).mean()
+    return _distance(tag_maps * scale, scaled_target(tag_maps, targets, contrast) * scale, form).mean()
 
 
 def union_of_selected(targets: torch.Tensor, sample_of_tag: torch.Tensor, selected: torch.Tensor,
@@ -159,23 +195,25 @@ def union_of_selected(targets: torch.Tensor, sample_of_tag: torch.Tensor, select
 class TrainItem:
     """One training sample: image (lazy), caption, candidate tags, selections and normalised target maps."""
 
-    __slots__ = ("key", "sample", "caption", "tags", "selected", "maps")
+    __slots__ = ("key", "sample", "caption", "tags", "selected", "maps", "lo", "contrast")
 
-    def __init__(self, key, sample, caption, tags, selected, maps):
+    def __init__(self, key, sample, caption, tags, selected, maps, lo, contrast):
         self.key, self.sample, self.caption = key, sample, caption
-        self.tags, self.selected, self.maps = tags, selected, maps
+        self.tags, self.selected, self.maps, self.lo, self.contrast = tags, selected, maps, lo, contrast
 
 
 def _shard_labels(store: Store, corpus: str, shard: str, config: DistillConfig) -> dict[str, dict]:
     """key -> {caption, tags, selected, maps} for one shard, read with partition filters."""
     where = (ds.field("corpus") == corpus) & (ds.field("shard") == shard)
     rel = store.read("relevancy", columns=["key", "tag_index", "text", "pixel_score", "selected"], filter=where)
-    masks = store.read("masks", columns=["key", "tag_index", "height", "width", "heatmap"], filter=where)
+    masks = store.read("masks", columns=["key", "tag_index", "height", "width", "heatmap", "vmin", "vmax"],
+                       filter=where)
     caps = store.read("captions", columns=["key", "caption"], filter=where)
-    maps: dict[tuple[str, int], np.ndarray] = {}
-    for k, i, h, w, data in zip(*(masks[c].to_pylist() for c in ("key", "tag_index", "height", "width",
-                                                                   "heatmap"))):
-        maps[(k, i)] = np.frombuffer(data, np.uint8).reshape(h, w)  # 0..255 over its own range: min-max /255
+    maps: dict[tuple[str, int], tuple[np.ndarray, float, float]] = {}
+    for k, i, h, w, data, lo, hi in zip(*(masks[c].to_pylist() for c in ("key", "tag_index", "height", "width",
+                                                                           "heatmap", "vmin", "vmax"))):
+        # 0..255 over its own range: /255 is the min-max normalised map; hi - lo is the teacher's contrast
+        maps[(k, i)] = (np.frombuffer(data, np.uint8).reshape(h, w), float(lo), float(hi - lo))
     out: dict[str, dict] = {}
     for k, i, text, score, sel in zip(*(rel[c].to_pylist() for c in ("key", "tag_index", "text", "pixel_score",
                                                                        "selected"))):
@@ -212,7 +250,9 @@ class DistillStream:
                 tags = lab["order"][: self.config.max_tags]
                 caption = lab["caption"] or item.caption or ""
                 buffer.append(TrainItem(item.key, item, caption, [t[1] for t in tags], [t[2] for t in tags],
-                                        [t[3] for t in tags]))
+                                        [t[3][0] if t[3] else None for t in tags],
+                                        [t[3][1] if t[3] else 0.0 for t in tags],
+                                        [t[3][2] if t[3] else 0.0 for t in tags]))
                 if len(buffer) >= self.config.shuffle_buffer:
                     yield buffer.pop(int(rng.integers(len(buffer))))
         while buffer:
@@ -241,11 +281,12 @@ def _text_features(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 class Batch:
-    def __init__(self, images, tokens, tag_prompts, sample_of_tag, uniq_of_tag, selected, targets, n_templates):
+    def __init__(self, images, tokens, tag_prompts, sample_of_tag, uniq_of_tag, selected, targets, lo, contrast,
+                 n_templates):
         self.images, self.tokens, self.tag_prompts = images, tokens, tag_prompts
         self.sample_of_tag, self.uniq_of_tag, self.selected, self.targets = (sample_of_tag, uniq_of_tag, selected,
                                                                              targets)
-        self.n_templates = n_templates
+        self.lo, self.contrast, self.n_templates = lo, contrast, n_templates
 
 
 def make_batch(items: list[TrainItem], bundle, config: DistillConfig, pool: ThreadPoolExecutor) -> Batch | None:
@@ -270,14 +311,16 @@ def make_batch(items: list[TrainItem], bundle, config: DistillConfig, pool: Thre
     x = ((x - mean) / std).to(dev)
     tokens = bundle.tokenizer([it.caption for it in items]).to(dev)
     uniq: dict[str, int] = {}
-    sample_of_tag, uniq_of_tag, selected, targets = [], [], [], []
+    sample_of_tag, uniq_of_tag, selected, targets, lo, contrast = [], [], [], [], [], []
     grid = None
     for b, it in enumerate(items):
-        for tag, sel, m in zip(it.tags, it.selected, it.maps):
+        for tag, sel, m, low, c in zip(it.tags, it.selected, it.maps, it.lo, it.contrast):
             sample_of_tag.append(b)
             uniq_of_tag.append(uniq.setdefault(tag, len(uniq)))
             selected.append(sel)
             targets.append(m)
+            lo.append(low if sel else 0.0)
+            contrast.append(c if sel else 0.0)
             if m is not None and grid is None:
                 grid = m.shape
     if grid is None:
@@ -295,7 +338,9 @@ def make_batch(items: list[TrainItem], bundle, config: DistillConfig, pool: Thre
     prompt_tokens = bundle.tokenizer(prompts).to(dev) if prompts else torch.zeros(0, 1, dtype=torch.long)
     return Batch(x, tokens, prompt_tokens, torch.tensor(sample_of_tag, dtype=torch.long, device=dev),
                  torch.tensor(uniq_of_tag, dtype=torch.long, device=dev),
-                 torch.tensor(selected, dtype=torch.bool, device=dev), maps.to(dev), len(config.templates))
+                 torch.tensor(selected, dtype=torch.bool, device=dev), maps.to(dev),
+                 torch.tensor(lo, dtype=torch.float32, device=dev),
+                 torch.tensor(contrast, dtype=torch.float32, device=dev), len(config.templates))
 
 
 def losses(model, batch: Batch, config: DistillConfig, clip_loss) -> dict[str, torch.Tensor]:
@@ -316,8 +361,21 @@ def losses(model, batch: Batch, config: DistillConfig, clip_loss) -> dict[str, t
                                     align_corners=False)[:, 0]
         tag_maps = torch.einsum("mhwd,md->mhw", dense[batch.sample_of_tag], tag_emb[batch.uniq_of_tag])
         union, has = union_of_selected(targets, batch.sample_of_tag, batch.selected, dense.shape[0])
-        out["distill"] = distill_loss(caption_maps, union, has, scale=config.heatmap_scale, form=config.loss)
-        out["tag"] = tag_loss(tag_maps, targets, scale=config.heatmap_scale, form=config.loss)
+        caption_contrast = None
+        if config.keep_contrast:  # the caption map must span at least its selected tags' narrowest range
+            sel = batch.selected.nonzero().flatten()
+            caption_contrast = torch.full((dense.shape[0],), float("inf"), device=dense.device)
+            caption_contrast.scatter_reduce_(0, batch.sample_of_tag[sel], batch.contrast[sel], "amin")
+            caption_contrast = torch.where(torch.isfinite(caption_contrast), caption_contrast, 0.0)
+        out["distill"] = distill_loss(caption_maps, union, has, scale=config.heatmap_scale, form=config.loss,
+                                      contrast=caption_contrast)
+        if config.tag_target == "teacher":
+            raw = teacher_tag_targets(targets, batch.lo, batch.contrast, batch.selected, batch.sample_of_tag,
+                                      dense.shape[0])
+            out["tag"] = raw_tag_loss(tag_maps, raw, scale=config.heatmap_scale, form=config.loss)
+        else:
+            out["tag"] = tag_loss(tag_maps, targets, scale=config.heatmap_scale, form=config.loss,
+                                  contrast=batch.contrast if config.keep_contrast else None)
     else:
         out["distill"] = out["tag"] = zero
     if config.w_contrastive:
@@ -500,8 +558,10 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
                                  "loss_distill": sums["distill"], "loss_tag": sums["tag"],
                                  "loss_contrastive": sums["contrastive"], "lr": lr_at(step, config),
                                  "samples_per_s": window_n / max(now - window_t, 1e-9)})
+                log.info("step %d/%d: loss %.4f (distill %.4f, tag %.4f, contrastive %.4f), %.1f samples/s", step + 1,
+                         config.steps, sums["loss"], sums["distill"], sums["tag"], sums["contrastive"],
+                         log_rows[-1]["samples_per_s"])
                 window_t, window_n = now, 0
-                log.debug("step %d %s", step + 1, sums)
             if rank == 0 and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
                 _save_checkpoint(out / CHECKPOINT_DIR, step + 1, consumed, fp, trainable, opt, log_rows)
             if progress and rank == 0:

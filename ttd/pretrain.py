@@ -51,7 +51,9 @@ class PretrainConfig(pydantic.BaseModel):
 PRESETS: dict[str, dict[str, Any]] = {
     # a few minutes on a 2-core CPU: enough for tests and a demo to have a model that is better than random
     "quick": {"steps": 300, "batch_size": 64, "warmup_steps": 30},
-    # the embedded default base model (docs/BENCHMARKS.md says how long it takes and what it reaches)
+    # the embedded default base model shipped in the package (ttd/models/embedded): quick, stored in fp16
+    "embedded": {"steps": 300, "batch_size": 64, "warmup_steps": 30, "fp16_weights": True},
+    # a longer recipe for a stronger base model (docs/BENCHMARKS.md says how long it takes)
     "default": {},
 }
 

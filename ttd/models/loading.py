@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_MODEL = "ttd-tiny"
+# The embedded default base model: ttd-tiny pre-trained on TagMask-Synth by `ttd pretrain --preset embedded`
+# (model.json says how to reproduce it), fp16 weights, 16 MB. Used when neither a model nor weights are named.
+EMBEDDED_MODEL = Path(__file__).parent / "embedded" / "ttd-tiny-tagmask"
 ARTEFACT_CONFIG = "model.json"
 ARTEFACT_WEIGHTS = "model.safetensors"
 _registered = False
@@ -120,12 +123,14 @@ def load_model(name: str | None = None, pretrained: str | None = None, *, device
     - `pretrained` a folder written by ttd (model.json + model.safetensors): its config names the model.
     - `pretrained` a .safetensors / .pt file: weights for `name`.
     - `pretrained` a tag (e.g. `openai`): open_clip's registry (downloads where the network allows).
-    - no `pretrained`: `name` (default: the shipped `ttd-tiny`) with random weights from `seed`.
+    - no `pretrained`: `name` with random weights from `seed`; with no `name` either, the embedded base model.
     - `lora` a folder written by `ttd distill` (lora.json + lora.safetensors): its update is merged into the base
       model, which its manifest names when `name` and `pretrained` are not given; the base's identity must match.
     """
     if lora:
         return _load_with_lora(name, pretrained, device, seed, lora)
+    if name is None and pretrained is None and (EMBEDDED_MODEL / ARTEFACT_WEIGHTS).exists():
+        pretrained = str(EMBEDDED_MODEL)
     register_shipped_configs()
     device = torch.device(device)
     state = None
