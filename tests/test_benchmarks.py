@@ -25,3 +25,11 @@ def test_vit_b16_flops_match_the_published_cost():
     from gpu_score import vit_gflops
 
     assert vit_gflops(224, extra_last=False) == pytest.approx(35.1, abs=0.1)
+
+
+def test_gpu_distill_smoke_on_cpu():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_distill.py"), "--device", "cpu", "--smoke"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1].replace("NaN", "null"))
+    assert result["naive"]["samples_per_s"] > 0 and result["ours"]["samples_per_s"] > 0 and result["ratio"] > 0
