@@ -395,6 +395,26 @@ def report(
                   f"{len(result['plots'])} chart(s), {len(result['samples'])} sample(s)")
 
 
+from .cli_run import RunCommand  # noqa: E402  (light: the flow and its configs load only when `ttd run` runs)
+
+
+@app.command(cls=RunCommand)
+def run(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option(help="RUN.yaml: corpus, store, model and one section per stage "
+                                                   "(configs/demo.yaml, configs/cc3m-gpu-s3.yaml).")] = None,
+    print_config: Annotated[bool, typer.Option(help="Print the resolved settings as YAML and exit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
+) -> None:
+    """Run the pipeline as a Prefect flow: synth and pretrain when configured, then parse, score, distill and
+    evaluate. Done work is skipped (cached task results + the store's manifests); new shards are processed. Uses
+    Prefect's temporary local server, or the server at PREFECT_API_URL. Every RUN.yaml setting is also a flag named
+    by its path, e.g. score.threshold is --score-threshold."""
+    from .cli_run import run_command
+
+    run_command(ctx, config, as_json, print_config, err, out, _emit_json)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

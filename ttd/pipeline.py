@@ -1,0 +1,434 @@
+"""The pipeline behind `ttd run`, without Prefect: units of work, their cache keys, what is done, how to run one.
+
+`flows/pipeline.py` wraps these functions in Prefect tasks and decides nothing itself. Per stage:
+
+- parse and score work in **batches of shards**: consecutive shards of the corpus (by position, so a batch keeps its
+  members when new shards are appended), run by calling the stage on just those shard names. A batch's cache key is
+  a hash of (stage, store, each member's stage fingerprint), so it changes exactly when the stage would redo a
+  member: new input files, config, model or parse output. A shard still waiting for img2dataset's `_stats.json`
+  (or, for score, not parsed yet) enters the key as "waiting": when it completes, its batch runs again and the
+  stage skips the members that are done.
+- synth, pretrain, distill and evaluate are one unit each, keyed by their inputs and settings.
+
+Every unit also says whether the store already holds its output (`done`). The flow ignores a cached result for a
+unit that is not done (a store emptied while the cache survived), so the cache can only ever save work, never lose
+it; the stages themselves skip done shards by their manifests in any case.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .corpus import open_corpus
+from .errors import TTDError
+from .runconfig import RunConfig
+from .store import Store, fingerprint
+from .uri import resolve
+
+log = logging.getLogger(__name__)
+
+RESULTS_DIR = "_prefect/results"
+KEY_NAMESPACE = "ttd-run/1"  # bump to invalidate every cached task result at once
+
+
+# ---------------------------------------------------------------- units of work
+
+@dataclass
+class Batch:
+    """Consecutive shards of one stage: the unit of caching, retry and progress in the flow."""
+
+    stage: str
+    index: int
+    shards: list[str]  # runnable members (complete; for score: parsed)
+    waiting: list[str]  # members that cannot run yet
+    done: bool  # the store holds every runnable member under its current fingerprint
+    key: str
+
+    @property
+    def label(self) -> str:
+        names = self.shards or self.waiting
+        return f"{names[0]}-{names[-1]}" if len(names) > 1 else names[0]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Unit:
+    """A stage that runs as one task (synth, pretrain, distill, evaluate)."""
+
+    stage: str
+    key: str
+    done: bool
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def make_batches(stage: str, store_uri: str, members: list[tuple[str, str | None, bool]],
+                 size: int) -> list[Batch]:
+    """`members`: (shard name, fingerprint or None while it cannot run, done) in corpus order."""
+    batches = []
+    for index, start in enumerate(range(0, len(members), size)):
+        chunk = members[start:start + size]
+        key = fingerprint(KEY_NAMESPACE, stage, store_uri, [(name, fp or "waiting") for name, fp, _ in chunk])
+        runnable = [name for name, fp, _ in chunk if fp is not None]
+        waiting = [name for name, fp, _ in chunk if fp is None]
+        done = all(d for _, fp, d in chunk if fp is not None)
+        batches.append(Batch(stage, index, runnable, waiting, done, key))
+    return batches
+
+
+def _corpus(cfg: RunConfig):
+    return open_corpus(cfg.corpus, fmt=cfg.corpus_format, name=cfg.corpus_name)
+
+
+# ---------------------------------------------------------------- parse
+
+def plan_parse(cfg: RunConfig) -> list[Batch]:
+    from .parse import plan_shards
+
+    planned = plan_shards(_corpus(cfg), Store(cfg.store, create=True), cfg.parse,
+                          include_incomplete=cfg.include_incomplete)
+    members = [(p.shard.name, p.fingerprint, p.done) for p in planned]
+    return make_batches("parse", cfg.store, members, cfg.flow.shards_per_batch)
+
+
+def run_parse_batch(cfg: RunConfig, shards: list[str]) -> dict[str, Any]:
+    from .parse import run_parse
+
+    summary = run_parse(cfg.corpus, cfg.store, cfg.parse, fmt=cfg.corpus_format, name=cfg.corpus_name,
+                        include_incomplete=cfg.include_incomplete, shards=shards)
+    if summary["failed"]:  # the batch's other shards are committed; a retry redoes only these
+        raise ShardsFailed("parse", summary["failed"])
+    return jsonable(summary)
+
+
+# ---------------------------------------------------------------- score
+
+def model_id(cfg: RunConfig) -> str:
+    """The scoring model's identity (name + weights digest), as every stage fingerprints it."""
+    from .models import load_model
+
+    return load_model(cfg.model.name, cfg.model.pretrained, device="cpu").model_id
+
+
+def plan_score(cfg: RunConfig, mid: str) -> list[Batch]:
+    from .score import plan_shards
+
+    planned = plan_shards(_corpus(cfg), Store(cfg.store, create=True), cfg.score, mid,
+                          include_incomplete=cfg.include_incomplete)
+    unparsed = [p.shard.name for p in planned if p.status == "unparsed"]
+    if unparsed:
+        log.warning("%d shard(s) have no tags yet and wait for parse: %s", len(unparsed), ", ".join(unparsed[:5]))
+    members = [(p.shard.name, p.fingerprint, p.status == "done") for p in planned]
+    return make_batches("score", cfg.store, members, cfg.flow.shards_per_batch)
+
+
+def run_score_batch(cfg: RunConfig, shards: list[str]) -> dict[str, Any]:
+    from .score import run_score
+
+    return jsonable(run_score(cfg.corpus, cfg.store, cfg.score, model=cfg.model.name,
+                              pretrained=cfg.model.pretrained, ray_address=cfg.ray.address, workers=cfg.ray.workers,
+                              device=cfg.device, fmt=cfg.corpus_format, name=cfg.corpus_name,
+                              include_incomplete=cfg.include_incomplete, shards=shards))
+
+
+BATCH_RUNNERS = {"parse": run_parse_batch, "score": run_score_batch}
+
+
+# ---------------------------------------------------------------- synth and pretrain
+
+def _read_json(uri: str) -> dict | None:
+    loc = resolve(uri)
+    try:
+        with loc.fs.open(loc.path, "rb") as f:
+            doc = json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def synth_unit(cfg: RunConfig) -> Unit:
+    from .synth.generate import GENERATOR_VERSION
+
+    step = cfg.synth
+    assert step is not None
+    settings = {"train": step.train, "eval": step.eval, "pretrain": step.pretrain, "seed": step.seed,
+                "format": step.format, "config": step.config.model_dump(mode="json")}
+    key = fingerprint(KEY_NAMESPACE, "synth", step.out, GENERATOR_VERSION, settings)
+    return Unit("synth", key, synth_done(cfg))
+
+
+def synth_done(cfg: RunConfig) -> bool:
+    """`synth.out` holds a finished TagMask-Synth output of exactly these settings (synth.json is written last)."""
+    from .synth.generate import GENERATOR_VERSION
+
+    step = cfg.synth
+    assert step is not None
+    doc = _read_json(f"{step.out.rstrip('/')}/synth.json")
+    if doc is None:
+        return False
+    sizes = {name: doc.get("splits", {}).get(name, {}).get("samples", 0) for name in ("train", "eval", "pretrain")}
+    return (doc.get("generator_version") == GENERATOR_VERSION and doc.get("seed") == step.seed
+            and doc.get("output_format") == step.format
+            and doc.get("config") == json.loads(json.dumps(step.config.model_dump(mode="json")))
+            and sizes == {"train": step.train, "eval": step.eval, "pretrain": step.pretrain})
+
+
+def run_synth(cfg: RunConfig) -> dict[str, Any]:
+    """Write TagMask-Synth unless `out` already holds it (regenerating would change every shard's fingerprint)."""
+    from .synth.generate import synthesize
+
+    step = cfg.synth
+    assert step is not None
+    if synth_done(cfg):
+        log.info("TagMask-Synth at %s is already there with these settings", step.out)
+        return {"out": step.out, "skipped": True}
+    summary = synthesize(step.out, train=step.train, eval=step.eval, pretrain=step.pretrain, seed=step.seed,
+                         config=step.config, output_format=step.format)
+    return jsonable({"out": step.out, "skipped": False, **summary})
+
+
+def _shard_fingerprints(uri: str) -> list[str]:
+    try:
+        return [s.fingerprint for s in open_corpus(uri).shards()]
+    except TTDError:  # not written yet (synth runs first in the same flow): the key is computed after it
+        return []
+
+
+def pretrain_unit(cfg: RunConfig) -> Unit:
+    step = cfg.pretrain
+    assert step is not None
+    key = fingerprint(KEY_NAMESPACE, "pretrain", step.out, step.corpus, _shard_fingerprints(step.corpus),
+                      step.seed, step.config.model_dump(mode="json"))
+    return Unit("pretrain", key, pretrain_done(cfg))
+
+
+def pretrain_done(cfg: RunConfig) -> bool:
+    """`pretrain.out` holds an artefact trained with this recipe, seed and corpus."""
+    step = cfg.pretrain
+    assert step is not None
+    out = Path(step.out)
+    if not (out / "model.safetensors").is_file():
+        return False
+    doc = _read_json(str(out / "model.json")) or {}
+    return (doc.get("kind") == "pretrain" and doc.get("seed") == step.seed and doc.get("corpus") == step.corpus
+            and doc.get("config") == step.config.model_dump())
+
+
+def run_pretrain_step(cfg: RunConfig) -> dict[str, Any]:
+    from .pretrain import run_pretrain
+
+    step = cfg.pretrain
+    assert step is not None and step.corpus is not None
+    if pretrain_done(cfg):
+        log.info("base model at %s is already trained with this recipe", step.out)
+        return {"out": step.out, "skipped": True}
+    summary = run_pretrain(step.corpus, step.out, step.config, seed=step.seed, device=cfg.device)
+    return jsonable({"skipped": False, **summary})
+
+
+# ---------------------------------------------------------------- evaluate
+
+def _artefact_id(path: str | None) -> str | None:
+    """Identity of a model artefact folder: its files' names, sizes and modification times."""
+    if path is None:
+        return None
+    loc = resolve(path)
+    try:
+        files = sorted(loc.fs.find(loc.path, detail=True).items())
+    except FileNotFoundError:
+        return None
+    return fingerprint([(p.rsplit("/", 1)[-1], info.get("size"), str(info.get("mtime") or info.get("ETag")))
+                        for p, info in files])
+
+
+def evaluate_unit(cfg: RunConfig, mid: str, lora: str | None = None) -> Unit:
+    ev = cfg.evaluate
+    assert ev is not None and ev.root is not None
+    settings = {"dataset": ev.dataset, "bg_threshold": ev.bg_threshold, "max_samples": ev.max_samples,
+                "score": cfg.score.model_dump(mode="json", exclude={"batch_size", "decode_threads"})}
+    key = fingerprint(KEY_NAMESPACE, "evaluate", cfg.store, ev.root, _shard_fingerprints(ev.root), mid,
+                      _artefact_id(lora), settings)
+    try:
+        docs = Store(cfg.store).manifests("evaluate")
+    except TTDError:
+        docs = []
+    # loose on purpose: `done` only decides whether a cached result may be used, and the key already holds the rest
+    done = any(d.get("model_id", "").startswith(mid) and d.get("config", {}).get("root") == ev.root for d in docs)
+    return Unit("evaluate", key, done and lora is None, {"model_id": mid, "lora": lora})
+
+
+def run_evaluate(cfg: RunConfig, lora: str | None = None) -> dict[str, Any]:
+    from .tagmask_eval import TagmaskEvalConfig, run_tagmask_eval
+
+    ev = cfg.evaluate
+    assert ev is not None and ev.root is not None
+    config = TagmaskEvalConfig(score=cfg.score, bg_threshold=ev.bg_threshold, max_samples=ev.max_samples)
+    extra: dict[str, Any] = {}
+    if lora is not None:
+        if "lora" not in inspect.signature(run_tagmask_eval).parameters:
+            raise TTDError("this ttd's TagMask evaluation cannot load a LoRA artefact yet: leave distill disabled")
+        extra["lora"] = lora
+    result = run_tagmask_eval(ev.root, cfg.store, config, model=cfg.model.name, pretrained=cfg.model.pretrained,
+                              device=cfg.device, **extra)
+    return jsonable({"lora": lora, **result})
+
+
+# ---------------------------------------------------------------- distill (the lead finishes this step)
+
+def distill_available() -> bool:
+    return importlib.util.find_spec("ttd.distill") is not None
+
+
+def distill_unit(cfg: RunConfig, mid: str, score_batches: list[Batch]) -> Unit:
+    step = cfg.distill
+    assert step is not None and step.out is not None
+    key = fingerprint(KEY_NAMESPACE, "distill", cfg.store, step.out, mid, [b.key for b in score_batches],
+                      step.config)
+    done = _artefact_id(step.out) is not None
+    return Unit("distill", key, done)
+
+
+def run_distill_step(cfg: RunConfig) -> dict[str, Any]:
+    """TTD fine-tuning on the store's pseudo-labels; the summary's `artefact` is then evaluated."""
+    from .distill import DistillConfig, run_distill  # type: ignore[import-not-found]
+
+    step = cfg.distill
+    assert step is not None and step.out is not None
+    summary = run_distill(cfg.corpus, cfg.store, step.out, DistillConfig(**step.config), model=cfg.model.name,
+                          pretrained=cfg.model.pretrained, device=cfg.device)
+    return jsonable(summary)
+
+
+# ---------------------------------------------------------------- failures
+
+class ShardsFailed(Exception):
+    """Some shards of a batch failed as a whole (an unreadable file, a failed write); the rest are committed."""
+
+    def __init__(self, stage: str, failed: list[dict[str, Any]]):
+        self.failed = failed
+        names = ", ".join(f["shard"] for f in failed[:5])
+        super().__init__(f"{stage}: {len(failed)} shard(s) failed ({names}): {failed[0]['error']}")
+
+
+class StageFailed(TTDError):
+    """A stage of the flow failed after its retries; what it committed is kept and a re-run resumes from there."""
+
+    def __init__(self, stage: str, errors: list[BaseException]):
+        self.stage = stage
+        self.errors = errors
+        self.user_error = bool(errors) and all(isinstance(e, TTDError) for e in errors)
+        first = errors[0] if errors else None
+        what = f"{type(first).__name__}: {first}" if first is not None and not isinstance(first, TTDError) \
+            else str(first)
+        more = f" (and {len(errors) - 1} more batch(es))" if len(errors) > 1 else ""
+        hint = "" if self.user_error else "; committed shards are kept: re-run to resume"
+        super().__init__(f"stage {stage} failed: {what}{more}{hint}")
+
+
+_TRANSIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "adlfs")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth a retry: storage and network errors, a lost Ray actor or node, shards that failed as a whole. Not: a
+    user mistake (TTDError: bad URI, unknown model, schema version), or a bug (ValueError, KeyError, ...)."""
+    if isinstance(exc, TTDError):
+        return False
+    if isinstance(exc, ShardsFailed):
+        return True
+    if isinstance(exc, OSError):  # S3 and network errors arrive as OSError subclasses through fsspec
+        return not isinstance(exc, (PermissionError, IsADirectoryError, NotADirectoryError))
+    for cls in type(exc).__mro__:
+        module = cls.__module__ or ""
+        if module.startswith(_TRANSIENT_MODULES):
+            return True
+        if module.startswith("ray.") and cls.__name__ in {
+            "RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError", "ObjectLostError",
+            "OwnerDiedError", "NodeDiedError", "WorkerCrashedError", "RaySystemError", "GetTimeoutError",
+            "ObjectFetchTimedOutError", "OutOfMemoryError", "ObjectStoreFullError", "LocalRayletDiedError",
+        }:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- reports
+
+def batch_counts(stage: str, summary: dict[str, Any] | None) -> tuple[int, int]:
+    """(shards processed, shards found already done) from a batch task's summary."""
+    if not summary:
+        return 0, 0
+    return int(summary.get("done", 0)), int(summary.get("skipped_done", 0))
+
+
+def stage_report(stage: str, outcomes: list[dict[str, Any]], seconds: float,
+                 waiting: list[str] | None = None) -> dict[str, Any]:
+    """outcomes: {"batch": Batch.as_dict(), "state": Prefect state name, "result": summary or None}."""
+    processed = skipped = cached = 0
+    for o in outcomes:
+        if o["state"] == "Cached":  # the result is an earlier run's: nothing was processed now
+            p, s = 0, len(o["batch"]["shards"])
+        else:
+            p, s = batch_counts(stage, o["result"])
+        o["processed"], o["skipped"] = p, s
+        processed += p
+        skipped += s
+        cached += o["state"] == "Cached"
+    failed = [o for o in outcomes if o["state"] not in ("Completed", "Cached")]
+    if failed:
+        status = "failed"
+    elif all(o["state"] == "Cached" for o in outcomes) or processed == 0:
+        status = "already done"
+    else:
+        status = "done"
+    return {"stage": stage, "status": status, "batches": len(outcomes), "cached_batches": cached,
+            "shards_processed": processed, "shards_already_done": skipped, "waiting": list(waiting or []),
+            "seconds": round(seconds, 3), "outcomes": outcomes}
+
+
+def unit_report(stage: str, state: str, result: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+    skipped = bool(result and result.get("skipped"))
+    if state not in ("Completed", "Cached"):
+        status = "failed"
+    elif state == "Cached" or skipped:
+        status = "already done"
+    else:
+        status = "done"
+    return {"stage": stage, "status": status, "state": state, "seconds": round(seconds, 3), "result": result}
+
+
+def results_uri(cfg: RunConfig) -> str:
+    """Where the flow's task results (its cache across runs) persist by default: under the store."""
+    return f"{cfg.store.rstrip('/')}/{RESULTS_DIR}"
+
+
+def jsonable(obj: Any) -> Any:
+    """A summary as plain JSON types (numpy scalars and paths become numbers and strings)."""
+    def default(o: Any) -> Any:
+        if hasattr(o, "item"):
+            return o.item()
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        return str(o)
+
+    return json.loads(json.dumps(obj, default=default))
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+__all__ = ["Batch", "Unit", "make_batches", "plan_parse", "plan_score", "run_parse_batch", "run_score_batch",
+           "model_id", "synth_unit", "run_synth", "pretrain_unit", "run_pretrain_step", "evaluate_unit",
+           "run_evaluate", "distill_available", "distill_unit", "run_distill_step", "is_transient", "ShardsFailed",
+           "StageFailed", "stage_report", "unit_report", "results_uri", "jsonable"]
