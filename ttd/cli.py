@@ -142,6 +142,9 @@ def score(
                                                  "(ttd-tiny, ttd-micro); optional with an artefact.")] = None,
     pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag, a weights file, or a ttd "
                                                       "artefact folder (carries its own model config).")] = None,
+    lora: Annotated[str | None, typer.Option(help="LoRA artefact written by `ttd distill`: merged into the base "
+                                             "model (the one its manifest names unless --model/--pretrained).")]
+    = None,
     head: Annotated[str | None, typer.Option(help="Dense head: maskclip, sclip, clearclip or naclip.")] = None,
     threshold: Annotated[float | None, typer.Option(help="Selection threshold on the normalised score.")] = None,
     selection: Annotated[str | None, typer.Option(help="Score that selects tags: pixel (TTD), image or text.")]
@@ -177,7 +180,7 @@ def score(
             rate = bar.tasks[0].elapsed or 1e-9
             bar.update(task, advance=1, rate=f"{seen['images'] / rate:,.1f} images/s")
 
-        summary = run_score(corpus, store, cfg, model=model, pretrained=pretrained, ray_address=ray_address,
+        summary = run_score(corpus, store, cfg, model=model, pretrained=pretrained, lora=lora, ray_address=ray_address,
                             workers=workers, device=device, fmt=corpus_format, name=corpus_name, progress=step)
     if as_json:
         _emit_json(summary)
@@ -226,6 +229,74 @@ def pretrain(
                   f"{summary['seconds']} s (final loss {summary['final_loss']:.3f}): --pretrained {summary['out']}")
 
 
+@app.command()
+def distill(
+    corpus: Annotated[str, typer.Option(help="Corpus URI: the images that `ttd score` pseudo-labelled.")],
+    store: Annotated[str, typer.Option(help="Store URI holding the corpus's `relevancy` and `masks`.")],
+    out: Annotated[str, typer.Option(help="Output folder: lora.safetensors + lora.json (or a full model with "
+                                          "--full), usable as `--lora OUT` (or `--pretrained OUT`).")],
+    model: Annotated[str | None, typer.Option(help="Base model name (optional with an artefact).")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="Base weights: pretrained tag, file or ttd artefact (the "
+                                                      "model that scored the pseudo-labels).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of LoRA initialisation and data order.")] = 0,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps (default 300).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per step (default 32).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 5e-4).")] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank (default 8).")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")] = False,
+    w_distill: Annotated[float | None, typer.Option(help="Weight of L_distill (default 1).")] = None,
+    w_tag: Annotated[float | None, typer.Option(help="Weight of L_tag (default 1).")] = None,
+    w_contrastive: Annotated[float | None, typer.Option(help="Weight of the contrastive term (default 0.1); "
+                                                           "with the other two at 0: the contrastive-only "
+                                                           "control.")] = None,
+    head: Annotated[str | None, typer.Option(help="Dense head trained through (default maskclip).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML with DistillConfig fields (docs/METHOD.md); flags "
+                                                "override it.")] = None,
+    num_workers: Annotated[int, typer.Option(help="Data-parallel training workers through Ray Train (1: in "
+                                             "this process).")] = 1,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster for --num-workers > 1 (default: a local "
+                                                    "one).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """TTD fine-tuning: the caption's heatmap is pulled toward the union of its selected tags' heatmaps
+    (L_distill), each tag's heatmap toward its own or a zero map (L_tag). Resumes from its last checkpoint;
+    skipped when OUT already holds this exact run."""
+    from .config import load_yaml
+    from .distill import DistillConfig, run_distill
+
+    overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr, "lora_rank": lora_rank,
+                                   "w_distill": w_distill, "w_tag": w_tag, "w_contrastive": w_contrastive,
+                                   "head": head}.items() if v is not None}
+    if full:
+        overrides["lora"] = False
+    cfg = load_yaml(DistillConfig, config, overrides)
+    if num_workers < 1:
+        raise TTDError("--num-workers must be >= 1")
+    with _progress(not as_json) as bar:
+        task = bar.add_task("distill", total=cfg.steps, rate="")
+
+        def step(n, losses):
+            bar.update(task, completed=n, rate=f"loss {losses['loss']:.4f} (distill {losses['distill']:.4f}, "
+                                               f"tag {losses['tag']:.4f})")
+
+        if num_workers > 1:
+            from .distill_ray import run_distill_ray
+
+            summary = run_distill_ray(corpus, store, out, cfg, model=model, pretrained=pretrained, seed=seed,
+                                      num_workers=num_workers, ray_address=ray_address)
+        else:
+            summary = run_distill(corpus, store, out, cfg, model=model, pretrained=pretrained, seed=seed,
+                                  device=device, progress=step)
+    if as_json:
+        _emit_json(summary)
+    elif summary["skipped"]:
+        err.print(f"already distilled: {summary['artefact']} holds this run ({summary['fingerprint']})")
+    else:
+        err.print(f"distilled {summary['steps']} steps in {summary['seconds']} s (final losses "
+                  f"{summary['final']}): use --lora {summary['artefact']}")
+
+
 SEG_DATASETS = ("voc", "context", "coco-object", "coco-stuff", "cityscapes", "ade")
 
 
@@ -237,6 +308,9 @@ def evaluate(
     store: Annotated[str, typer.Option(help="Store URI: eval_predictions, eval_counts and metrics go here.")],
     model: Annotated[str | None, typer.Option(help="open_clip model name or shipped config.")] = None,
     pretrained: Annotated[str | None, typer.Option(help="Pretrained tag, weights file or ttd artefact folder.")]
+    = None,
+    lora: Annotated[str | None, typer.Option(help="LoRA artefact written by `ttd distill`: merged into the base "
+                                             "model (the one its manifest names unless --model/--pretrained).")]
     = None,
     head: Annotated[str | None, typer.Option(help="Dense head: maskclip, sclip, clearclip or naclip.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with the evaluation config fields.")] = None,
@@ -256,7 +330,7 @@ def evaluate(
         cfg = load_yaml(TagmaskEvalConfig, config, overrides)
         with _progress(not as_json) as bar:
             task = bar.add_task("evaluate", total=cfg.max_samples, rate="")
-            result = run_tagmask_eval(root, store, cfg, model=model, pretrained=pretrained, device=device,
+            result = run_tagmask_eval(root, store, cfg, model=model, pretrained=pretrained, lora=lora, device=device,
                                       progress=lambda n: bar.advance(task, n))
         if as_json:
             _emit_json(result)
@@ -270,7 +344,7 @@ def evaluate(
     from .segeval.cli import evaluate_segmentation_command
 
     evaluate_segmentation_command(dataset, root, store, model, pretrained, head, config, max_samples, device,
-                                  as_json)
+                                  as_json, lora=lora)
 
 
 @app.command()

@@ -58,7 +58,8 @@ class ShardScorer:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.bundle = load_model(model.get("name"), model.get("pretrained"), device=self.device)
+        self.bundle = load_model(model.get("name"), model.get("pretrained"), device=self.device,
+                                 lora=model.get("lora"))
         self.model_id = model.get("model_id") or self.bundle.model_id
         self.corpus = open_corpus(corpus["uri"], fmt=corpus["format"], name=corpus["name"],
                                   max_pixels=self.config.max_pixels)
@@ -244,6 +245,7 @@ def run_score(
     *,
     model: str | None = None,
     pretrained: str | None = None,
+    lora: str | None = None,
     ray_address: str | None = None,
     workers: int | None = None,
     device: str | None = None,
@@ -261,11 +263,11 @@ def run_score(
     store = Store(store_uri, create=True)
     store.register_corpus(corpus.name, corpus.uri, corpus.format)
     corpus_spec = {"uri": corpus.uri, "format": corpus.format, "name": corpus.name}
-    model_spec = {"name": model, "pretrained": pretrained}
+    model_spec = {"name": model, "pretrained": pretrained, "lora": lora}
     local = ShardScorer(corpus_spec, store_uri, model_spec, config.model_dump(mode="json"), device) \
         if workers == 0 else None
     # the driver loads the model once too (on CPU) to fail early with a clear error and to know its identity
-    model_id = local.model_id if local else load_model(model, pretrained, device="cpu").model_id
+    model_id = local.model_id if local else load_model(model, pretrained, device="cpu", lora=lora).model_id
     model_spec["model_id"] = model_id
     summary: dict[str, Any] = {"corpus": corpus.name, "model_id": model_id, "shards": 0, "done": 0,
                                "skipped_done": 0, "waiting": [], "unparsed": [], "images": 0, "tags": 0, "masks": 0,
