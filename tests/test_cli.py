@@ -134,3 +134,8 @@ def test_score_synth_corpus_then_answer_the_acceptance_questions(synth_pair, tmp
     out = tmp_path / "show.png"
     ttd("show", "--store", store, "--key", key["key"], "--out", str(out))
     assert out.stat().st_size > 1000
+
+
+def test_an_unknown_flag_is_one_usage_line_not_a_traceback():
+    proc = subprocess.run([*TTD, "sql", "--bogus"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "No such option: --bogus" in proc.stderr and "Traceback" not in proc.stderr
