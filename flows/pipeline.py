@@ -223,18 +223,12 @@ def ttd_pipeline(config: dict[str, Any] | None = None, config_path: str | None =
         reports["evaluate"] = _run_unit(evaluate_task, cfg, storage, lib.evaluate_unit(cfg, mid),
                                         name="evaluate-base")
     if "distill" in stages:
-        # TODO(lead): distill -> evaluate the fine-tuned artefact. Kept to this block: plan the unit from the score
-        # batches' keys, run it, then evaluate with lora=<its artefact> once run_tagmask_eval takes `lora`.
-        if not lib.distill_available():
-            logger.warning("distill is enabled but this ttd has no ttd.distill yet: skipped")
-            reports["distill"] = {"stage": "distill", "status": "unavailable", "seconds": 0.0}
-        else:
-            reports["distill"] = _run_unit(distill_task, cfg, storage, lib.distill_unit(cfg, mid, score_batches))
-            artefact = (reports["distill"]["result"] or {}).get("artefact") or cfg.distill.out
-            if "evaluate" in stages:
-                reports["evaluate_distilled"] = _run_unit(evaluate_task, cfg, storage,
-                                                          lib.evaluate_unit(cfg, mid, artefact), artefact,
-                                                          name="evaluate-distilled")
+        reports["distill"] = _run_unit(distill_task, cfg, storage, lib.distill_unit(cfg, mid, score_batches))
+        artefact = (reports["distill"]["result"] or {}).get("artefact") or cfg.distill.out
+        if "evaluate" in stages:  # the fine-tuned model, beside the base model's evaluation
+            reports["evaluate_distilled"] = _run_unit(evaluate_task, cfg, storage,
+                                                      lib.evaluate_unit(cfg, mid, artefact), artefact,
+                                                      name="evaluate-distilled")
     summary = {"name": cfg.name, "flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name,
                "corpus": cfg.corpus, "store": cfg.store, "model_id": mid, "stages": reports,
                "all_done_before": all(r["status"] == "already done" for r in reports.values()),

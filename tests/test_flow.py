@@ -343,9 +343,9 @@ def test_every_setting_is_a_flag():
 def test_example_configs_are_valid(name):
     cfg = load_run_config(ROOT / "configs" / name)
     if name == "demo.yaml":
-        assert cfg.corpus == "out/demo/synth/train" and cfg.model.pretrained == "out/demo/base"
-        assert cfg.stages() == ["synth", "pretrain", "parse", "score", "evaluate"]
-        assert cfg.evaluate.root == "out/demo/synth/eval" and cfg.pretrain.config.steps == 300  # the quick preset
+        assert cfg.corpus == "out/demo/synth/train" and cfg.model.pretrained is None  # the embedded base model
+        assert cfg.stages() == ["synth", "parse", "score", "distill", "evaluate"]
+        assert cfg.evaluate.root == "out/demo/synth/eval" and cfg.distill.out == "out/demo/ttd-lora"
     else:
         assert cfg.store.startswith("s3://") and cfg.model.name == "ViT-B-16" and cfg.ray.address == "auto"
         assert cfg.stages() == ["parse", "score", "distill", "evaluate"]

@@ -241,7 +241,7 @@ def distill(
     seed: Annotated[int, typer.Option(help="Seed of LoRA initialisation and data order.")] = 0,
     steps: Annotated[int | None, typer.Option(help="Optimiser steps (default 300).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Samples per step (default 32).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 5e-4).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 1e-4).")] = None,
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank (default 8).")] = None,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")] = False,
     w_distill: Annotated[float | None, typer.Option(help="Weight of L_distill (default 1).")] = None,
@@ -487,6 +487,42 @@ def run(
     from .cli_run import run_command
 
     run_command(ctx, config, as_json, print_config, err, out, _emit_json)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[str, typer.Option("--out", help="Folder for everything the demo makes (synth corpus, store, "
+                                                       "LoRA artefact, report); re-running reuses it.")] = "out/demo",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary (flow stages, both models' metrics, "
+                                                         "report path) as JSON on stdout.")] = False,
+) -> None:
+    """Everything on TagMask-Synth, offline, on a CPU in minutes: synthesise, parse, score (local Ray), distill
+    (TTD, LoRA) and evaluate the embedded base model against its TTD fine-tune through the Prefect flow, then write
+    the report. Ends with the base-vs-TTD table and the report's path."""
+    import time
+
+    from .cli_run import run_flow
+    from .demo import comparison_rows, comparison_text, demo_config
+    from .report import build_report
+
+    t0 = time.perf_counter()
+    cfg = demo_config(out_dir)
+    summary = run_flow(cfg, err)
+    stages = summary["stages"]
+    base = (stages.get("evaluate", {}).get("result") or {}).get("metrics") or {}
+    tuned = (stages.get("evaluate_distilled", {}).get("result") or {}).get("metrics") or {}
+    if not base or not tuned:
+        raise TTDError("the demo flow finished without both evaluations; see the log above")
+    report = build_report(cfg.store, f"{out_dir.rstrip('/')}/report", samples=4)
+    seconds = round(time.perf_counter() - t0, 1)
+    if as_json:
+        _emit_json({"seconds": seconds, "store": cfg.store, "report": report["html"], "flow": summary,
+                    "comparison": comparison_rows(base, tuned)})
+        return
+    out.print(comparison_text(base, tuned), markup=False, highlight=False)
+    err.print(f"demo finished in {seconds:.0f} s; report: {report['html']} (and report.md); store: {cfg.store} "
+              "(try `ttd sql --store " + cfg.store + " \"SELECT lemma, count(*) FROM tags GROUP BY 1 ORDER BY 2 DESC "
+              "LIMIT 10\"`)")
 
 
 def main() -> None:

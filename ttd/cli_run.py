@@ -96,17 +96,12 @@ def _stage_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
-def run_command(ctx: typer.Context, config: Path | None, as_json: bool, print_config: bool, err, out,
-                emit_json) -> None:
-    from .runconfig import load_run_config, overrides_from_flags
-
-    cfg = load_run_config(config, overrides_from_flags(ctx.meta.get(_SETTINGS, {})))
-    if print_config:
-        out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", markup=False,
-                  highlight=False)
-        return
+def run_flow(cfg, err) -> dict[str, Any]:
+    """Run the flow for this RunConfig; returns its summary, or raises typer.Exit / TTDError with one line."""
     # NOTES: the temporary server's 20 s start-up limit fails under load
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # the temporary server's telemetry write races its own start-up on SQLite ("database is locked" tracebacks)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         from flows.pipeline import run_pipeline
     except ImportError as exc:
@@ -130,6 +125,19 @@ def run_command(ctx: typer.Context, config: Path | None, as_json: bool, print_co
         err.print(f"[bold red]error:[/] flow run {state.name}: {exc!r}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     summary = state.result()
+    return summary
+
+
+def run_command(ctx: typer.Context, config: Path | None, as_json: bool, print_config: bool, err, out,
+                emit_json) -> None:
+    from .runconfig import load_run_config, overrides_from_flags
+
+    cfg = load_run_config(config, overrides_from_flags(ctx.meta.get(_SETTINGS, {})))
+    if print_config:
+        out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", markup=False,
+                  highlight=False)
+        return
+    summary = run_flow(cfg, err)
     if as_json:
         emit_json(summary)
         return

@@ -65,7 +65,8 @@ class DistillConfig(pydantic.BaseModel):
     steps: int = pydantic.Field(300, ge=1, description="Optimiser steps.")
     batch_size: int = pydantic.Field(32, ge=1, description="Samples per optimiser step (over all accumulations).")
     grad_accum: int = pydantic.Field(1, ge=1, description="Micro-batches per step (batch_size / grad_accum each).")
-    lr: float = pydantic.Field(5e-4, gt=0)
+    lr: float = pydantic.Field(1e-4, gt=0, description="Peak learning rate (5e-4 degraded pixel-tag F1 by 5 points "
+                                                       "on TagMask-Synth, docs/BENCHMARKS.md).")
     weight_decay: float = pydantic.Field(0.01, ge=0)
     warmup_steps: int = pydantic.Field(30, ge=0)
     max_grad_norm: float = pydantic.Field(1.0, gt=0)
@@ -480,7 +481,8 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     bundle = load_model(model, pretrained, device=dev)
-    base = {"name": bundle.name, "pretrained": str(Path(pretrained).resolve()) if pretrained and
+    # as given (None, None: the embedded base model), so `--lora OUT` alone reloads exactly this base
+    base = {"name": model, "pretrained": str(Path(pretrained).resolve()) if pretrained and
             Path(pretrained).exists() else pretrained, "model_id": bundle.model_id}
     fp = fingerprint(STAGE, STAGE_VERSION, config.result_config(), bundle.model_id, data_fp, seed)
     if _artefact_fingerprint(out) == fp:

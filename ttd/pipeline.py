@@ -17,8 +17,6 @@ it; the stages themselves skip done shards by their manifests in any case.
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
 import json
 import logging
 import time
@@ -273,37 +271,31 @@ def run_evaluate(cfg: RunConfig, lora: str | None = None) -> dict[str, Any]:
     config = TagmaskEvalConfig(score=cfg.score, bg_threshold=ev.bg_threshold, max_samples=ev.max_samples)
     extra: dict[str, Any] = {}
     if lora is not None:
-        if "lora" not in inspect.signature(run_tagmask_eval).parameters:
-            raise TTDError("this ttd's TagMask evaluation cannot load a LoRA artefact yet: leave distill disabled")
         extra["lora"] = lora
     result = run_tagmask_eval(ev.root, cfg.store, config, model=cfg.model.name, pretrained=cfg.model.pretrained,
                               device=cfg.device, **extra)
     return jsonable({"lora": lora, **result})
 
 
-# ---------------------------------------------------------------- distill (the lead finishes this step)
-
-def distill_available() -> bool:
-    return importlib.util.find_spec("ttd.distill") is not None
-
+# ---------------------------------------------------------------- distill
 
 def distill_unit(cfg: RunConfig, mid: str, score_batches: list[Batch]) -> Unit:
     step = cfg.distill
     assert step is not None and step.out is not None
     key = fingerprint(KEY_NAMESPACE, "distill", cfg.store, step.out, mid, [b.key for b in score_batches],
-                      step.config)
+                      step.config.result_config(), step.seed)
     done = _artefact_id(step.out) is not None
     return Unit("distill", key, done)
 
 
 def run_distill_step(cfg: RunConfig) -> dict[str, Any]:
     """TTD fine-tuning on the store's pseudo-labels; the summary's `artefact` is then evaluated."""
-    from .distill import DistillConfig, run_distill  # type: ignore[import-not-found]
+    from .distill import run_distill
 
     step = cfg.distill
     assert step is not None and step.out is not None
-    summary = run_distill(cfg.corpus, cfg.store, step.out, DistillConfig(**step.config), model=cfg.model.name,
-                          pretrained=cfg.model.pretrained, device=cfg.device)
+    summary = run_distill(cfg.corpus, cfg.store, step.out, step.config, model=cfg.model.name,
+                          pretrained=cfg.model.pretrained, seed=step.seed, device=cfg.device)
     return jsonable(summary)
 
 
@@ -430,5 +422,5 @@ class Stopwatch:
 
 __all__ = ["Batch", "Unit", "make_batches", "plan_parse", "plan_score", "run_parse_batch", "run_score_batch",
            "model_id", "synth_unit", "run_synth", "pretrain_unit", "run_pretrain_step", "evaluate_unit",
-           "run_evaluate", "distill_available", "distill_unit", "run_distill_step", "is_transient", "ShardsFailed",
+           "run_evaluate", "distill_unit", "run_distill_step", "is_transient", "ShardsFailed",
            "StageFailed", "stage_report", "unit_report", "results_uri", "jsonable"]

@@ -23,6 +23,7 @@ import pydantic
 from pydantic import Field
 
 from .config import _merge, build, load_yaml
+from .distill import DistillConfig
 from .errors import TTDError
 from .parse import ParseConfig
 from .pretrain import PRESETS as PRETRAIN_PRESETS
@@ -105,12 +106,13 @@ class EvaluateStep(_Section):
 
 
 class DistillStep(_Section):
-    """TTD fine-tuning (needs `ttd.distill`); its artefact is then evaluated like the base model."""
+    """TTD fine-tuning on the store's pseudo-labels; its LoRA artefact is then evaluated like the base model."""
 
-    enabled: bool = Field(False, description="Run distill (and evaluate its artefact) when ttd.distill exists.")
+    enabled: bool = Field(False, description="Run distill, then evaluate its artefact.")
     out: str | None = Field(None, description="LoRA artefact folder (local); default: <store>/models/ttd-lora, or "
                                               "out/<name>/ttd-lora with a remote store.")
-    config: dict[str, Any] = Field(default_factory=dict, description="DistillConfig fields (ttd.distill).")
+    seed: int = Field(0, ge=0, description="Seed of LoRA initialisation and data order.")
+    config: DistillConfig = Field(default_factory=DistillConfig, description="DistillConfig (docs/METHOD.md).")
 
 
 class FlowSettings(_Section):
