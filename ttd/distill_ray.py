@@ -8,12 +8,15 @@ rank 0 writes the checkpoints, the artefact and the training log. `--out` must b
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from .distill import DistillConfig, run_distill
 from .errors import TTDError
+from .models.loading import ARTEFACT_CONFIG, LORA_CONFIG
 
 
 def _worker(args: dict[str, Any]) -> None:
@@ -47,8 +50,9 @@ def run_distill_ray(corpus_uri: str, store_uri: str, out_uri: str, config: Disti
         if ray_address:
             ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
         else:
-            ray.init(num_cpus=max(os.cpu_count() or 1, num_workers), include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            # logical CPUs: one per worker plus Ray Train's controller, or its workers wait for a free slot
+            ray.init(num_cpus=max(os.cpu_count() or 1, num_workers + 1), include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
     args = {"corpus": corpus_uri, "store": store_uri, "out": out, "config": config.model_dump(mode="json"),
@@ -60,4 +64,6 @@ def run_distill_ray(corpus_uri: str, store_uri: str, out_uri: str, config: Disti
     result = trainer.fit()
     if result.error:
         raise TTDError(f"distributed distillation failed: {result.error}")
-    return {**(result.metrics or {}), "artefact": out, "num_workers": num_workers}
+    manifest = json.loads(Path(out, LORA_CONFIG if config.lora else ARTEFACT_CONFIG).read_text())
+    return {"artefact": out, "skipped": False, "fingerprint": manifest["fingerprint"], "steps": config.steps,
+            "num_workers": num_workers, "seconds": manifest.get("train_seconds"), "final": {}}
