@@ -28,6 +28,7 @@ from pydantic import Field
 
 from . import schemas
 from .corpus import Corpus, ReadIssue, ShardRef, ShardStats, open_corpus
+from .corpus.base import select_planned
 from .errors import TTDError
 from .nlp import english_model_id
 from .store import Store, fingerprint
@@ -401,13 +402,7 @@ def _plan(corpus: Corpus, store: Store, config: ParseConfig, model_id: str, incl
           summary: dict[str, Any], progress: Callable | None,
           shards: Collection[str] | None = None) -> list[tuple[ShardRef, str]]:
     """The shards to parse, with their fingerprints; done and waiting shards are counted in `summary`."""
-    planned = plan_shards(corpus, store, config, model_id, include_incomplete)
-    if shards is not None:
-        wanted = set(shards)
-        unknown = sorted(wanted - {p.shard.name for p in planned})
-        if unknown:
-            raise TTDError(f"corpus {corpus.name!r} has no shard(s) {', '.join(unknown[:5])}")
-        planned = [p for p in planned if p.shard.name in wanted]
+    planned = select_planned(plan_shards(corpus, store, config, model_id, include_incomplete), shards, corpus.name)
     todo = []
     for p in planned:
         summary["shards"] += 1

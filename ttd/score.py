@@ -23,7 +23,8 @@ import torch
 
 from . import schemas
 from .corpus import Corpus, ReadIssue, Sample, ShardRef, open_corpus
-from .errors import ImageDecodeError, TTDError
+from .corpus.base import select_planned
+from .errors import ImageDecodeError
 from .models import load_model
 from .models.dense import encode_image_dense
 from .relevancy import ScoreConfig, encode_tags, encode_texts, normalise, quantise, raw_scores
@@ -272,13 +273,7 @@ def run_score(
     summary: dict[str, Any] = {"corpus": corpus.name, "model_id": model_id, "shards": 0, "done": 0,
                                "skipped_done": 0, "waiting": [], "unparsed": [], "images": 0, "tags": 0, "masks": 0,
                                "errors": 0}
-    planned = plan_shards(corpus, store, config, model_id, include_incomplete)
-    if shards is not None:
-        wanted = set(shards)
-        unknown = sorted(wanted - {p.shard.name for p in planned})
-        if unknown:
-            raise TTDError(f"corpus {corpus.name!r} has no shard(s) {', '.join(unknown[:5])}")
-        planned = [p for p in planned if p.shard.name in wanted]
+    planned = select_planned(plan_shards(corpus, store, config, model_id, include_incomplete), shards, corpus.name)
     todo = []
     for p in planned:
         summary["shards"] += 1
