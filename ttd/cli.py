@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -507,6 +508,10 @@ def demo(
 
     t0 = time.perf_counter()
     cfg = demo_config(out_dir)
+    if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
+        # the demo's temporary Prefect server keeps its database beside the demo's output: a ~/.prefect left by
+        # another Prefect version cannot break it (its migrations fail on a foreign database)
+        os.environ["PREFECT_HOME"] = os.path.abspath(f"{out_dir.rstrip('/')}/.prefect")
     summary = run_flow(cfg, err)
     stages = summary["stages"]
     base = (stages.get("evaluate", {}).get("result") or {}).get("metrics") or {}
