@@ -320,21 +320,31 @@ class ParquetCorpus(_Img2datasetCorpus):
                                 files_fingerprint(self.loc, paths)))
         return out
 
-    def read_shard(self, shard: ShardRef, stats: ShardStats | None = None) -> Iterator[Sample | ReadIssue]:
-        source = self.loc.uri(shard.paths[0])
+    def _open(self, shard: ShardRef, stats: ShardStats | None, source: str):
+        """(file, ParquetFile, image column) of a shard, or the one error row for a shard that cannot be read."""
+        f = None
         try:
             f = self.loc.fs.open(shard.paths[0], "rb")
             pf = pq.ParquetFile(f)
         except Exception as exc:  # unreadable footer: the whole shard is one error row
-            yield self._issue(shard, None, "unreadable_shard", f"{type(exc).__name__}: {exc}", stats, source=source)
+            if f is not None:
+                f.close()
+            return self._issue(shard, None, "unreadable_shard", f"{type(exc).__name__}: {exc}", stats, source=source)
+        names = pf.schema_arrow.names
+        image_col = next((e for e in IMAGE_EXTS if e in names), None)
+        if image_col is None:
+            f.close()
+            return self._issue(shard, None, "missing_image", f"no image column among {names}", stats, source=source)
+        return f, pf, image_col
+
+    def read_shard(self, shard: ShardRef, stats: ShardStats | None = None) -> Iterator[Sample | ReadIssue]:
+        source = self.loc.uri(shard.paths[0])
+        opened = self._open(shard, stats, source)
+        if isinstance(opened, ReadIssue):
+            yield opened
             return
+        f, pf, image_col = opened
         with f:
-            names = pf.schema_arrow.names
-            image_col = next((e for e in IMAGE_EXTS if e in names), None)
-            if image_col is None:
-                yield self._issue(shard, None, "missing_image", f"no image column among {names}", stats,
-                                  source=source)
-                return
             try:
                 for batch in pf.iter_batches(batch_size=self.batch_rows):
                     for row in batch.to_pylist():
@@ -356,18 +366,13 @@ class ParquetCorpus(_Img2datasetCorpus):
     def read_captions(self, shard: ShardRef, stats: ShardStats | None = None) -> Iterator[Caption | ReadIssue]:
         """Only the key, status and caption columns are read: image bytes never leave the file."""
         source = self.loc.uri(shard.paths[0])
-        try:
-            f = self.loc.fs.open(shard.paths[0], "rb")
-            pf = pq.ParquetFile(f)
-        except Exception as exc:  # unreadable footer: the whole shard is one error row
-            yield self._issue(shard, None, "unreadable_shard", f"{type(exc).__name__}: {exc}", stats, source=source)
+        opened = self._open(shard, stats, source)
+        if isinstance(opened, ReadIssue):
+            yield opened
             return
+        f, pf, _ = opened
         with f:
             names = pf.schema_arrow.names
-            if not any(e in names for e in IMAGE_EXTS):
-                yield self._issue(shard, None, "missing_image", f"no image column among {names}", stats,
-                                  source=source)
-                return
             columns = [c for c in CAPTION_META_COLUMNS if c in names]
             try:
                 for batch in pf.iter_batches(batch_size=4096, columns=columns):
