@@ -250,6 +250,8 @@ def test_bad_inputs_are_clear_errors(scored, tmp_path):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(TTDError, match="not a ttd distill artefact"):
         run_distill(str(base / "synth" / "train"), store, str(tmp_path / "busy"), model="ttd-micro")
+    with pytest.raises(TTDError, match="local folder"):
+        run_distill(str(base / "synth" / "train"), store, "s3://bucket/lora", model="ttd-micro")
     with pytest.raises(TTDError, match="not a ttd LoRA artefact"):
         load_model(lora=str(tmp_path / "busy"))
 

@@ -471,9 +471,11 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
     `progress(step, losses)` is called after every step."""
     t0 = time.perf_counter()
     config = config or DistillConfig()
-    out = Path(out_uri)
-    if "://" in out_uri and not out_uri.startswith("file://"):
+    if out_uri.startswith("file://"):
+        out_uri = out_uri[len("file://"):]
+    if "://" in out_uri:
         raise TTDError("--out must be a local folder (artefacts are loaded from local paths)")
+    out = Path(out_uri)
     corpus = open_corpus(corpus_uri)
     store = Store(store_uri)
     data_fp, shard_names = _data_fingerprint(store, corpus.name)
