@@ -96,9 +96,14 @@ def task_states(flow_run_id: str) -> dict[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.monotonic() + 20
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
-    return {r.name: r.state.name for r in runs}
+        while True:  # task states reach the API asynchronously: wait until none is still in flight
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
+            if all(r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                return {r.name: r.state.name for r in runs}
+            time.sleep(0.5)
 
 
 def table_rows(store: str, table: str) -> list[dict]:
