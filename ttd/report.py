@@ -171,6 +171,12 @@ class EvalRun:
                 "metrics": self.metrics}
 
 
+def _when(iso: str) -> str:
+    """A commit time for people: to the second (manifests keep microseconds so runs committed within one second
+    still sort in commit order)."""
+    return iso[:19].replace("T", " ") if iso else "-"
+
+
 def _labels(n: int) -> list[str]:
     letters = [chr(ord("A") + i) for i in range(26)]
     return [letters[i] if n <= 26 else f"R{i + 1}" for i in range(n)]
@@ -255,7 +261,7 @@ def stage_rows(manifests: list[dict]) -> list[list[str]]:
         runs = sum(1 for m in ms if m.get("run"))
         models = sorted({m["model_id"] for m in ms if m.get("model_id")})
         out.append([stage, str(len(ms)), ", ".join(corpora) or "-", str(runs) if runs else "-",
-                    ", ".join(models) or "-", max(m.get("committed_at", "") for m in ms)])
+                    ", ".join(models) or "-", _when(max(m.get("committed_at", "") for m in ms))])
     return out
 
 
@@ -426,7 +432,7 @@ def build_report(store_uri: str, out_dir: str | Path = DEFAULT_OUT, *, samples: 
     else:
         blocks.append(TableBlock(["run", "id", "dataset", "model", "head", "samples", "evaluated"],
                                  [[r.label, r.run, r.dataset, r.model_id, r.head or "-", str(r.samples or "-"),
-                                   r.committed_at or "-"] for r in all_runs],
+                                   _when(r.committed_at)] for r in all_runs],
                                  [False, False, False, False, False, True, False]))
     if tag_runs:
         blocks.append(Heading(2, "TagMask: tag selection and caption segmentation"))

@@ -185,7 +185,7 @@ class Store:
             "rows": rows,
             "schema_versions": versions,
             "ttd_version": __version__,
-            "committed_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "committed_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds"),
         }
         self._atomic_write(self._manifest_path(stage, partition), json.dumps(doc, indent=1, sort_keys=True).encode())
         if previous:  # files the new commit no longer names are garbage now that it is visible
