@@ -246,11 +246,11 @@ def main() -> None:
         runs = [
             ("tagger", dict(tagger=True)),
             ("tagger_no_dedupe", dict(tagger=True, dedupe=False)),
-            ("no_tagger", dict(tagger=False, repeat=3)),
-            ("no_tagger_no_dedupe", dict(tagger=False, dedupe=False, repeat=3)),
+            ("no_tagger", dict(tagger=False, repeat=3)),  # deduplication off: the default without the tagger
+            ("no_tagger_dedupe", dict(tagger=False, dedupe=True, repeat=3)),
         ]
         labels = {"tagger": "stage, words + POS tags, 1 worker", "tagger_no_dedupe": "  same, deduplication off",
-                  "no_tagger": "stage, words, no tagger, 1 worker", "no_tagger_no_dedupe": "  same, deduplication off"}
+                  "no_tagger": "stage, words, no tagger, 1 worker", "no_tagger_dedupe": "  same, deduplication on"}
         for name, cfg in runs:
             r[name], summary = stage_rate(corpus, str(work / f"store-{name}"), **cfg)
             print(f"{labels[name]:<41}{r[name]:>9,.0f} captions/s  ({r[name] / r['naive']:.1f}x naive; "
@@ -266,7 +266,7 @@ def main() -> None:
               f"POS tags vs naive {r['tagger'] / r['naive']:.1f}x (target >= 3; dedupe off "
               f"{r['tagger_no_dedupe'] / r['naive']:.1f}x); "
               f"2 vs 1 worker {r['cold_2'] / r['cold_1']:.2f}x (target >= 1.7); "
-              f"no tagger {r['no_tagger']:,.0f}/s (target >= 30,000; dedupe off {r['no_tagger_no_dedupe']:,.0f}/s; "
+              f"no tagger {r['no_tagger']:,.0f}/s (target >= 30,000; dedupe on {r['no_tagger_dedupe']:,.0f}/s; "
               f"{r['no_tagger'] / r['blank_tokenizer']:.0%} of the blank tokenizer's rate, target's share "
               f"{30_000 / 169_000:.0%})")
         print(f"total {time.perf_counter() - t0:.0f} s; load average now {os.getloadavg()[0]:.2f}")

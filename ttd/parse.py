@@ -58,8 +58,10 @@ class ParseConfig(pydantic.BaseModel):
                                    description="Longer captions are cut at a word boundary and flagged.")
     batch_size: int = Field(256, ge=1, le=100_000, description="Captions per spaCy batch (nlp.pipe).")
     workers: int = Field(1, ge=1, le=512, description="Processes across shards; each loads the model once.")
-    dedupe: bool = Field(True, description="Parse each distinct caption once per shard (and recent ones across "
-                                           "shards). Off only to measure what deduplication saves.")
+    dedupe: bool | None = Field(None, description="Parse each distinct caption once per shard (and recent ones "
+                                                  "across shards). Default: on with the tagger; off without it, "
+                                                  "where finding duplicates costs more than tokenising them "
+                                                  "(measured: 17,000 vs 19,700 captions/s).")
     cache_size: int = Field(100_000, ge=0, description="Distinct captions remembered across shards per process.")
 
     @pydantic.model_validator(mode="after")
@@ -69,12 +71,16 @@ class ParseConfig(pydantic.BaseModel):
                              "words or content")
         return self
 
+    @property
+    def deduplicate(self) -> bool:
+        return self.tagger if self.dedupe is None else self.dedupe
+
     def output_config(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in OUTPUT_FIELDS}
 
     def parser(self) -> CaptionParser:
         return CaptionParser(self.policy, tagger=self.tagger, compounds=self.compounds, noun_pairs=self.noun_pairs,
-                             batch_size=self.batch_size, cache_size=self.cache_size if self.dedupe else 0)
+                             batch_size=self.batch_size, cache_size=self.cache_size if self.deduplicate else 0)
 
 
 @dataclass
@@ -197,7 +203,7 @@ def _parse_shard(corpus: Corpus, shard: ShardRef, parser: CaptionParser, config:
     todo = [i for i, c in enumerate(cleans) if not c.empty]
     before = parser.parsed
     sample_text = np.full(len(cleans), -1, dtype=np.int64)
-    if config.dedupe:  # each distinct caption once (the tagger path also remembers recent ones across shards)
+    if config.deduplicate:  # each distinct caption once (the tagger path also remembers recent ones across shards)
         distinct: dict[str, int] = {}
         for i in todo:
             sample_text[i] = distinct.setdefault(cleans[i].text, len(distinct))
@@ -205,7 +211,7 @@ def _parse_shard(corpus: Corpus, shard: ShardRef, parser: CaptionParser, config:
     else:
         sample_text[todo] = np.arange(len(todo))
         texts = [cleans[i].text for i in todo]
-    parsed = parser.parse_columns(texts, dedupe=config.dedupe)
+    parsed = parser.parse_columns(texts, dedupe=config.deduplicate)
     failed = np.zeros(len(cleans), dtype=bool)
     if parsed.failed:
         for i in np.flatnonzero(np.isin(sample_text, list(parsed.failed))).tolist():
