@@ -187,6 +187,7 @@ def score(
         _emit_json(summary)
     else:
         err.print(f"scored {summary['done']} shard(s), {summary['skipped_done']} already done, "
+                  f"{len(summary['claimed_elsewhere'])} held by another run, "
                   f"{len(summary['unparsed'])} not parsed yet, {len(summary['waiting'])} waiting; "
                   f"{summary['images']} images ({summary['images_per_s']} images/s), {summary['tags']} tags, "
                   f"{summary['masks']} masks, {summary['errors']} errors")
@@ -392,7 +393,7 @@ def parse(
         _emit_json(summary)
     else:
         err.print(f"parsed {summary['done']} shard(s), {summary['skipped_done']} already done, "
-                  f"{len(summary['waiting'])} waiting; {summary['captions']} captions ({summary['parsed']} "
+                  f"{len(summary['claimed_elsewhere'])} held by another run, {len(summary['waiting'])} waiting; {summary['captions']} captions ({summary['parsed']} "
                   f"distinct parsed), {summary['tags']} tags, {summary['errors']} errors, "
                   f"{summary['warnings']} warnings; {summary['captions_per_s']:,.0f} captions/s")
     if summary["failed"]:  # the others are committed; these are retried by the next run

@@ -27,6 +27,7 @@ import pydantic
 from pydantic import Field
 
 from . import schemas
+from .claims import claim
 from .corpus import Corpus, ReadIssue, ShardRef, ShardStats, open_corpus
 from .corpus.base import select_planned
 from .errors import TTDError
@@ -262,9 +263,15 @@ def _init_worker(config: dict[str, Any], corpus_uri: str, fmt: str, name: str, s
 
 def _process(corpus: Corpus, store: Store, shard: ShardRef, fp: str, parser: CaptionParser, config: ParseConfig,
              model_id: str) -> dict[str, Any]:
-    result = parse_shard(corpus, shard, parser, config)
-    commit_shard(store, shard, fp, result, config, model_id)
-    return result.as_dict()
+    """Parse and commit one shard, unless another run holds it or finished it since planning."""
+    with claim(store, STAGE, shard.partition) as holder:
+        if holder is not None:
+            return {"skipped": "claimed", "holder": holder}
+        if store.is_done(STAGE, shard.partition, fp):
+            return {"skipped": "done"}
+        result = parse_shard(corpus, shard, parser, config)
+        commit_shard(store, shard, fp, result, config, model_id)
+        return result.as_dict()
 
 
 def _work(shard: ShardRef, fp: str) -> dict[str, Any]:
@@ -355,7 +362,8 @@ def run_parse(
     model_id = english_model_id()
     summary: dict[str, Any] = {"corpus": corpus.name, "format": corpus.format, **config.output_config(),
                                "model_id": model_id, "workers": config.workers, "shards": 0, "done": 0,
-                               "skipped_done": 0, "waiting": [], "failed": [], **dict.fromkeys(_SUMMED, 0)}
+                               "skipped_done": 0, "claimed_elsewhere": [], "waiting": [], "failed": [],
+                               **dict.fromkeys(_SUMMED, 0)}
     todo = _plan(corpus, store, config, model_id, include_incomplete, summary, progress, shards)
 
     def outcome(shard: ShardRef, counts: dict[str, Any] | BaseException) -> None:
@@ -363,6 +371,15 @@ def run_parse(
             log.error("shard %s/%s failed, left for the next run: %s: %s", corpus.name, shard.name,
                       type(counts).__name__, counts)
             summary["failed"].append({"shard": shard.name, "error": f"{type(counts).__name__}: {counts}"[:500]})
+            counts = None
+        elif counts.get("skipped") == "done":  # another run committed it after this one planned
+            summary["skipped_done"] += 1
+            counts = None
+        elif counts.get("skipped") == "claimed":
+            holder = counts["holder"]
+            log.warning("shard %s/%s is being worked on by another run (%s, pid %s): skipped", corpus.name,
+                        shard.name, holder.get("machine", "?"), holder.get("pid", "?"))
+            summary["claimed_elsewhere"].append(shard.name)
             counts = None
         else:
             summary["done"] += 1

@@ -22,6 +22,7 @@ import pyarrow.dataset as ds
 import torch
 
 from . import schemas
+from .claims import claim
 from .corpus import Corpus, ReadIssue, Sample, ShardRef, open_corpus
 from .corpus.base import select_planned
 from .errors import ImageDecodeError
@@ -139,8 +140,17 @@ class ShardScorer:
         if pending:
             yield flush()
 
-    @torch.no_grad()
     def score_shard(self, shard: ShardRef, fp: str, input_fingerprint: str) -> dict[str, Any]:
+        """Score and commit one shard, unless another run holds it or finished it since planning."""
+        with claim(self.store, STAGE, shard.partition) as holder:
+            if holder is not None:
+                return {"shard": shard.name, "skipped": "claimed", "holder": holder}
+            if self.store.is_done(STAGE, shard.partition, fp):
+                return {"shard": shard.name, "skipped": "done"}
+            return self._score_shard(shard, fp, input_fingerprint)
+
+    @torch.no_grad()
+    def _score_shard(self, shard: ShardRef, fp: str, input_fingerprint: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         cfg = self.config
         by_key, captions = self._candidates(shard)
@@ -271,8 +281,8 @@ def run_score(
     model_id = local.model_id if local else load_model(model, pretrained, device="cpu", lora=lora).model_id
     model_spec["model_id"] = model_id
     summary: dict[str, Any] = {"corpus": corpus.name, "model_id": model_id, "shards": 0, "done": 0,
-                               "skipped_done": 0, "waiting": [], "unparsed": [], "images": 0, "tags": 0, "masks": 0,
-                               "errors": 0}
+                               "skipped_done": 0, "claimed_elsewhere": [], "waiting": [], "unparsed": [], "images": 0,
+                               "tags": 0, "masks": 0, "errors": 0}
     planned = select_planned(plan_shards(corpus, store, config, model_id, include_incomplete), shards, corpus.name)
     todo = []
     for p in planned:
@@ -288,6 +298,15 @@ def run_score(
                     ", ".join(summary["unparsed"][:5]))
 
     def account(result: dict) -> None:
+        if result.get("skipped") == "done":  # another run committed it after this one planned
+            summary["skipped_done"] += 1
+            return
+        if result.get("skipped") == "claimed":
+            holder = result["holder"]
+            log.warning("shard %s is being scored by another run (%s, pid %s): skipped", result["shard"],
+                        holder.get("machine", "?"), holder.get("pid", "?"))
+            summary["claimed_elsewhere"].append(result["shard"])
+            return
         summary["done"] += 1
         for k in ("images", "tags", "masks", "errors"):
             summary[k] += result[k]
