@@ -17,6 +17,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import TTDError
+from .redact import RedactingFilter
 
 app = typer.Typer(
     help="TTD (Text-Tag Self-Distillation) as a pipeline: synthesise or read image-text corpora, parse tags, score "
@@ -30,12 +31,10 @@ out = Console()
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False, show_time=False)],
-        force=True,
-    )
+    handler = RichHandler(console=err, show_path=False, show_time=False)
+    handler.addFilter(RedactingFilter())  # credentials are masked even in libraries' debug output
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[handler], force=True)
     # our own messages at INFO; libraries (open_clip logs through the root logger) only when they warn
     logging.getLogger("ttd").setLevel(logging.DEBUG if verbose else logging.INFO)
 

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -402,13 +403,20 @@ def _save_checkpoint(folder: Path, step: int, consumed: int, fp: str, trainable:
         i = index[id(p)]
         for k, v in st.items():
             tensors[f"opt.{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-    tmp = folder / "state.safetensors.tmp"
+    # A kill can land between any two writes: the tensors go to a new step-stamped file that state.json, written
+    # last, names; until then the previous state.json and the file it names are untouched.
+    tensor_file = f"state-{step:08d}.safetensors"
+    tmp = folder / f"{tensor_file}.tmp"
     save_file(tensors, str(tmp))
-    tmp.replace(folder / "state.safetensors")
-    doc = {"step": step, "consumed": consumed, "fingerprint": fp, "params": names, "log": log_rows}
+    tmp.replace(folder / tensor_file)
+    doc = {"step": step, "consumed": consumed, "fingerprint": fp, "params": names, "log": log_rows,
+           "tensors": tensor_file}
     tmp_json = folder / "state.json.tmp"
     tmp_json.write_text(json.dumps(doc))
-    tmp_json.replace(folder / "state.json")  # written last: the checkpoint's commit point
+    tmp_json.replace(folder / "state.json")  # the checkpoint's commit point
+    for old in folder.glob("state*.safetensors*"):  # earlier steps' files, and leftovers of killed writes
+        if old.name != tensor_file:
+            old.unlink(missing_ok=True)
 
 
 def _load_checkpoint(folder: Path, fp: str, trainable: dict[str, torch.nn.Parameter],
@@ -420,8 +428,12 @@ def _load_checkpoint(folder: Path, fp: str, trainable: dict[str, torch.nn.Parame
     if doc.get("fingerprint") != fp or doc.get("params") != list(trainable):
         log.warning("checkpoint in %s belongs to another configuration: starting afresh", folder)
         return None
+    tensor_file = str(doc.get("tensors", "state.safetensors"))
+    if not re.fullmatch(r"state(-\d{8})?\.safetensors", tensor_file):  # a file in this folder, nothing else
+        raise TTDError(f"checkpoint {folder}/state.json names {tensor_file!r} as its tensors; delete that folder "
+                       "to start afresh")
     try:
-        state = load_state_dict(folder / "state.safetensors")
+        state = load_state_dict(folder / tensor_file)
     except TTDError as exc:
         raise TTDError(f"checkpoint {folder} is unreadable ({exc}); delete that folder to start afresh") from None
     with torch.no_grad():
@@ -621,11 +633,8 @@ def _average_across_ranks(trainable: dict[str, torch.nn.Parameter], sums: dict[s
 
 
 def _remove_checkpoint(folder: Path) -> None:
-    for name in ("state.json", "state.safetensors"):
-        try:
-            os.remove(folder / name)
-        except FileNotFoundError:
-            pass
+    for path in [folder / "state.json", *folder.glob("state*.safetensors*"), *folder.glob("state.json.tmp")]:
+        path.unlink(missing_ok=True)
     try:
         folder.rmdir()
     except OSError:
