@@ -288,3 +288,17 @@ def test_credentials_never_logged_or_written(s3_endpoint, s3_bucket, tmp_path):
         assert value not in logged, "credential in a log line"
         assert value.encode() not in stored, "credential in the store"
         assert value.encode() not in reports, "credential in a report"
+
+
+# ---------------------------------------------------------------- memory
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_corpus():
+    """benchmarks/memory.py at test size: 10x the samples (same shard size) stays within 1.10x + 32 MiB."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "memory.py"), "--quick", "--json"],
+                          capture_output=True, text=True, timeout=900, env=env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["large"]["shards"] == 10 * result["small"]["shards"]
+    assert result["within_bound"] == {"parse": True, "score": True}
