@@ -302,3 +302,79 @@ def test_peak_memory_does_not_grow_with_the_corpus():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["large"]["shards"] == 10 * result["small"]["shards"]
     assert result["within_bound"] == {"parse": True, "score": True}
+
+
+# ---------------------------------------------------------------- bad inputs not covered elsewhere
+
+def ttd_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*TTD, *args], capture_output=True, text=True, env=env(), timeout=300)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_a_torn_manifest_is_one_clear_line(tmp_path):
+    corpus, store = str(tmp_path / "c"), tmp_path / "s"
+    build_corpus(corpus, shards=1, per_shard=2)
+    write_simple_tags(str(store), corpus)
+    manifest = next((store / "manifests" / "parse").rglob("*.json"))
+    manifest.write_text('{"stage": "parse", "fing')  # as a disk that filled up mid-write would leave it
+    line = one_error_line(ttd_cli("sql", "--store", str(store), "SELECT count(*) FROM tags"))
+    assert "is not valid JSON" in line and "delete it to redo that shard" in line
+
+
+@pytest.mark.parametrize("bad", [
+    "[unclosed",  # not YAML
+    "- a list\n- not a mapping",
+    "corpus: c\nstore: s\nscore: {threshold: 2}",  # out of range
+    "corpus: c\nstore: s\nscroe: {}",  # a misspelt section
+])
+def test_bad_run_configs_are_one_clear_line(tmp_path, bad):
+    path = tmp_path / "run.yaml"
+    path.write_text(bad)
+    one_error_line(ttd_cli("run", "--config", str(path), "--print-config"))
+
+
+def test_a_checkpoint_naming_a_file_outside_its_folder_is_refused(tmp_path):
+    from ttd.distill import _load_checkpoint
+    from ttd.errors import TTDError
+
+    weights = {"w": torch.nn.Parameter(torch.zeros(2))}
+    opt = torch.optim.AdamW(weights.values())
+    (tmp_path / "state.json").write_text(json.dumps({"step": 3, "consumed": 12, "fingerprint": "fp", "params": ["w"],
+                                                     "log": [], "tensors": "../../elsewhere.safetensors"}))
+    with pytest.raises(TTDError, match="names '../../elsewhere.safetensors'"):
+        _load_checkpoint(tmp_path, "fp", weights, opt)
+
+
+def test_garbage_and_stale_claims_are_taken_over_live_ones_respected(tmp_path):
+    from ttd.claims import claim, claim_path
+
+    store = Store(str(tmp_path / "s"), create=True)
+    part = {"corpus": "c", "shard": "00000"}
+    path = Path(claim_path(store, "score", part))
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")  # torn claim
+    with claim(store, "score", part) as holder:
+        assert holder is None  # taken over
+        with claim(store, "score", part) as other:  # a second run now finds it held by a live process
+            assert other is not None and other["pid"] == os.getpid()
+    assert not path.exists()  # released
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    from ttd.claims import _MACHINE
+
+    path.write_text(json.dumps({"owner": "x", "machine": _MACHINE, "pid": int(dead.stdout), "heartbeat": time.time(),
+                                "ttl": 600}))  # a killed run on this machine: stale at once
+    with claim(store, "score", part) as holder:
+        assert holder is None
+    path.write_text(json.dumps({"owner": "x", "machine": "other-host/boot", "pid": 1, "heartbeat": time.time() - 700,
+                                "ttl": 600}))  # another machine, silent for longer than its TTL
+    with claim(store, "score", part) as holder:
+        assert holder is None
+    path.write_text(json.dumps({"owner": "x", "machine": "other-host/boot", "pid": 1, "heartbeat": time.time(),
+                                "ttl": 600}))  # another machine, alive
+    with claim(store, "score", part) as holder:
+        assert holder is not None and holder["machine"] == "other-host/boot"
