@@ -70,7 +70,8 @@ class FaultProxy:
 
     KINDS = ("throttle", "drop", "drop_response", "cut_response", "slow")
 
-    def __init__(self, upstream: str, rates: dict[str, float], *, seed: int = 0, slow_s: tuple[float, float] = (0.2, 1.0)):
+    def __init__(self, upstream: str, rates: dict[str, float], *, seed: int = 0,
+                 slow_s: tuple[float, float] = (0.2, 1.0)):
         host, _, port = upstream.removeprefix("http://").partition(":")
         self.upstream = (host, int(port))
         self.rates = {k: float(rates.get(k, 0.0)) for k in self.KINDS}

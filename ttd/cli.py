@@ -250,7 +250,7 @@ def distill(
     w_contrastive: Annotated[float | None, typer.Option(help="Weight of the contrastive term (default 0.1); "
                                                            "with the other two at 0: the contrastive-only "
                                                            "control.")] = None,
-    head: Annotated[str | None, typer.Option(help="Dense head trained through (default maskclip).")] = None,
+    head: Annotated[str | None, typer.Option(help="Dense head trained through (default sclip).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with DistillConfig fields (docs/METHOD.md); flags "
                                                 "override it.")] = None,
     num_workers: Annotated[int, typer.Option(help="Data-parallel training workers through Ray Train (1: in "
@@ -392,7 +392,8 @@ def parse(
         _emit_json(summary)
     else:
         err.print(f"parsed {summary['done']} shard(s), {summary['skipped_done']} already done, "
-                  f"{len(summary['claimed_elsewhere'])} held by another run, {len(summary['waiting'])} waiting; {summary['captions']} captions ({summary['parsed']} "
+                  f"{len(summary['claimed_elsewhere'])} held by another run, {len(summary['waiting'])} waiting; "
+                  f"{summary['captions']} captions ({summary['parsed']} "
                   f"distinct parsed), {summary['tags']} tags, {summary['errors']} errors, "
                   f"{summary['warnings']} warnings; {summary['captions_per_s']:,.0f} captions/s")
     if summary["failed"]:  # the others are committed; these are retried by the next run

@@ -77,7 +77,9 @@ class DistillConfig(pydantic.BaseModel):
     lora_towers: tuple[Literal[TOWERS], ...] = ("visual", "text")
     lora_targets: tuple[Literal[tuple(TARGETS)], ...] = ("attn_in", "attn_out", "mlp_fc", "mlp_proj")
     lora_last_blocks: int | None = pydantic.Field(None, ge=1, description="Only the last N blocks of each tower.")
-    head: Literal[HEADS] = pydantic.Field("maskclip", description="Dense head the heatmaps are trained through.")
+    head: Literal[HEADS] = pydantic.Field("sclip", description="Dense head the heatmaps are trained through (sclip: "
+                                                               "+3.6 pixel-tag F1 over maskclip, 3 seeds; "
+                                                               "docs/BENCHMARKS.md).")
     w_distill: float = pydantic.Field(1.0, ge=0)
     w_tag: float = pydantic.Field(1.0, ge=0)
     w_contrastive: float = pydantic.Field(0.1, ge=0)
