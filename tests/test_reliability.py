@@ -98,14 +98,29 @@ def corpus12(tmp_path_factory):
     return base, corpus
 
 
-@pytest.mark.slow
-def test_score_killed_ten_times_resumes_to_the_same_tables(corpus12):
+SCORE = [*TTD, "score", "--model", "ttd-micro", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def score_reference(corpus12):
+    """An uninterrupted `ttd score` of corpus12: the tables every faulted run must reproduce."""
     base, corpus = corpus12
-    clean, killed = str(base / "score-clean"), base / "score-killed"
-    for store in (clean, str(killed)):
-        write_simple_tags(store, corpus)
-    cmd = [*TTD, "score", "--corpus", corpus, "--model", "ttd-micro", "--workers", "0"]
-    run_ok([*cmd, "--store", clean])
+    clean = str(base / "score-clean")
+    write_simple_tags(clean, corpus)
+    run_ok([*SCORE, "--corpus", corpus, "--store", clean])
+    return clean
+
+
+def tagged_store(corpus12, name: str) -> Path:
+    base, corpus = corpus12
+    write_simple_tags(str(base / name), corpus)
+    return base / name
+
+
+@pytest.mark.slow
+def test_score_killed_ten_times_resumes_to_the_same_tables(corpus12, score_reference):
+    clean, killed = score_reference, tagged_store(corpus12, "score-killed")
+    cmd = [*SCORE, "--corpus", corpus12[1]]
     points = kill_at_random_points([*cmd, "--store", str(killed)], lambda: committed(killed, "score"), 12, seed=1,
                                    slack_s=seconds_per_shard(clean, "score"))
     assert len(points) == 10 and len({p for p, _ in points}) > 3  # spread over the run, not one spot
@@ -176,13 +191,9 @@ def test_distill_killed_ten_times_resumes_to_the_same_weights(tmp_path):
 # ---------------------------------------------------------------- concurrent runs
 
 @pytest.mark.slow
-def test_two_concurrent_score_runs_do_every_shard_once(corpus12):
-    base, corpus = corpus12
-    clean, shared = str(base / "conc-clean"), base / "conc-shared"
-    for store in (clean, str(shared)):
-        write_simple_tags(store, corpus)
-    cmd = [*TTD, "score", "--corpus", corpus, "--model", "ttd-micro", "--workers", "0", "--json"]
-    run_ok([*cmd, "--store", clean])
+def test_two_concurrent_score_runs_do_every_shard_once(corpus12, score_reference):
+    clean, shared = score_reference, tagged_store(corpus12, "score-shared")
+    cmd = [*SCORE, "--corpus", corpus12[1], "--json"]
     procs = [subprocess.Popen([*cmd, "--store", str(shared)], env=env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
