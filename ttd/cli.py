@@ -512,7 +512,9 @@ def demo(
     if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
         # the demo's temporary Prefect server keeps its database beside the demo's output: a ~/.prefect left by
         # another Prefect version cannot break it (its migrations fail on a foreign database)
-        os.environ["PREFECT_HOME"] = os.path.abspath(f"{out_dir.rstrip('/')}/.prefect")
+        home = os.path.abspath(f"{out_dir.rstrip('/')}/.prefect")
+        os.makedirs(home, exist_ok=True)  # Prefect's SQLite cannot create its file in a missing folder
+        os.environ["PREFECT_HOME"] = home
     summary = run_flow(cfg, err)
     stages = summary["stages"]
     base = (stages.get("evaluate", {}).get("result") or {}).get("metrics") or {}
