@@ -107,7 +107,7 @@ class _Heartbeat:
                     log.warning("claim %s was taken over by %s; finishing anyway (commits are atomic)",
                                 self.path, current.get("machine"))
                     return
-                self.store.root.fs.pipe_file(self.path, json.dumps(self.doc).encode())
+                self.store._atomic_write(self.path, json.dumps(self.doc).encode())  # never torn for a reader
             except Exception as exc:  # a missed heartbeat only risks a takeover, never data
                 log.debug("claim heartbeat for %s failed: %s", self.path, exc)
 
