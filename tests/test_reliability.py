@@ -389,3 +389,27 @@ def test_garbage_and_stale_claims_are_taken_over_live_ones_respected(tmp_path):
                                 "ttl": 600}))  # another machine, alive
     with claim(store, "score", part) as holder:
         assert holder is not None and holder["machine"] == "other-host/boot"
+
+
+def test_stale_claims_on_committed_shards_are_cleared(tmp_path):
+    """A run killed between its commit and its claim's release leaves a claim that no later run takes over (they
+    skip the committed shard); the end of each run clears it, and nothing else."""
+    from ttd.claims import _MACHINE, claim_path, clear_stale
+
+    store = Store(str(tmp_path / "s"), create=True)
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    docs = {"00000": (dead, True), "00001": (dead, False), "00002": (os.getpid(), True)}  # pid, committed
+    for shard, (pid, committed) in docs.items():
+        part = {"corpus": "c", "shard": shard}
+        path = Path(claim_path(store, "score", part))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"owner": shard, "machine": _MACHINE, "pid": pid, "heartbeat": time.time(),
+                                    "ttl": 600}))
+        if committed:
+            Path(store._manifest_path("score", part)).parent.mkdir(parents=True, exist_ok=True)
+            Path(store._manifest_path("score", part)).write_text("{}")
+    assert clear_stale(store, "score") == 1
+    left = sorted(p.stem for p in (tmp_path / "s" / "claims").rglob("*.json"))
+    assert left == ["shard=00001", "shard=00002"]  # a shard still to do keeps it for takeover; a live one stays
+    assert clear_stale(store, "parse") == 0  # no claims of that stage at all

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import socket
 import threading
 import time
@@ -146,3 +147,32 @@ def claim(store: Store, stage: str, partition: Mapping[str, str], *, ttl: float 
                 store.root.fs.rm(path)
         except Exception as exc:  # a leftover claim goes stale; never hide the block's own error
             log.debug("could not release claim %s: %s", path, exc)
+
+
+def clear_stale(store: Store, stage: str) -> int:
+    """Remove stale claims on shards that are committed; returns how many. A run killed between its commit and its
+    release leaves such a claim, and no later run takes it over, since they all skip the committed shard.
+    One listing of the stage's claims; a claim of a shard still to do is left for the takeover above. Never raises:
+    a leftover claim is untidy, not harmful, and the run's data is already committed."""
+    fs, base = store.root.fs, store.root.join("claims", check_name(stage, "stage"))
+    removed = 0
+    try:
+        fs.invalidate_cache(base)
+        paths = [p for p in fs.find(base) if p.endswith(".json")]
+        for path in paths:
+            doc = _read(store, path)
+            manifest = store.root.join("manifests", stage, posixpath.relpath(path, base))
+            if doc is None or not is_stale(doc) or not fs.exists(manifest):
+                continue
+            try:
+                fs.rm(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    except FileNotFoundError:
+        pass
+    except Exception as exc:
+        log.warning("could not clear stale %s claims: %s", stage, exc)
+    if removed:
+        log.info("removed %d stale claim(s) on committed %s shards", removed, stage)
+    return removed

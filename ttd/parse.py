@@ -27,7 +27,7 @@ import pydantic
 from pydantic import Field
 
 from . import schemas
-from .claims import claim
+from .claims import claim, clear_stale
 from .corpus import Corpus, ReadIssue, ShardRef, ShardStats, open_corpus
 from .corpus.base import select_planned
 from .errors import TTDError
@@ -392,6 +392,7 @@ def run_parse(
         _run_pool(todo, corpus, store_uri, config, model_id, outcome)
     elif todo:
         _run_here(todo, corpus, store, config, model_id, outcome)
+    clear_stale(store, STAGE)  # a run killed between commit and release left its claim on a done shard
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["captions_per_s"] = round(summary["captions"] / summary["seconds"], 1) if summary["seconds"] else 0.0
     return summary

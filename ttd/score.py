@@ -22,7 +22,7 @@ import pyarrow.dataset as ds
 import torch
 
 from . import schemas
-from .claims import claim
+from .claims import claim, clear_stale
 from .corpus import Corpus, ReadIssue, Sample, ShardRef, open_corpus
 from .corpus.base import select_planned
 from .errors import ImageDecodeError
@@ -329,6 +329,7 @@ def run_score(
         for result in pool.map_unordered(lambda a, job: a.score_shard.remote(*job), todo):
             account(result)
         summary["workers"] = n
+    clear_stale(store, STAGE)  # a run killed between commit and release left its claim on a done shard
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["images_per_s"] = round(summary["images"] / max(summary["seconds"], 1e-9), 2)
     return summary
