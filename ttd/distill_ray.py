@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,8 @@ def run_distill_ray(corpus_uri: str, store_uri: str, out_uri: str, config: Disti
         raise TTDError(f"batch_size {config.batch_size} must be a multiple of grad_accum x num_workers "
                        f"({config.grad_accum} x {num_workers})")
     out = os.path.abspath(out_uri)
-    if not ray.is_initialized():
+    started = not ray.is_initialized()  # a Ray this call starts, it stops: a library caller keeps no stray cluster
+    if started:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if ray_address:
             ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
@@ -53,15 +55,21 @@ def run_distill_ray(corpus_uri: str, store_uri: str, out_uri: str, config: Disti
             # logical CPUs: one per worker plus Ray Train's controller, or its workers wait for a free slot
             ray.init(num_cpus=max(os.cpu_count() or 1, num_workers + 1), include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
-    args = {"corpus": corpus_uri, "store": store_uri, "out": out, "config": config.model_dump(mode="json"),
-            "model": model, "pretrained": pretrained, "seed": seed, "threads": threads}
-    trainer = TorchTrainer(_worker, train_loop_config=args,
-                           scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus >= num_workers,
-                                                        resources_per_worker={"CPU": 1}),
-                           run_config=RunConfig(name="ttd-distill", storage_path=tempfile.mkdtemp(prefix="ttd-ray-")))
-    result = trainer.fit()
+    storage = tempfile.mkdtemp(prefix="ttd-ray-")  # Ray Train's own run state; ours is the checkpoint in `out`
+    try:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
+        args = {"corpus": corpus_uri, "store": store_uri, "out": out, "config": config.model_dump(mode="json"),
+                "model": model, "pretrained": pretrained, "seed": seed, "threads": threads}
+        trainer = TorchTrainer(_worker, train_loop_config=args,
+                               scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus >= num_workers,
+                                                            resources_per_worker={"CPU": 1}),
+                               run_config=RunConfig(name="ttd-distill", storage_path=storage))
+        result = trainer.fit()
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+        if started:
+            ray.shutdown()
     if result.error:
         raise TTDError(f"distributed distillation failed: {result.error}")
     manifest = json.loads(Path(out, LORA_CONFIG if config.lora else ARTEFACT_CONFIG).read_text())
