@@ -25,7 +25,7 @@ from . import schemas
 from .claims import claim, clear_stale
 from .corpus import Corpus, ReadIssue, Sample, ShardRef, open_corpus
 from .corpus.base import select_planned
-from .errors import ImageDecodeError
+from .errors import ImageDecodeError, TTDError
 from .models import load_model
 from .models.dense import encode_image_dense
 from .relevancy import ScoreConfig, encode_tags, encode_texts, normalise, quantise, raw_scores
@@ -230,6 +230,9 @@ def plan_shards(corpus: Corpus, store: Store, config: ScoreConfig, model_id: str
     return planned
 
 
+ACTOR_RETRIES = 3  # restarts of a lost scoring actor, and retries of the shard it held
+
+
 def _ray_workers(ray_address: str | None, workers: int | None) -> tuple[int, float, int]:
     """Start or join Ray; returns (actors, gpus per actor, cpu threads per actor)."""
     import ray
@@ -323,11 +326,18 @@ def run_score(
         n, gpus, threads = _ray_workers(ray_address, workers)
         n = min(n, len(todo))
         actor_cls = ray.remote(ShardScorer)
-        actors = [actor_cls.options(num_gpus=gpus, num_cpus=threads).remote(
+        # a lost worker (preempted node, OOM kill) is restarted by Ray and its shard retried: shards are idempotent
+        actors = [actor_cls.options(num_gpus=gpus, num_cpus=threads, max_restarts=ACTOR_RETRIES,
+                                    max_task_retries=ACTOR_RETRIES).remote(
             corpus_spec, store_uri, model_spec, config.model_dump(mode="json"), device, threads) for _ in range(n)]
         pool = ActorPool(actors)
-        for result in pool.map_unordered(lambda a, job: a.score_shard.remote(*job), todo):
-            account(result)
+        try:
+            for result in pool.map_unordered(lambda a, job: a.score_shard.remote(*job), todo):
+                account(result)
+        except ray.exceptions.RayActorError as exc:
+            raise TTDError(f"a Ray scoring worker was lost and not recovered after {ACTOR_RETRIES} restarts "
+                           f"({type(exc).__name__}); {summary['done']} of {len(todo)} shard(s) were committed by "
+                           "this run and a re-run scores only the rest") from None
         summary["workers"] = n
     clear_stale(store, STAGE)  # a run killed between commit and release left its claim on a done shard
     summary["seconds"] = round(time.perf_counter() - t0, 3)
