@@ -53,7 +53,8 @@ def run_distill_ray(corpus_uri: str, store_uri: str, out_uri: str, config: Disti
             ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
         else:
             # logical CPUs: one per worker plus Ray Train's controller, or its workers wait for a free slot
-            ray.init(num_cpus=max(os.cpu_count() or 1, num_workers + 1), include_dashboard=False,
+            # address="local": a new local Ray, never one found on the machine (`ray start`, or a stale record)
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers + 1), include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
     storage = tempfile.mkdtemp(prefix="ttd-ray-")  # Ray Train's own run state; ours is the checkpoint in `out`
     try:

@@ -242,7 +242,8 @@ def _ray_workers(ray_address: str | None, workers: int | None) -> tuple[int, flo
         if ray_address:
             ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
         else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+            # address="local": a new local Ray, never one found on the machine (`ray start`, or a stale record)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
