@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import os
 import sys
+import threading
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -534,6 +538,38 @@ def demo(
 
 
 def main() -> None:
+    """The `ttd` entry point: run the command, then leave through `_leave`."""
+    try:
+        _main()
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:  # sys.exit("message"): printed, status 1, as Python does
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    _leave(code)
+
+
+def _leave(code: int) -> None:
+    """Python's own exit steps (finish non-daemon threads and executors, then the atexit handlers: Ray, logging,
+    multiprocessing), then os._exit. Skipped is only the C++ static teardown, where a native thread pool (Arrow's,
+    DuckDB's) now and then aborts the process ('terminate called without an active exception', exit -6) after the
+    command's work is committed."""
+    threading._shutdown()  # what the interpreter runs first at exit
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _main() -> None:
     try:
         app(standalone_mode=False)
     except TTDError as exc:
