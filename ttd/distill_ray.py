@@ -18,6 +18,7 @@ from typing import Any
 from .distill import DistillConfig, run_distill
 from .errors import TTDError
 from .models.loading import ARTEFACT_CONFIG, LORA_CONFIG
+from .ray_local import ensure_ray
 
 
 def _worker(args: dict[str, Any]) -> None:
@@ -46,16 +47,8 @@ def run_distill_ray(corpus_uri: str, store_uri: str, out_uri: str, config: Disti
         raise TTDError(f"batch_size {config.batch_size} must be a multiple of grad_accum x num_workers "
                        f"({config.grad_accum} x {num_workers})")
     out = os.path.abspath(out_uri)
-    started = not ray.is_initialized()  # a Ray this call starts, it stops: a library caller keeps no stray cluster
-    if started:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        if ray_address:
-            ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
-        else:
-            # logical CPUs: one per worker plus Ray Train's controller, or its workers wait for a free slot
-            # address="local": a new local Ray, never one found on the machine (`ray start`, or a stale record)
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers + 1), include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+    # logical CPUs: one per worker plus Ray Train's controller, or its workers wait for a free slot
+    started = ensure_ray(ray_address, max(os.cpu_count() or 1, num_workers + 1))  # stopped below: no stray cluster
     storage = tempfile.mkdtemp(prefix="ttd-ray-")  # Ray Train's own run state; ours is the checkpoint in `out`
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))

@@ -9,7 +9,6 @@ actors (one GPU each where GPUs exist, CPU actors otherwise); `workers=0` scores
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator
@@ -28,6 +27,7 @@ from .corpus.base import select_planned
 from .errors import ImageDecodeError, TTDError
 from .models import load_model
 from .models.dense import encode_image_dense
+from .ray_local import ensure_ray
 from .relevancy import ScoreConfig, encode_tags, encode_texts, normalise, quantise, raw_scores
 from .store import Store, fingerprint
 
@@ -237,14 +237,7 @@ def _ray_workers(ray_address: str | None, workers: int | None) -> tuple[int, flo
     """Start or join Ray; returns (actors, gpus per actor, cpu threads per actor)."""
     import ray
 
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        if ray_address:
-            ray.init(address=ray_address, log_to_driver=False, configure_logging=False)
-        else:
-            # address="local": a new local Ray, never one found on the machine (`ray start`, or a stale record)
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+    ensure_ray(ray_address)
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
     n = workers or max(gpus, 1)
