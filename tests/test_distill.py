@@ -87,6 +87,10 @@ def test_union_and_distill_loss_by_hand():
     union, has = union_of_selected(targets, sample_of_tag, selected, batch=2)
     assert union[0].tolist() == [[1.0, 0.0], [0.0, 1.0]] and has.tolist() == [True, False]
     assert union[1].abs().sum() == 0  # no selected tag: no union, and the sample does not count
+    soft = targets.clone()
+    soft[1, 1, 1] = 0.3  # the second selected map, weaker: the binarised union drops it below 0.4
+    hard, _ = union_of_selected(soft, sample_of_tag, selected, batch=2, threshold=0.4)
+    assert hard[0].tolist() == [[1.0, 0.0], [0.0, 0.0]] and hard[1].abs().sum() == 0
     caption = torch.tensor([[[0.4, 0.2], [0.2, 0.2]], [[9.0, 9.0], [9.0, 0.0]]])
     # sample 0: range [0.2, 0.4], target [0.4, 0.2, 0.2, 0.4]: only the last pixel is off by 0.2 -> (2)^2 / 4
     assert distill_loss(caption, union, has, scale=10.0).item() == pytest.approx(4 / 4)

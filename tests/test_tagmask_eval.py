@@ -3,10 +3,19 @@
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from ttd import schemas
 from ttd.metrics_sql import CAPTION_CLASS_ID, tagmask_metrics
-from ttd.tagmask_eval import caption_counts, noun_predictions, run_tagmask_eval, table_text, word_targets
+from ttd.tagmask_eval import (
+    caption_counts,
+    noun_predictions,
+    run_tagmask_eval,
+    selected_union,
+    selected_union_counts,
+    table_text,
+    word_targets,
+)
 
 
 def predictions(rows):
@@ -103,6 +112,33 @@ def test_caption_segmentation_and_coverage_by_hand():
     assert m[("caption", "caption_mfnr")] == pytest.approx(100 * 2 / 7)
     iou_fpr_fnr = sum(m[("caption", k)] for k in ("caption_miou", "caption_mfpr", "caption_mfnr"))
     assert iou_fpr_fnr == pytest.approx(100.0)
+    assert m[("caption", "coverage_best")] == pytest.approx(100.0)
+    assert m[("caption", "coverage_second")] == pytest.approx(0.0)
+
+
+def test_selected_union_is_the_distill_target_and_scored_apart_from_the_caption():
+    # three tags on a 2x2 grid, raw cosine units; the third is not selected and would cover everything
+    maps = torch.tensor([[[0.10, 0.30], [0.10, 0.10]],
+                         [[0.20, 0.20], [0.20, 0.25]],
+                         [[0.90, 0.90], [0.90, 0.80]]])
+    union = selected_union(maps, np.array([True, True, False]), (2, 2))
+    # each selected map min-max normalised on its own (tag 2: 0 at 0.20, 1 at 0.25), then the pixel-wise max
+    np.testing.assert_allclose(union, [[0.0, 1.0], [0.0, 1.0]], atol=1e-6)
+    assert selected_union(maps, np.array([False, False, False]), (2, 2)) is None
+
+    class_map = np.array([[0, 3], [5, 5]], np.uint8)  # tag 3 one pixel, tag 5 two pixels
+    mentions = [{"class_id": 3, "class_name": "dog", "visible": True},
+                {"class_id": 5, "class_name": "cat", "visible": True}]
+    row = selected_union_counts("k", union, class_map, mentions, 0.4)
+    assert (row["intersection"], row["union"], row["predicted"], row["target"]) == (2, 3, 2, 3)
+    heat = np.array([[0.0, 1.0], [0.0, 0.0]])  # the caption covers only the dog
+    rows = caption_counts("k", heat, class_map, mentions, 0.4) + [row]
+    m = as_dict(tagmask_metrics(predictions(HAND), counts([tuple(r[k] for k in (
+        "key", "class_id", "class_name", "intersection", "union", "predicted", "target")) for r in rows])))
+    assert m[("caption", "caption_miou")] == pytest.approx(100 * 1 / 3)
+    assert m[("selected_union", "caption_miou")] == pytest.approx(100 * 2 / 3)
+    assert m[("selected_union", "caption_mfnr")] == pytest.approx(100 * 1 / 3)
+    # the union row is not a tag class: coverage still ranks the dog (1/1) above the cat (0/2)
     assert m[("caption", "coverage_best")] == pytest.approx(100.0)
     assert m[("caption", "coverage_second")] == pytest.approx(0.0)
 

@@ -95,6 +95,9 @@ class DistillConfig(pydantic.BaseModel):
     threshold: float | None = pydantic.Field(None, ge=0, le=1, description="Re-select tags by pixel_score >= this "
                                              "(only tags with a stored mask can be selected); None: the score "
                                              "stage's decisions.")
+    union_threshold: float | None = pydantic.Field(
+        None, ge=0, le=1, description="Binarise the union of the selected tags' maps at this value before L_distill "
+                                      "(None: the soft union, as in the paper).")
     templates: tuple[str, ...] = ("a photo of a {}.",)
     max_tags: int = pydantic.Field(24, ge=1, description="Candidates per caption used by L_tag (the first N).")
     shuffle_buffer: int = pydantic.Field(1000, ge=1)
@@ -181,8 +184,9 @@ def tag_loss(tag_maps: torch.Tensor, targets: torch.Tensor, *, scale: float, for
 
 
 def union_of_selected(targets: torch.Tensor, sample_of_tag: torch.Tensor, selected: torch.Tensor,
-                      batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel-wise max of each sample's selected tag maps: ([B, h, w], has_selected [B])."""
+                      batch: int, threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-wise max of each sample's selected tag maps: ([B, h, w], has_selected [B]); binarised at `threshold`
+    when given (an ablation: the paper's target is the soft union)."""
     h, w = targets.shape[-2:]
     union = torch.zeros(batch, h, w, dtype=targets.dtype, device=targets.device)
     sel = selected.nonzero().flatten()
@@ -191,6 +195,8 @@ def union_of_selected(targets: torch.Tensor, sample_of_tag: torch.Tensor, select
         union.view(batch, -1).scatter_reduce_(0, sample_of_tag[sel][:, None].expand_as(flat), flat, "amax")
     has = torch.zeros(batch, dtype=torch.bool, device=targets.device)
     has[sample_of_tag[sel]] = True
+    if threshold is not None:
+        union = (union >= threshold).to(union.dtype)
     return union, has
 
 
@@ -364,7 +370,8 @@ def losses(model, batch: Batch, config: DistillConfig, clip_loss) -> dict[str, t
             targets = F.interpolate(targets[:, None], size=dense.shape[1:3], mode="bilinear",
                                     align_corners=False)[:, 0]
         tag_maps = torch.einsum("mhwd,md->mhw", dense[batch.sample_of_tag], tag_emb[batch.uniq_of_tag])
-        union, has = union_of_selected(targets, batch.sample_of_tag, batch.selected, dense.shape[0])
+        union, has = union_of_selected(targets, batch.sample_of_tag, batch.selected, dense.shape[0],
+                                       threshold=config.union_threshold)
         caption_contrast = None
         if config.keep_contrast:  # the caption map must span at least its selected tags' narrowest range
             sel = batch.selected.nonzero().flatten()

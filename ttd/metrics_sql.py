@@ -10,6 +10,8 @@ import duckdb
 import pyarrow as pa
 
 CAPTION_CLASS_ID = -1  # eval_counts rows of the caption-level mask; other rows are per ground-truth tag class
+# eval_counts rows of the union of the selected tags' heatmaps (L_distill's target) against the caption's true union
+SELECTED_UNION_CLASS_ID = -2
 
 # Word-level multi-tag classification, micro-averaged over all candidate words, per method (percent).
 TAG_CLASSIFICATION = """
@@ -48,22 +50,24 @@ SELECT method, 100.0 * avg((n_hit <= 1)::INT) AS single_tag_share, count(*) AS m
 FROM per WHERE n_true >= 2 GROUP BY method ORDER BY method
 """
 
-# Caption-level segmentation, averaged over captions: IoU, FPR = (P - TP) / union, FNR = (T - TP) / union.
-CAPTION_SEGMENTATION = f"""
+# Caption-level segmentation, averaged over captions: IoU, FPR = (P - TP) / union, FNR = (T - TP) / union; of the
+# caption heatmap's mask (CAPTION_CLASS_ID) or of the selected tags' union (SELECTED_UNION_CLASS_ID).
+def caption_segmentation_sql(class_id: int) -> str:
+    return f"""
 SELECT 100.0 * avg(intersection / nullif("union", 0)) AS caption_miou,
        100.0 * avg((predicted - intersection) / nullif("union", 0)) AS caption_mfpr,
        100.0 * avg((target - intersection) / nullif("union", 0)) AS caption_mfnr,
        count(*) AS captions
-FROM eval_counts WHERE class_id = {CAPTION_CLASS_ID} AND target > 0
+FROM eval_counts WHERE class_id = {int(class_id)} AND target > 0
 """
 
 # How much of each true tag's region the caption mask covers: best-covered vs second-best-covered tag.
-TAG_COVERAGE = f"""
+TAG_COVERAGE = """
 WITH cov AS (
   SELECT key, intersection / nullif(target, 0) AS coverage,
          row_number() OVER (PARTITION BY key ORDER BY intersection / nullif(target, 0) DESC, class_id) AS r,
          count(*) OVER (PARTITION BY key) AS n
-  FROM eval_counts WHERE class_id <> {CAPTION_CLASS_ID} AND target > 0)
+  FROM eval_counts WHERE class_id >= 0 AND target > 0)
 SELECT 100.0 * avg(CASE WHEN r = 1 THEN coverage END) AS coverage_best,
        100.0 * avg(CASE WHEN r = 2 THEN coverage END) AS coverage_second
 FROM cov WHERE n >= 2
@@ -89,9 +93,10 @@ def tagmask_metrics(predictions: pa.Table, counts: pa.Table) -> list[dict]:
         out.append({"metric": "map", "method": row["method"], "value": row["map"]})
     for row in _rows(con, SINGLE_TAG_SHARE):
         out.append({"metric": "single_tag_share", "method": row["method"], "value": row["single_tag_share"]})
-    seg = _rows(con, CAPTION_SEGMENTATION)[0]
-    for m in ("caption_miou", "caption_mfpr", "caption_mfnr"):
-        out.append({"metric": m, "method": "caption", "value": seg[m]})
+    for method, class_id in (("caption", CAPTION_CLASS_ID), ("selected_union", SELECTED_UNION_CLASS_ID)):
+        seg = _rows(con, caption_segmentation_sql(class_id))[0]
+        for m in ("caption_miou", "caption_mfpr", "caption_mfnr"):
+            out.append({"metric": m, "method": method, "value": seg[m]})
     cov = _rows(con, TAG_COVERAGE)[0]
     for m in ("coverage_best", "coverage_second"):
         out.append({"metric": m, "method": "caption", "value": cov[m]})

@@ -37,6 +37,7 @@ TAGMASK = "tagmask"
 SCORING = (("image", "image-tag"), ("text", "text-tag"), ("pixel", "pixel-tag"), ("noun", "noun parsing"))
 TAG_METRICS = (("precision", "P"), ("recall", "R"), ("f1", "F1"), ("accuracy", "Acc"), ("map", "mAP"))
 CAPTION_METRICS = (("caption_miou", "mIoU"), ("caption_mfpr", "mFPR"), ("caption_mfnr", "mFNR"))
+UNION_LABEL = "selected tags' union (L_distill target)"
 COVERAGE_METRICS = (("coverage_best", "coverage of best tag"), ("coverage_second", "coverage of second tag"))
 SEG_METRICS = (("miou", "mIoU"), ("mfpr", "mFPR"), ("mfnr", "mFNR"), ("aacc", "aAcc"), ("macc", "mAcc"))
 MAX_CURVE_POINTS = 500  # per training run; longer logs are averaged into this many buckets
@@ -321,13 +322,15 @@ def _tagmask_tables(r: EvalRun) -> list[Block]:
     for method, label in SCORING:
         m = r.metrics.get(method, {})
         rows.append([label] + [fmt(m.get(k)) for k, _ in TAG_METRICS] + [fmt(m.get("single_tag_share"))])
-    c = r.metrics.get("caption", {})
+    c, u = r.metrics.get("caption", {}), r.metrics.get("selected_union", {})
+    seg_rows = [["caption"] + [fmt(c.get(k)) for k, _ in CAPTION_METRICS + COVERAGE_METRICS]]
+    if u:  # runs before evaluate version 2 have no union row
+        seg_rows.append([UNION_LABEL] + [fmt(u.get(k)) for k, _ in CAPTION_METRICS] + ["-"] * len(COVERAGE_METRICS))
     return [
         TableBlock(["tag selection"] + [h for _, h in TAG_METRICS] + ["single-tag share"], rows,
                    [False] + [True] * (len(TAG_METRICS) + 1)),
         TableBlock(["caption heatmap"] + [h for _, h in CAPTION_METRICS] + [h for _, h in COVERAGE_METRICS],
-                   [["caption"] + [fmt(c.get(k)) for k, _ in CAPTION_METRICS + COVERAGE_METRICS]],
-                   [False] + [True] * (len(CAPTION_METRICS) + len(COVERAGE_METRICS))),
+                   seg_rows, [False] + [True] * (len(CAPTION_METRICS) + len(COVERAGE_METRICS))),
     ]
 
 
@@ -353,6 +356,8 @@ def comparison_tables(runs: list[EvalRun]) -> list[Block]:
     blocks.append(Heading(3, "Caption segmentation"))
     heads, num = _compare_headers(runs, ["metric"])
     rows = [_compare_row([h], [r.metrics.get("caption", {}).get(k) for r in runs]) for k, h in CAPTION_METRICS]
+    rows += [_compare_row([f"{h}, {UNION_LABEL}"], [r.metrics.get("selected_union", {}).get(k) for r in runs])
+             for k, h in CAPTION_METRICS if any(_ok(r.metrics.get("selected_union", {}).get(k)) for r in runs)]
     blocks.append(TableBlock(heads, rows, num))
     blocks.append(Heading(3, "Single tag bias"))
     blocks.append(Para("Single-tag share: among captions with two or more true tags, the percentage where at most "

@@ -32,7 +32,7 @@ from PIL import Image
 from . import schemas
 from .corpus import ReadIssue, open_corpus
 from .errors import ImageDecodeError, TTDError
-from .metrics_sql import CAPTION_CLASS_ID, tagmask_metrics
+from .metrics_sql import CAPTION_CLASS_ID, SELECTED_UNION_CLASS_ID, tagmask_metrics
 from .models import load_model
 from .models.dense import encode_image_dense
 from .parse import ParseConfig
@@ -43,7 +43,7 @@ from .uri import resolve
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: the selected tags' union row (SELECTED_UNION_CLASS_ID)
 METHODS = ("pixel", "image", "text")
 
 
@@ -93,21 +93,43 @@ def caption_counts(key: str, heat: np.ndarray, class_map: np.ndarray, mentions: 
     pred = heat >= threshold
     visible = sorted({m["class_id"] for m in mentions if m["visible"]})
     names = {m["class_id"]: m["class_name"] for m in mentions}
-    union_target = np.isin(class_map, visible)
-    rows = []
-    for cid, target in [(CAPTION_CLASS_ID, union_target)] + [(c, class_map == c) for c in visible]:
-        inter = int(np.count_nonzero(pred & target))
-        rows.append({"dataset": "tagmask", "key": key, "class_id": int(cid),
-                     "class_name": "<caption>" if cid == CAPTION_CLASS_ID else names[cid],
-                     "intersection": inter, "union": int(np.count_nonzero(pred | target)),
-                     "predicted": int(np.count_nonzero(pred)), "target": int(np.count_nonzero(target))})
-    return rows
+    targets = [(CAPTION_CLASS_ID, "<caption>", np.isin(class_map, visible))]
+    targets += [(c, names[c], class_map == c) for c in visible]
+    return [_count_row(key, cid, name, pred, target) for cid, name, target in targets]
+
+
+def selected_union_counts(key: str, union: np.ndarray, class_map: np.ndarray, mentions: list[dict],
+                          threshold: float) -> dict:
+    """The eval_counts row of the selected tags' union (L_distill's target) against the visible mentions' union."""
+    visible = [m["class_id"] for m in mentions if m["visible"]]
+    return _count_row(key, SELECTED_UNION_CLASS_ID, "<selected-union>", union >= threshold,
+                      np.isin(class_map, visible))
+
+
+def _count_row(key: str, class_id: int, class_name: str, pred: np.ndarray, target: np.ndarray) -> dict:
+    return {"dataset": "tagmask", "key": key, "class_id": int(class_id), "class_name": class_name,
+            "intersection": int(np.count_nonzero(pred & target)), "union": int(np.count_nonzero(pred | target)),
+            "predicted": int(np.count_nonzero(pred)), "target": int(np.count_nonzero(target))}
+
+
+def upsample(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(grid_map.float()[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def selected_union(maps: torch.Tensor, selected: np.ndarray, size: tuple[int, int]) -> np.ndarray | None:
+    """The L_distill target as `ttd distill` builds it: the pixel-wise max of the selected tags' min-max-normalised
+    heatmaps [T, gh, gw], then upsampled to the image; None when no tag is selected."""
+    if not selected.any():
+        return None
+    chosen = maps[torch.from_numpy(np.asarray(selected, dtype=bool))].flatten(1)
+    lo, hi = chosen.amin(1, keepdim=True), chosen.amax(1, keepdim=True)
+    norm = ((chosen - lo) / (hi - lo).clamp_min(1e-8)).reshape(-1, *maps.shape[1:])
+    return upsample(norm.amax(0), size).cpu().numpy()
 
 
 def caption_heatmap(dense: torch.Tensor, caption_emb: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """[gh, gw, D] patch features -> caption cosine map at image size, min-max normalised to [0, 1]."""
-    heat = torch.einsum("hwd,d->hw", F.normalize(dense.float(), dim=-1), caption_emb.float())
-    heat = F.interpolate(heat[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    heat = upsample(torch.einsum("hwd,d->hw", F.normalize(dense.float(), dim=-1), caption_emb.float()), size)
     lo, hi = heat.min(), heat.max()
     return ((heat - lo) / (hi - lo).clamp_min(1e-8)).cpu().numpy()
 
@@ -148,15 +170,18 @@ def run_tagmask_eval(root: str, store_uri: str, config: TagmaskEvalConfig | None
         for i, (s, _img) in enumerate(batch):
             ms = mentions.get(s.key, [])
             p = parsed[i]
+            union_maps = None
             if not isinstance(p, Exception) and p is not None and len(p):
                 new = sorted({t for t in p.lower if t not in emb_cache})
                 if new:
                     emb_cache.update(zip(new, encode_tags(bundle, new, cfg.templates)))
                 tag_emb = torch.stack([emb_cache[t] for t in p.lower]).to(dev)
-                raw = raw_scores(global_emb[i], dense[i], cap_emb[i].to(dev), tag_emb)[:3]
+                *raw, maps = raw_scores(global_emb[i], dense[i], cap_emb[i].to(dev), tag_emb)
                 targets = word_targets(p.char_start, p.char_end, ms)
                 for method, r in zip(METHODS, raw):
                     norm = normalise(r.cpu().numpy(), cfg.normalisation)
+                    if method == "pixel":
+                        union_maps = (maps, norm >= cfg.threshold)
                     for j in range(len(p)):
                         preds.append({"dataset": "tagmask", "key": s.key, "method": method, "word_index": j,
                                       "word": p.text[j], "score": float(norm[j]),
@@ -167,6 +192,10 @@ def run_tagmask_eval(root: str, store_uri: str, config: TagmaskEvalConfig | None
             class_map = read_mask(loc, s.key)
             heat = caption_heatmap(dense[i], cap_emb[i].to(dev), class_map.shape[:2])
             counts.extend(caption_counts(s.key, heat, class_map, ms, config.bg_threshold))
+            if union_maps is not None:
+                union = selected_union(*union_maps, class_map.shape[:2])
+                if union is not None:
+                    counts.append(selected_union_counts(s.key, union, class_map, ms, config.bg_threshold))
         if progress:
             progress(len(batch))
         batch.clear()
@@ -232,6 +261,11 @@ def table_text(metrics: dict[str, dict[str, float]]) -> str:
                  "tag {:.1f}".format(*(c.get(k, float("nan")) for k in ("caption_miou", "caption_mfpr",
                                                                          "caption_mfnr", "coverage_best",
                                                                          "coverage_second"))))
+    u = metrics.get("selected_union", {})
+    if u:
+        lines.append("selected tags' union (L_distill's target, pixel-tag selection): mIoU {:.1f}  mFPR {:.1f}  "
+                     "mFNR {:.1f}".format(*(u.get(k, float("nan")) for k in ("caption_miou", "caption_mfpr",
+                                                                              "caption_mfnr"))))
     return "\n".join(lines)
 
 
