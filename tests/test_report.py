@@ -95,6 +95,10 @@ def test_report_numbers_plots_and_samples(store_two_runs, tmp_path):
         for col, metric in enumerate(("caption_miou", "caption_mfpr", "caption_mfnr", "coverage_best",
                                       "coverage_second"), 1):
             assert float(cap[col]) == pytest.approx(m["caption"][metric], abs=0.006)
+        union = md_table_rows(part, "caption heatmap")[1]  # L_distill's target, scored like the caption
+        assert union[0].startswith("selected tags' union")
+        for col, metric in enumerate(("caption_miou", "caption_mfpr", "caption_mfnr"), 1):
+            assert float(union[col]) == pytest.approx(m["selected_union"][metric], abs=0.006)
         assert f"{m['pixel']['f1']:.2f}" in page  # the HTML page says the same
 
     # the comparison: columns A, B and B - A, for every row
@@ -111,6 +115,9 @@ def test_report_numbers_plots_and_samples(store_two_runs, tmp_path):
     cap_rows = {r[0]: r for r in md_table_rows(comp, "metric")}
     assert float(cap_rows["mIoU"][3]) == pytest.approx(mb["caption"]["caption_miou"] - ma["caption"]["caption_miou"],
                                                        abs=0.006)
+    union_miou = cap_rows["mIoU, selected tags' union (L_distill target)"]
+    assert float(union_miou[3]) == pytest.approx(mb["selected_union"]["caption_miou"]
+                                                 - ma["selected_union"]["caption_miou"], abs=0.006)
     bias = {r[0]: r for r in md_table_rows(comp, "diagnostic")}
     for key, metric in (("coverage of best tag", "coverage_best"), ("coverage of second tag", "coverage_second")):
         assert float(bias[key][3]) == pytest.approx(mb["caption"][metric] - ma["caption"][metric], abs=0.006)
