@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from ttd import schemas
-from ttd.metrics_sql import CAPTION_CLASS_ID, tagmask_metrics
+from ttd.metrics_sql import CAPTION_CLASS_ID, SELECTED_UNION_CLASS_ID, tagmask_metrics
 from ttd.tagmask_eval import (
     caption_counts,
     noun_predictions,
     run_tagmask_eval,
     selected_union,
-    selected_union_counts,
     table_text,
     word_targets,
 )
@@ -129,10 +128,10 @@ def test_selected_union_is_the_distill_target_and_scored_apart_from_the_caption(
     class_map = np.array([[0, 3], [5, 5]], np.uint8)  # tag 3 one pixel, tag 5 two pixels
     mentions = [{"class_id": 3, "class_name": "dog", "visible": True},
                 {"class_id": 5, "class_name": "cat", "visible": True}]
-    row = selected_union_counts("k", union, class_map, mentions, 0.4)
-    assert (row["intersection"], row["union"], row["predicted"], row["target"]) == (2, 3, 2, 3)
     heat = np.array([[0.0, 1.0], [0.0, 0.0]])  # the caption covers only the dog
-    rows = caption_counts("k", heat, class_map, mentions, 0.4) + [row]
+    rows = caption_counts("k", heat, class_map, mentions, 0.4, union)
+    row = next(r for r in rows if r["class_id"] == SELECTED_UNION_CLASS_ID)
+    assert (row["intersection"], row["union"], row["predicted"], row["target"]) == (2, 3, 2, 3)
     m = as_dict(tagmask_metrics(predictions(HAND), counts([tuple(r[k] for k in (
         "key", "class_id", "class_name", "intersection", "union", "predicted", "target")) for r in rows])))
     assert m[("caption", "caption_miou")] == pytest.approx(100 * 1 / 3)

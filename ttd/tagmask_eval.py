@@ -88,22 +88,18 @@ def noun_predictions(starts, ends, nouns) -> list[bool]:
 
 
 def caption_counts(key: str, heat: np.ndarray, class_map: np.ndarray, mentions: list[dict],
-                   threshold: float) -> list[dict]:
-    """eval_counts rows: the caption mask against the union of visible mentions, and against each one."""
+                   threshold: float, union: np.ndarray | None = None) -> list[dict]:
+    """eval_counts rows: the caption mask against the union of visible mentions, and against each one; with
+    `union` (the selected tags' union, L_distill's target) also that map's mask against the visible mentions."""
     pred = heat >= threshold
     visible = sorted({m["class_id"] for m in mentions if m["visible"]})
     names = {m["class_id"]: m["class_name"] for m in mentions}
-    targets = [(CAPTION_CLASS_ID, "<caption>", np.isin(class_map, visible))]
-    targets += [(c, names[c], class_map == c) for c in visible]
-    return [_count_row(key, cid, name, pred, target) for cid, name, target in targets]
-
-
-def selected_union_counts(key: str, union: np.ndarray, class_map: np.ndarray, mentions: list[dict],
-                          threshold: float) -> dict:
-    """The eval_counts row of the selected tags' union (L_distill's target) against the visible mentions' union."""
-    visible = [m["class_id"] for m in mentions if m["visible"]]
-    return _count_row(key, SELECTED_UNION_CLASS_ID, "<selected-union>", union >= threshold,
-                      np.isin(class_map, visible))
+    truth = np.isin(class_map, visible)
+    rows = [_count_row(key, CAPTION_CLASS_ID, "<caption>", pred, truth)]
+    rows += [_count_row(key, c, names[c], pred, class_map == c) for c in visible]
+    if union is not None:
+        rows.append(_count_row(key, SELECTED_UNION_CLASS_ID, "<selected-union>", union >= threshold, truth))
+    return rows
 
 
 def _count_row(key: str, class_id: int, class_name: str, pred: np.ndarray, target: np.ndarray) -> dict:
@@ -191,11 +187,8 @@ def run_tagmask_eval(root: str, store_uri: str, config: TagmaskEvalConfig | None
                                   "word": p.text[j], "score": None, "predicted": hit, "target": targets[j]})
             class_map = read_mask(loc, s.key)
             heat = caption_heatmap(dense[i], cap_emb[i].to(dev), class_map.shape[:2])
-            counts.extend(caption_counts(s.key, heat, class_map, ms, config.bg_threshold))
-            if union_maps is not None:
-                union = selected_union(*union_maps, class_map.shape[:2])
-                if union is not None:
-                    counts.append(selected_union_counts(s.key, union, class_map, ms, config.bg_threshold))
+            union = selected_union(*union_maps, class_map.shape[:2]) if union_maps else None
+            counts.extend(caption_counts(s.key, heat, class_map, ms, config.bg_threshold, union))
         if progress:
             progress(len(batch))
         batch.clear()
