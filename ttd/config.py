@@ -13,10 +13,12 @@ from .errors import TTDError
 M = TypeVar("M", bound=pydantic.BaseModel)
 
 
-def _merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` laid on `base`: nested mappings merge key by key (a nested setting changes only that setting); any
+    other value, lists included, replaces."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -32,15 +34,19 @@ def build(model: type[M], data: dict[str, Any], source: str = "config") -> M:
 def load_yaml(model: type[M], path: str | Path | None, overrides: dict[str, Any] | None = None,
               defaults: dict[str, Any] | None = None) -> M:
     """`defaults` (e.g. a preset) < the YAML file < `overrides` (command-line flags)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise TTDError(f"config file {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise TTDError(f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise TTDError(f"config file {str(p)!r} must hold a mapping of settings, not {type(data).__name__}")
-    return build(model, _merge(_merge(defaults or {}, data), overrides or {}), str(path or "options"))
+    data = read_yaml(path) if path is not None else {}
+    return build(model, deep_merge(deep_merge(defaults or {}, data), overrides or {}), str(path or "options"))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file of settings as a mapping; one clear line if it is missing, invalid or not a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise TTDError(f"config file {str(p)!r} does not exist (relative paths start at {str(Path.cwd())!r})")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TTDError(f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise TTDError(f"config file {str(p)!r} must hold a mapping of settings, not {type(data).__name__}")
+    return data

@@ -395,6 +395,9 @@ def run_parse(
     clear_stale(store, STAGE)  # a run killed between commit and release left its claim on a done shard
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["captions_per_s"] = round(summary["captions"] / summary["seconds"], 1) if summary["seconds"] else 0.0
+    log.info("parse %s: %d shard(s) committed, %d already done, %d waiting; %d captions, %d error row(s), "
+             "%.1f captions/s", corpus.name, summary["done"], summary["skipped_done"], len(summary["waiting"]),
+             summary["captions"], summary["errors"], summary["captions_per_s"])
     return summary
 
 

@@ -313,9 +313,10 @@ class ShardsFailed(Exception):
 class StageFailed(TTDError):
     """A stage of the flow failed after its retries; what it committed is kept and a re-run resumes from there."""
 
-    def __init__(self, stage: str, errors: list[BaseException]):
+    def __init__(self, stage: str, errors: list[BaseException], report: dict[str, Any] | None = None):
         self.stage = stage
         self.errors = errors
+        self.report = report  # the stage's report up to the failure, for the run's summary
         self.user_error = bool(errors) and all(isinstance(e, TTDError) for e in errors)
         first = errors[0] if errors else None
         what = f"{type(first).__name__}: {first}" if first is not None and not isinstance(first, TTDError) \
@@ -359,15 +360,22 @@ def batch_counts(stage: str, summary: dict[str, Any] | None) -> tuple[int, int]:
     return int(summary.get("done", 0)), int(summary.get("skipped_done", 0))
 
 
+# what a batch summary counts, per stage: (items it processed, their unit in a rate)
+ITEMS = {"parse": ("captions", "captions/s"), "score": ("images", "images/s")}
+
+
 def stage_report(stage: str, outcomes: list[dict[str, Any]], seconds: float,
                  waiting: list[str] | None = None) -> dict[str, Any]:
     """outcomes: {"batch": Batch.as_dict(), "state": Prefect state name, "result": summary or None}."""
-    processed = skipped = cached = 0
+    processed = skipped = cached = errors = items = 0
+    item_key, _ = ITEMS.get(stage, ("", ""))
     for o in outcomes:
         if o["state"] == "Cached":  # the result is an earlier run's: nothing was processed now
             p, s = 0, len(o["batch"]["shards"])
         else:
             p, s = batch_counts(stage, o["result"])
+            errors += int((o["result"] or {}).get("errors", 0))
+            items += int((o["result"] or {}).get(item_key, 0))
         o["processed"], o["skipped"] = p, s
         processed += p
         skipped += s
@@ -380,7 +388,9 @@ def stage_report(stage: str, outcomes: list[dict[str, Any]], seconds: float,
     else:
         status = "done"
     return {"stage": stage, "status": status, "batches": len(outcomes), "cached_batches": cached,
-            "shards_processed": processed, "shards_already_done": skipped, "waiting": list(waiting or []),
+            "failed_batches": len(failed), "shards_processed": processed, "shards_already_done": skipped,
+            "waiting": list(waiting or []), "errors": errors, "items": items,
+            "items_per_s": round(items / seconds, 1) if processed and seconds > 0 else None,
             "seconds": round(seconds, 3), "outcomes": outcomes}
 
 
@@ -410,6 +420,75 @@ def jsonable(obj: Any) -> Any:
         return str(o)
 
     return json.loads(json.dumps(obj, default=default))
+
+
+def run_markdown(summary: dict[str, Any]) -> str:
+    """A run's summary (the flow's return value) as Markdown: what ran where, and one row per stage."""
+    lines = [f"# ttd run `{summary['name']}`: {summary.get('status', 'done')}", "",
+             f"- deployment: `{summary.get('deployment') or '(none: ttd run / Python)'}`",
+             f"- corpus: `{summary['corpus']}`", f"- store: `{summary['store']}`",
+             f"- model: `{summary.get('model_id') or '-'}`", f"- seconds: {summary.get('seconds', 0):.1f}"]
+    if summary.get("error"):
+        lines.append(f"- error: {summary['error']}")
+    for warning in summary.get("warnings") or []:
+        lines.append(f"- warning: {warning}")
+    lines += ["", "| stage | status | shards processed | already done | waiting | errors | rate | seconds |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in (summary.get("stages") or {}).items():
+        _, unit = ITEMS.get(r.get("stage", name), ("", ""))
+        rate = f"{r['items_per_s']:,.1f} {unit}" if r.get("items_per_s") is not None else "-"
+        if "shards_processed" in r:
+            row = [name, r["status"], r["shards_processed"], r["shards_already_done"], len(r["waiting"]),
+                   r["errors"], rate, f"{r['seconds']:.1f}"]
+        else:
+            row = [name, r["status"], "-", "-", "-", "-", "-", f"{r['seconds']:.1f}"]
+        lines.append("| " + " | ".join(str(v) for v in row) + " |")
+    waiting = sorted({w for r in (summary.get("stages") or {}).values() for w in r.get("waiting") or []})
+    if waiting:
+        lines += ["", f"Waiting (no `_stats.json` yet, or not parsed): {', '.join(waiting[:20])}"
+                      + (f" and {len(waiting) - 20} more" if len(waiting) > 20 else "")]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- settings that decide what a stage recomputes
+
+def corpus_label(cfg: RunConfig) -> str:
+    """The corpus's name in the store (its `corpus` partition), as `open_corpus` derives it, without opening it."""
+    assert cfg.corpus is not None
+    return cfg.corpus_name or cfg.corpus.rstrip("/").rsplit("/", 1)[-1].split(".")[0] or "corpus"
+
+
+def _same_store(a: str, b: str) -> bool:
+    def norm(uri: str) -> str:
+        uri = uri.removeprefix("file://").rstrip("/")
+        return uri if "://" in uri else str(Path(uri).expanduser().resolve())
+    return norm(a) == norm(b)
+
+
+def result_settings(cfg: RunConfig, stages: set[str]) -> dict[str, Any]:
+    """Every setting that enters the fingerprints of `stages` (parse, score), as {"score.threshold": 0.5, ...};
+    speed settings (batch sizes, threads, workers) are left out, as the stages leave them out."""
+    from .score import result_config
+
+    out: dict[str, Any] = {}
+    if stages & {"parse", "score"}:  # score reads the parse output, so parse settings reach its fingerprint too
+        out.update({f"parse.{k}": v for k, v in cfg.parse.output_config().items()})
+    if "score" in stages:
+        out.update({f"score.{k}": v for k, v in result_config(cfg.score).items()})
+        out.update({"model.name": cfg.model.name, "model.pretrained": cfg.model.pretrained})
+    return out
+
+
+def recompute_changes(scheduled: RunConfig, run: RunConfig) -> list[str]:
+    """The settings in which `run` differs from a `scheduled` run over the same corpus in the same store, for the
+    stages both run: after `run` commits, the scheduled run finds every such shard stale and recomputes it. [] when
+    they write different corpora or stores, or agree."""
+    if not _same_store(scheduled.store, run.store) or corpus_label(scheduled) != corpus_label(run):
+        return []
+    stages = set(scheduled.stages()) & set(run.stages()) & {"parse", "score"}
+    theirs, ours = result_settings(scheduled, stages), result_settings(run, stages)
+    return [f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
+            if theirs.get(k) != ours.get(k)]
 
 
 class Stopwatch:

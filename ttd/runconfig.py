@@ -22,9 +22,8 @@ from typing import Any, Literal
 import pydantic
 from pydantic import Field
 
-from .config import _merge, build, load_yaml
+from .config import build, deep_merge, load_yaml, read_yaml
 from .distill import DistillConfig
-from .errors import TTDError
 from .parse import ParseConfig
 from .pretrain import PRESETS as PRETRAIN_PRESETS
 from .pretrain import PretrainConfig
@@ -195,13 +194,15 @@ def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = 
 
 
 def resolve_run_config(config: dict[str, Any] | None = None, config_path: str | Path | None = None,
-                       overrides: dict[str, Any] | None = None) -> RunConfig:
-    """The flow's parameters -> RunConfig: a mapping or a file, with `overrides` merged over it."""
-    if config is not None and config_path is not None:
-        raise TTDError("give a config mapping or a config_path, not both")
-    if config_path is not None:
-        return load_yaml(RunConfig, config_path, overrides)
-    return build(RunConfig, _merge(config or {}, overrides or {}), "config")
+                       overrides: dict[str, Any] | None = None, *, corpus: str | None = None,
+                       store: str | None = None) -> RunConfig:
+    """The flow's parameters -> RunConfig. Precedence, each deep-merged over the one before: the file
+    `config_path`, the mapping `config`, `overrides`, then `corpus` and `store` (a deployment's own parameters)."""
+    data = read_yaml(config_path) if config_path is not None else {}
+    data = deep_merge(deep_merge(data, config or {}), overrides or {})
+    data = deep_merge(data, {k: v for k, v in (("corpus", corpus), ("store", store)) if v is not None})
+    source = str(config_path) if config_path is not None else "config"
+    return build(RunConfig, data, source)
 
 
 # ---------------------------------------------------------------- every setting as a flag

@@ -336,4 +336,7 @@ def run_score(
     clear_stale(store, STAGE)  # a run killed between commit and release left its claim on a done shard
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["images_per_s"] = round(summary["images"] / max(summary["seconds"], 1e-9), 2)
+    log.info("score %s: %d shard(s) committed, %d already done, %d waiting, %d unparsed; %d images, %d error "
+             "row(s), %.1f images/s", corpus.name, summary["done"], summary["skipped_done"], len(summary["waiting"]),
+             len(summary["unparsed"]), summary["images"], summary["errors"], summary["images_per_s"])
     return summary
