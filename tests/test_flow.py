@@ -368,6 +368,40 @@ def test_batches_keep_their_members_and_keys_follow_fingerprints():
     assert changed[0].key != batches[0].key
 
 
+def test_settings_that_make_a_schedule_recompute_are_named(tmp_path):
+    nightly = make_config(tmp_path).model_copy(update={"flow": make_config(tmp_path).flow.model_copy(
+        update={"stages": ["parse", "score"]})})
+    same = make_config(tmp_path)
+    assert lib.recompute_changes(nightly, same) == []
+    doc = make_config(tmp_path).model_dump(mode="json")
+    faster = RunConfig.model_validate({**doc, "score": {**doc["score"], "batch_size": 7, "decode_threads": 1}})
+    assert lib.recompute_changes(nightly, faster) == []  # speed settings never change a fingerprint
+    stricter = RunConfig.model_validate({**doc, "score": {**doc["score"], "threshold": 0.6}})
+    assert lib.recompute_changes(nightly, stricter) == ["score.threshold: 0.5 -> 0.6"]
+    assert lib.recompute_changes(nightly, stricter.model_copy(update={"store": str(tmp_path / "other")})) == []
+    assert lib.recompute_changes(nightly, stricter.model_copy(update={"corpus_name": "another"})) == []
+    parse_only = RunConfig.model_validate({**doc, "score": {**doc["score"], "threshold": 0.6},
+                                           "flow": {**doc["flow"], "stages": ["parse"]}})
+    assert lib.recompute_changes(nightly, parse_only) == []  # it does not score: the threshold is not its business
+    tagged = RunConfig.model_validate({**doc, "parse": {**doc["parse"], "tagger": True}})
+    assert lib.recompute_changes(nightly, tagged) == ["parse.tagger: False -> True"]
+
+
+def test_run_summary_markdown_has_the_stage_table():
+    outcomes = [{"batch": {"shards": ["00000", "00001"]}, "state": "Cached", "result": None},
+                {"batch": {"shards": ["00002", "00003"]}, "state": "Completed",
+                 "result": {"done": 2, "skipped_done": 0, "images": 16, "errors": 1}}]
+    report = lib.stage_report("score", outcomes, 4.0, waiting=["00004"])
+    assert (report["shards_processed"], report["shards_already_done"], report["errors"], report["items_per_s"]) == \
+        (2, 2, 1, 4.0)
+    summary = {"name": "local", "deployment": "nightly-new-shards", "corpus": "/data/c", "store": "/data/s",
+               "model_id": "m", "status": "done", "seconds": 9.5, "stages": {"score": report},
+               "warnings": ["this run's settings differ"]}
+    text = lib.run_markdown(summary)
+    assert "| score | done | 2 | 2 | 1 | 1 | 4.0 images/s | 4.0 |" in text
+    assert "- warning: this run's settings differ" in text and "00004" in text
+
+
 def test_only_transient_failures_are_retried():
     from ray.exceptions import ActorDiedError
 

