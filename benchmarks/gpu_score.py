@@ -3,32 +3,42 @@
 1. Model only: a randomly initialised ViT-B-16 (same cost as the pretrained one) with the dense head, bf16
    autocast, on pre-decoded tensors already on the device, at 224 and 448 px: images/s and the share of the
    compute bound (`--peak-tflops`, default 790 for one H200 in dense bf16).
-2. End to end: the stage's shard scorer on a TagMask-Synth webdataset corpus (JPEG decoding, preprocessing, tag
-   cache, store writes included; the first shard warms up and is not timed): images/s.
+2. End to end: the stage's pipelined shard scorer on webdataset shards of real JPEGs at CC3M-like sizes (400x300
+   and 1024x768, made by this script), decode threads swept; the first shard warms up and is not timed. Per run:
+   images/s, seconds per stage (read, decode, device, host, write: summed over threads), and the GPU's utilisation
+   as `nvidia-smi` samples it every 100 ms. The serial schedule is run once beside it for the ratio.
 
-    python benchmarks/gpu_score.py                       # on the GPU machine
+    python benchmarks/gpu_score.py                       # on the GPU machine (about 4 minutes)
     python benchmarks/gpu_score.py --device cpu --smoke  # anywhere: tiny sizes, checks the script runs
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ttd.corpus import open_corpus
+from ttd.corpus.img2dataset_writer import ShardWriter, make_key
 from ttd.models import load_model
 from ttd.models.dense import encode_image_dense
 from ttd.relevancy import ScoreConfig
-from ttd.score import ShardScorer
+from ttd.score import ShardScorer, plan_shards
 from ttd.store import Store
-from ttd.synth.generate import SynthConfig, synthesize
+from ttd.uri import resolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -63,24 +73,87 @@ def model_only(bundle, size: int, batch: int, iters: int, device: torch.device, 
     return batch * iters / (time.perf_counter() - t0)
 
 
-def end_to_end(model: str, n_images: int, image_size: int, batch: int, device: str, tmp: Path) -> dict:
-    from conftest import write_simple_tags
+WORDS = ("dog", "cat", "tree", "car", "person", "beach", "city", "street", "table", "flower", "sky", "house",
+         "bicycle", "mountain", "river", "chair", "book", "phone", "window", "road")
 
-    corpus = tmp / "synth"
-    synthesize(str(corpus), train=n_images, eval=0, seed=0,
-               config=SynthConfig(image_size=image_size, shard_size=max(1, n_images // 4)))
-    store = tmp / "store"
-    Store(str(store), create=True)
-    write_simple_tags(str(store), str(corpus / "train"))
-    config = ScoreConfig(batch_size=batch, decode_threads=16)
-    corpus_spec = {"uri": str(corpus / "train"), "format": "webdataset", "name": "train"}
-    scorer = ShardScorer(corpus_spec, str(store), {"name": model}, config.model_dump(mode="json"), device)
-    shards = open_corpus(str(corpus / "train")).shards()
-    scorer.score_shard(shards[0], "warmup", "")  # model load, kernels and the tag cache are not throughput
-    t0 = time.perf_counter()
-    images = sum(scorer.score_shard(shard, "timed", "")["images"] for shard in shards[1:])
-    seconds = time.perf_counter() - t0
-    return {"images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1)}
+
+def _jpeg(seed: int, size: tuple[int, int]) -> bytes:
+    """A smooth random picture (a coarse colour field upsampled, plus grain): JPEG sizes like photos'."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    arr = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 12, (size[1], size[0], 3), dtype=np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_corpus(root: Path, images: int, size: tuple[int, int], per_shard: int) -> str:
+    """img2dataset webdataset shards of `images` JPEGs of `size` (w, h) with 8-12 word captions."""
+    loc = resolve(str(root))
+    rng = np.random.default_rng(0)
+    with ThreadPoolExecutor(16) as pool:
+        for shard in range(-(-images // per_shard)):
+            n = min(per_shard, images - shard * per_shard)
+            seeds = [shard * per_shard + i for i in range(n)]
+            blobs = list(pool.map(_jpeg, seeds, [size] * n))
+            w = ShardWriter(loc, shard)
+            for i, blob in enumerate(blobs):
+                words = rng.choice(WORDS, 3, replace=False)
+                caption = f"a photo of a {words[0]} and a {words[1]} next to the {words[2]} on a sunny day"
+                w.add(make_key(shard, i), caption, blob, width=size[0], height=size[1])
+            w.close()
+    return str(root)
+
+
+class GpuUtilisation:
+    """`nvidia-smi` sampled every 100 ms in the background; the mean while running (None without nvidia-smi)."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self.proc = None
+
+    def __enter__(self) -> GpuUtilisation:
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                          "-lms", "100", "-i", "0"], stdout=subprocess.PIPE, text=True)
+            threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.samples.append(float(line.strip()))
+            except ValueError:
+                pass
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+    @property
+    def mean(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+
+
+def end_to_end(model: str, corpus: str, tags_store: Path, tmp: Path, batch: int, threads: int, device: str,
+               pipelined: bool) -> dict:
+    store = tmp / f"store-{threads}-{pipelined}"
+    shutil.copytree(tags_store, store)
+    config = ScoreConfig(batch_size=batch, decode_threads=threads, pipelined=pipelined)
+    scorer = ShardScorer({"uri": corpus, "format": "webdataset", "name": "c"}, str(store), {"name": model},
+                         config.model_dump(mode="json"), device)
+    planned = plan_shards(open_corpus(corpus), Store(str(store)), config, scorer.model_id)
+    todo = [(p.shard, p.fingerprint, p.input_fingerprint) for p in planned if p.status == "todo"]
+    scorer.score_shards(todo[:1])  # model load, kernels and the tag cache are not throughput
+    scorer.timings = type(scorer.timings)()
+    with GpuUtilisation() as gpu:
+        t0 = time.perf_counter()
+        images = sum(r["images"] for r in scorer.score_shards(todo[1:]))
+        seconds = time.perf_counter() - t0
+    return {"threads": threads, "pipelined": pipelined, "images": images, "seconds": round(seconds, 2),
+            "images_per_s": round(images / seconds, 1), "gpu_util_percent": gpu.mean,
+            "stage_seconds": scorer.timings.as_dict()}
 
 
 def main() -> None:
@@ -92,19 +165,21 @@ def main() -> None:
     ap.add_argument("--sizes", default="224,448")
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--e2e-images", type=int, default=8000)
-    ap.add_argument("--e2e-image-size", type=int, default=256, help="source JPEG size of the end-to-end corpus")
+    ap.add_argument("--e2e-images", type=int, default=6000, help="JPEGs per end-to-end corpus")
+    ap.add_argument("--jpeg-sizes", default="400x300,1024x768")
+    ap.add_argument("--threads", default="8,16,32", help="decode threads swept (400x300 corpus)")
     ap.add_argument("--peak-tflops", type=float, default=790.0)
     args = ap.parse_args()
     if args.smoke:
         args.batch, args.iters, args.e2e_images, args.sizes = 2, 1, 8, "224"
+        args.jpeg_sizes, args.threads = "64x48", "1,2"
     logging.basicConfig(level=logging.ERROR)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device here: use --device cpu --smoke")
     bundle = load_model(args.model, device=device)
     results = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "model": args.model,
-               "head": args.head, "model_only": {}}
+               "head": args.head, "model_only": {}, "end_to_end": []}
     for size in (int(s) for s in args.sizes.split(",")):
         batch = max(1, args.batch // (4 if size >= 448 else 1))
         ips = model_only(bundle, size, batch, args.iters, device, args.head)
@@ -114,14 +189,32 @@ def main() -> None:
         results["model_only"][size] = {"batch": batch, "images_per_s": round(ips, 1),
                                        "gflops_per_image": round(gflops, 1), "share_of_peak": round(share, 3)}
         print(f"model-only {args.model} {size}px batch {batch}: {ips:,.1f} images/s, {gflops:.1f} GFLOPs/image, "
-              f"{100 * share:.1f}% of {args.peak_tflops:.0f} TFLOP/s")
+              f"{100 * share:.1f}% of {args.peak_tflops:.0f} TFLOP/s", flush=True)
     del bundle
+    from conftest import write_simple_tags
+
+    batch = min(args.batch, 256)
     with tempfile.TemporaryDirectory() as d:
-        e2e = end_to_end(args.model, args.e2e_images, args.e2e_image_size, min(args.batch, 256), args.device,
-                         Path(d))
-    results["end_to_end"] = e2e
-    print(f"end-to-end {args.model} from webdataset: {e2e['images_per_s']:,.1f} images/s "
-          f"({e2e['images']} images in {e2e['seconds']} s)")
+        tmp = Path(d)
+        for i, jpeg_size in enumerate(args.jpeg_sizes.split(",")):
+            w, h = (int(x) for x in jpeg_size.split("x"))
+            images = args.e2e_images if i == 0 else max(2, args.e2e_images // 3)
+            corpus = make_corpus(tmp / f"corpus-{jpeg_size}", images, (w, h), max(1, images // 6))
+            tags = tmp / f"tags-{jpeg_size}"
+            Store(str(tags), create=True)
+            write_simple_tags(str(tags), corpus)
+            sweep = [int(t) for t in args.threads.split(",")] if i == 0 else [max(int(t) for t in
+                                                                                  args.threads.split(","))]
+            runs = [(t, True) for t in sweep] + [(max(sweep), False)]
+            for threads, pipelined in runs:
+                r = end_to_end(args.model, corpus, tags, tmp / f"run-{jpeg_size}", batch, threads, args.device,
+                               pipelined)
+                r["jpeg"] = jpeg_size
+                results["end_to_end"].append(r)
+                stages = ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items())
+                print(f"end-to-end {args.model} {jpeg_size} JPEGs, {threads} decode threads, "
+                      f"{'pipelined' if pipelined else 'serial'}: {r['images_per_s']:,.1f} images/s "
+                      f"({r['images']} in {r['seconds']} s; GPU {r['gpu_util_percent']}%; {stages})", flush=True)
     print(json.dumps(results))
 
 

@@ -1,18 +1,26 @@
-"""Benchmark: the `score` stage against a naive scorer on the same TagMask-Synth shard, in one process run.
+"""Benchmarks of the `score` stage, each against a naive baseline on the same input in the same process run.
 
-Naive: one image at a time, every caption's tags encoded afresh through the prompt ensemble (no cache) with
-open_clip's plain `encode_text`, the same dense head and the same scores. Stage: `run_score` in this process
-(workers=0: no Ray start-up in the timing),
-batched images, threaded decoding, tag embeddings cached in the store, text tokens trimmed after the
-longest prompt of a batch (exact under the causal mask). Both produce the same selections (checked).
+1. stage: `run_score` against a naive scorer (one image at a time, every caption's tags encoded afresh through the
+   prompt ensemble with open_clip's plain `encode_text`, the same dense head and scores). Both select the same tags.
+2. pipeline: the scorer's pipelined schedule against its serial one (same steps, same bytes). On a CPU the model
+   dominates and no overlap can show, so the model's forward is replaced by a **stand-in device**: a step that
+   holds each batch for a fixed time without using the CPU (as a GPU forward would), set equal to the CPU work per
+   batch measured in a first serial run with the real model (read, decode, device-side scoring, rows, write). The
+   serial schedule then pays the sum of the stages, the pipelined one about the slowest. Per-stage timings of both
+   are printed; with the real model, serial and pipelined tables are checked equal byte for byte.
+3. post: one batch's post-processing, batched on the device (`ttd.score_batch`: one gather, one batched matmul,
+   normalisation and quantisation batched, Arrow columns from arrays) against the per-sample loop it replaced
+   (per sample four host copies, per tag a normalise/quantise and a Python dict).
 
-    .venv/bin/python benchmarks/score.py              # tiny model (200 images) and random ViT-B-16 (24 images)
+    .venv/bin/python benchmarks/score.py              # every section
+    .venv/bin/python benchmarks/score.py --only pipeline,post
     .venv/bin/python benchmarks/score.py --quick      # smaller, for a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -21,15 +29,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from ttd import schemas
 from ttd.corpus import Sample, open_corpus
 from ttd.models import load_model
 from ttd.models.dense import encode_image_dense
-from ttd.relevancy import ScoreConfig, encode_tags, encode_texts, normalise, raw_scores
-from ttd.score import run_score
+from ttd.relevancy import ScoreConfig, encode_tags, encode_texts, normalise, quantise, raw_scores
+from ttd.score import ShardScorer, plan_shards, run_score
+from ttd.score_batch import Candidates, batch_tables, compute, to_host
 from ttd.store import Store
-from ttd.synth.generate import synthesize
+from ttd.synth.generate import SynthConfig, synthesize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -84,37 +95,197 @@ def stage(corpus_uri: str, tags_store: str, tmp: Path, model: str, config: Score
     return seconds, summary["images"], {(r["key"], r["tag_index"]): r["selected"] for r in rel}
 
 
+# ---------------------------------------------------------------- 2. pipelined vs serial, stand-in device
+
+class StandInDevice:
+    """The model's forward replaced by a wait: each batch is held `seconds` without using the CPU (a GPU forward
+    from the host's point of view); the outputs are one real forward's, sliced to the batch (the same every run)."""
+
+    def __init__(self, real_forward, seconds: float):
+        self.real, self.seconds, self.outputs = real_forward, seconds, None
+
+    def warm(self, images: torch.Tensor) -> None:
+        self.outputs = self.real(images)
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        time.sleep(self.seconds)
+        g, d = self.outputs
+        return g[:images.shape[0]], d[:images.shape[0]]
+
+
+def _scorer(corpus: str, store: str, model: str, config: ScoreConfig) -> tuple[ShardScorer, list]:
+    scorer = ShardScorer({"uri": corpus, "format": "webdataset", "name": "train"}, store, {"name": model},
+                         config.model_dump(mode="json"), "cpu")
+    planned = plan_shards(open_corpus(corpus), Store(store), config, scorer.model_id)
+    return scorer, [(p.shard, p.fingerprint, p.input_fingerprint) for p in planned if p.status == "todo"]
+
+
+def _timed_run(corpus: str, tags_store: Path, tmp: Path, name: str, model: str, config: ScoreConfig,
+               pipelined: bool, stand_in: float | None) -> dict:
+    store = tmp / name
+    shutil.copytree(tags_store, store)
+    scorer, todo = _scorer(corpus, str(store), model, config)
+    if stand_in is not None:
+        device = StandInDevice(scorer.forward, stand_in)
+        size = scorer.bundle.image_size
+        device.warm(torch.zeros(config.batch_size, 3, size, size))
+        scorer.forward = device
+    scorer.score_shards(todo[:1], pipelined=pipelined)  # warm-up: tag embeddings, first-call costs
+    scorer.timings = type(scorer.timings)()
+    t0 = time.perf_counter()
+    results = scorer.score_shards(todo[1:], pipelined=pipelined)
+    seconds = time.perf_counter() - t0
+    images = sum(r["images"] for r in results)
+    return {"seconds": round(seconds, 3), "images": images, "images_per_s": round(images / seconds, 1),
+            "stages": scorer.timings.as_dict(), "store": str(store)}
+
+
+def _tables(store: str) -> dict[str, pa.Table]:
+    s = Store(store)
+    return {t: s.read(t).sort_by([("shard", "ascending"), ("key", "ascending")] + (
+        [("tag_index", "ascending")] if t != "errors" else [])) for t in ("relevancy", "masks", "errors")}
+
+
+def pipeline_section(tmp: Path, images: int, image_size: int, batch: int, model: str) -> dict:
+    out = tmp / "synth-pipeline"
+    synthesize(str(out), train=images, eval=0, seed=1,
+               config=SynthConfig(image_size=image_size, shard_size=max(batch, images // 8)))
+    corpus, tags_store = str(out / "train"), tmp / "tags-pipeline"
+    Store(str(tags_store), create=True)
+    parse_tags(corpus, str(tags_store))
+    config = ScoreConfig(batch_size=batch, decode_threads=2)
+    real = {mode: _timed_run(corpus, tags_store, tmp, f"real-{mode}", model, config, mode == "pipelined", None)
+            for mode in ("serial", "pipelined")}
+    a, b = _tables(real["serial"]["store"]), _tables(real["pipelined"]["store"])
+    equal = all(a[t].drop_columns(["shard"]).equals(b[t].drop_columns(["shard"])) for t in a)
+    st = real["serial"]["stages"]
+    cpu_per_batch = (st["read"] + st["decode"] + st["host"] + st["write"]) / max(st["batches"], 1)
+    stand = {mode: _timed_run(corpus, tags_store, tmp, f"stand-{mode}", model, config, mode == "pipelined",
+                              cpu_per_batch) for mode in ("serial", "pipelined")}
+    ratio = stand["serial"]["seconds"] / stand["pipelined"]["seconds"]
+    for label, runs in (("real model", real), ("stand-in device", stand)):
+        for mode, r in runs.items():
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items() if k != "batches")
+            print(f"pipeline {label:15s} {mode:9s} {r['images_per_s']:8.1f} img/s  ({r['images']} images, "
+                  f"{r['stages']['batches']} batches; seconds per stage: {stages})")
+    print(f"pipeline stand-in device {1e3 * cpu_per_batch:.1f} ms per batch (the serial run's CPU work per batch): "
+          f"pipelined / serial = {ratio:.2f}x (ideal on 2 cores: 2.0x); real-model tables equal: {equal}")
+    return {"real": real, "stand_in": stand, "stand_in_ms_per_batch": round(1e3 * cpu_per_batch, 2),
+            "ratio": round(ratio, 3), "tables_equal": equal}
+
+
+# ---------------------------------------------------------------- 3. post-processing alone
+
+def per_sample_post(global_emb, dense, cap_emb, matrix, rows, keys, cfg: ScoreConfig) -> tuple[pa.Table, pa.Table]:
+    """The loop the batched post-processing replaced: per sample, per tag, Python dicts."""
+    rel_rows, mask_rows = [], []
+    for i, r in enumerate(rows):
+        pixel, image, text, maps = raw_scores(global_emb[i], dense[i], cap_emb[i], matrix[r])
+        raw = {"pixel": pixel.cpu().numpy(), "image": image.cpu().numpy(), "text": text.cpu().numpy()}
+        norm = {k: normalise(v, cfg.normalisation) for k, v in raw.items()}
+        selected = norm[cfg.selection] >= cfg.threshold
+        maps = maps.cpu().numpy()
+        for j in range(len(r)):
+            rel_rows.append({"key": keys[i], "tag_index": j, "text": f"t{j}", "pixel_raw": raw["pixel"][j],
+                             "image_raw": raw["image"][j], "text_raw": raw["text"][j],
+                             "pixel_score": norm["pixel"][j], "image_score": norm["image"][j],
+                             "text_score": norm["text"][j], "selected": bool(selected[j]),
+                             "threshold": cfg.threshold, "model_id": "m", "head": cfg.head})
+            if selected[j]:
+                data, lo, hi = quantise(maps[j])
+                mask_rows.append({"key": keys[i], "tag_index": j, "text": f"t{j}", "height": maps.shape[1],
+                                  "width": maps.shape[2], "heatmap": data, "vmin": lo, "vmax": hi})
+    return (pa.Table.from_pylist(rel_rows, schema=schemas.get("relevancy").arrow),
+            pa.Table.from_pylist(mask_rows, schema=schemas.get("masks").arrow))
+
+
+def batched_post(global_emb, dense, cap_emb, matrix, rows, keys, cfg: ScoreConfig) -> tuple[pa.Table, pa.Table]:
+    host = to_host(compute(global_emb, dense, cap_emb, matrix, Candidates.pack(rows),
+                           normalisation=cfg.normalisation, selection=cfg.selection, threshold=cfg.threshold))
+    cands = [[{"tag_index": j, "text": f"t{j}"} for j in range(len(r))] for r in rows]
+    return batch_tables(host, keys, cands, threshold=cfg.threshold, model_id="m", head=cfg.head, masks_for="selected")
+
+
+def post_section(batch: int, grid: int, dim: int, tags_per_caption: int, vocabulary: int, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    global_emb, dense = torch.randn(batch, dim, generator=g), torch.randn(batch, grid, grid, dim, generator=g)
+    cap_emb = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    matrix = torch.nn.functional.normalize(torch.randn(vocabulary, dim, generator=g), dim=-1)
+    lengths = torch.randint(max(1, tags_per_caption - 6), tags_per_caption + 7, (batch,), generator=g)
+    rows = [torch.randint(0, vocabulary, (int(n),), generator=g).tolist() for n in lengths]
+    keys = [f"{i:09d}" for i in range(batch)]
+    cfg = ScoreConfig()
+    times = {}
+    for name, fn in (("per_sample", per_sample_post), ("batched", batched_post)):
+        fn(global_emb, dense, cap_emb, matrix, rows, keys, cfg)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            rel, _masks = fn(global_emb, dense, cap_emb, matrix, rows, keys, cfg)
+        times[name] = (time.perf_counter() - t0) / repeats
+    a = per_sample_post(global_emb, dense, cap_emb, matrix, rows, keys, cfg)[0]
+    b = batched_post(global_emb, dense, cap_emb, matrix, rows, keys, cfg)[0]
+    agree = float(np.mean(np.asarray(a.column("selected")) == np.asarray(b.column("selected"))))
+    ratio = times["per_sample"] / times["batched"]
+    print(f"post-processing batch {batch} x ~{tags_per_caption} tags, {grid}x{grid} grid, dim {dim}: per-sample "
+          f"{1e3 * times['per_sample']:.1f} ms, batched {1e3 * times['batched']:.1f} ms, ratio {ratio:.1f}x; "
+          f"selection agreement {agree:.4f} ({rel.num_rows} candidates)")
+    return {"per_sample_ms": round(1e3 * times["per_sample"], 2), "batched_ms": round(1e3 * times["batched"], 2),
+            "ratio": round(ratio, 2), "selection_agreement": agree}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="stage,pipeline,post", help="sections to run, comma-separated")
     ap.add_argument("--tiny-images", type=int, default=200)
     ap.add_argument("--vitb-images", type=int, default=24)
     ap.add_argument("--skip-vitb", action="store_true")
+    ap.add_argument("--pipeline-images", type=int, default=640)
+    ap.add_argument("--pipeline-image-size", type=int, default=384, help="JPEG size of the pipeline corpus")
+    ap.add_argument("--json", action="store_true", help="print the results as one JSON line last")
     args = ap.parse_args()
     if args.quick:
-        args.tiny_images, args.vitb_images = 48, 8
+        args.tiny_images, args.vitb_images, args.pipeline_images = 48, 8, 160
+    sections = set(args.only.split(","))
     logging.basicConfig(level=logging.ERROR)
     torch.manual_seed(0)
     print(f"torch threads: {torch.get_num_threads()}")
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        if "stage" in sections:
+            results["stage"] = stage_section(tmp, args)
+        if "pipeline" in sections:
+            results["pipeline"] = pipeline_section(tmp, args.pipeline_images, args.pipeline_image_size, 32,
+                                                   "ttd-tiny")
+        if "post" in sections:
+            results["post"] = post_section(256, 14, 512, 12, 2000, 2 if args.quick else 10)
+    if args.json:
+        print(json.dumps(results))
+
+
+def stage_section(tmp: Path, args: argparse.Namespace) -> dict:
     runs = [("ttd-tiny", args.tiny_images, ScoreConfig(batch_size=64))]
     if not args.skip_vitb:
         runs.append(("ViT-B-16", args.vitb_images, ScoreConfig(batch_size=8)))
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        for model, n_images, config in runs:
-            out = tmp / f"synth-{model}"
-            synthesize(str(out), train=n_images, eval=0, seed=0)
-            corpus = str(out / "train")
-            tags_store = tmp / f"tags-{model}"
-            Store(str(tags_store), create=True)
-            parse_tags(corpus, str(tags_store))
-            t_naive, n1, sel_naive = naive(corpus, str(tags_store), model, config)
-            t_stage, n2, sel_stage = stage(corpus, str(tags_store), tmp, model, config)
-            assert n1 == n2, (n1, n2)
-            agree = np.mean([sel_naive[k] == sel_stage.get(k) for k in sel_naive])
-            r_naive, r_stage = n1 / t_naive, n2 / t_stage
-            print(f"{model:9s} images={n1:4d}  naive {r_naive:8.2f} img/s  stage {r_stage:8.2f} img/s  "
-                  f"ratio {r_stage / r_naive:5.2f}x  selection agreement {agree:.4f}")
+    out_results = {}
+    for model, n_images, config in runs:
+        out = tmp / f"synth-{model}"
+        synthesize(str(out), train=n_images, eval=0, seed=0)
+        corpus = str(out / "train")
+        tags_store = tmp / f"tags-{model}"
+        Store(str(tags_store), create=True)
+        parse_tags(corpus, str(tags_store))
+        t_naive, n1, sel_naive = naive(corpus, str(tags_store), model, config)
+        t_stage, n2, sel_stage = stage(corpus, str(tags_store), tmp, model, config)
+        assert n1 == n2, (n1, n2)
+        agree = np.mean([sel_naive[k] == sel_stage.get(k) for k in sel_naive])
+        r_naive, r_stage = n1 / t_naive, n2 / t_stage
+        print(f"stage {model:9s} images={n1:4d}  naive {r_naive:8.2f} img/s  stage {r_stage:8.2f} img/s  "
+              f"ratio {r_stage / r_naive:5.2f}x  selection agreement {agree:.4f}")
+        out_results[model] = {"naive_images_per_s": round(r_naive, 2), "stage_images_per_s": round(r_stage, 2),
+                              "ratio": round(r_stage / r_naive, 2), "selection_agreement": float(agree)}
+    return out_results
 
 
 if __name__ == "__main__":

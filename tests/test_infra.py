@@ -85,7 +85,6 @@ def test_pull_step_finds_the_checkout_or_says_what_to_set(tmp_path, monkeypatch)
 
 def test_deployment_runs_merge_their_overrides_and_name_missing_variables():
     from flows.pipeline import _resolve
-
     from ttd.errors import TTDError
 
     nightly = {"config_path": str(ROOT / "configs/local.yaml"), "corpus": "/data/c", "store": "/data/s",

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key
 from ttd.relevancy import ScoreConfig
-from ttd.score import run_score
+from ttd.score import SHARDS_PER_CALL, run_score
 from ttd.sql import query
 from ttd.store import Store
 from ttd.uri import resolve
@@ -249,10 +249,64 @@ def test_a_lost_ray_actor_is_restarted_and_its_shard_retried(tmp_path, ray_head)
         time.sleep(0.02)
     run.join(300)
     assert killed_at is not None and killed_at < shards, "the actor was not killed mid-run"
-    # the retried shard is done again, or skipped as done when the kill fell between its commit and its reply
-    assert result["done"] + result["skipped_done"] == shards and result["done"] >= shards - 1
+    # an actor gets SHARDS_PER_CALL shards at a time: the retried call skips, as done, those it committed before
+    # the kill, and scores the rest; every shard is counted once
+    assert result["done"] + result["skipped_done"] == shards and result["skipped_done"] <= SHARDS_PER_CALL
     assert len(list(manifests.rglob("*.json"))) == shards
     keys = [(r["key"], r["tag_index"]) for r in rows(store, "relevancy", ["key", "tag_index"])]
     tags = [(r["key"], r["tag_index"]) for r in rows(store, "tags", ["key", "tag_index"])]
     assert len(keys) == len(set(keys)) and set(keys) == set(tags)  # every candidate scored once
     assert not list(Path(store, "claims").rglob("*.json"))
+
+
+def test_pipelined_and_serial_scoring_write_the_same_bytes(tmp_path):
+    """The two schedules run the same steps: relevancy, masks and errors equal row for row, heatmaps byte for byte,
+    on a corpus with failed downloads and a batch size that splits shards unevenly."""
+    corpus = str(tmp_path / "c")
+    build_corpus(corpus, shards=3, per_shard=7)
+    tables = {}
+    for pipelined in (False, True):
+        store = str(tmp_path / f"s-{pipelined}")
+        write_simple_tags(store, corpus)
+        summary = run_score(corpus, store, ScoreConfig(batch_size=3, pipelined=pipelined), model=MODEL, workers=0)
+        assert summary["done"] == 3 and summary["images"] == 21
+        s = Store(store)
+        tables[pipelined] = {t: s.read(t).drop_columns(["corpus"]).sort_by(
+            [("shard", "ascending"), ("key", "ascending")] + ([("tag_index", "ascending")] if t != "errors" else []))
+            for t in ("relevancy", "masks", "errors")}
+    for t in ("relevancy", "masks", "errors"):
+        assert tables[False][t].equals(tables[True][t]), t
+    # the speed setting is not part of the fingerprint: a pipelined re-run over the serial store does nothing
+    again = run_score(corpus, str(tmp_path / "s-False"), ScoreConfig(batch_size=3, pipelined=True), model=MODEL,
+                      workers=0)
+    assert again["done"] == 0 and again["skipped_done"] == 3
+
+
+def test_the_device_step_keeps_every_tensor_on_the_models_device(tmp_path):
+    """What crashed the first CUDA batch (caption embeddings made on the CPU met CUDA image features), caught on a
+    CPU: the scorer's device step runs with the model on the `meta` device, where any tensor created elsewhere
+    fails to combine. Every output is on the model's device, until the one copy back per batch."""
+    import torch
+
+    from ttd import score_pipeline
+    from ttd.corpus import open_corpus
+    from ttd.score import ShardScorer, plan_shards
+
+    corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
+    build_corpus(corpus, shards=1, per_shard=4)
+    write_simple_tags(store, corpus)
+    scorer = ShardScorer({"uri": corpus, "format": "webdataset", "name": "c"}, store, {"name": MODEL},
+                         ScoreConfig(batch_size=4).model_dump(mode="json"), "cpu")
+    (planned,) = plan_shards(open_corpus(corpus), Store(store), scorer.config, scorer.model_id)
+    job = score_pipeline.ShardJob(planned.shard, planned.fingerprint, planned.input_fingerprint)
+    reads = score_pipeline.read_batches([job], scorer._open, scorer._decode, 4, 1, False, score_pipeline.Timings())
+    batch = next(reads)
+    scorer._tag_embeddings(job.shard, sorted({c["lower"] for cs in job.by_key.values() for c in cs}))  # the cache
+    meta = torch.device("meta")
+    scorer.bundle.model.to(meta)
+    scorer.bundle.device = scorer.device = meta
+    scorer.prep = score_pipeline.ImagePrep(scorer.bundle.preprocess, meta)
+    out = scorer._device_step(batch)
+    assert {v.device for v in out.values()} == {meta}
+    assert out["pixel_raw"].shape[0] == 4 and out["heatmap"].dtype == torch.uint8
+    scorer._release(job)

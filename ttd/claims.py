@@ -124,6 +124,9 @@ def claim(store: Store, stage: str, partition: Mapping[str, str], *, ttl: float 
     held = _create_exclusive(store, path, data)
     if not held:
         other = _read(store, path)
+        # our own create: the server wrote it but its reply was lost, and the retried PUT found it there
+        held = other is not None and other.get("owner") == doc["owner"]
+    if not held:
         if other is None or is_stale(other):
             log.info("taking over stale claim %s (%s)", path, (other or {}).get("machine", "gone"))
             try:

@@ -345,7 +345,7 @@ def make_batch(items: list[TrainItem], bundle, config: DistillConfig, pool: Thre
             t = F.interpolate(t[None, None], size=grid, mode="bilinear", align_corners=False)[0, 0]
         maps[j] = t
     prompts = [t.format(tag) for tag in uniq for t in config.templates]
-    prompt_tokens = bundle.tokenizer(prompts).to(dev) if prompts else torch.zeros(0, 1, dtype=torch.long)
+    prompt_tokens = bundle.tokenizer(prompts).to(dev) if prompts else torch.zeros(0, 1, dtype=torch.long, device=dev)
     return Batch(x, tokens, prompt_tokens, torch.tensor(sample_of_tag, dtype=torch.long, device=dev),
                  torch.tensor(uniq_of_tag, dtype=torch.long, device=dev),
                  torch.tensor(selected, dtype=torch.bool, device=dev), maps.to(dev),

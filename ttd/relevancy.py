@@ -35,6 +35,8 @@ class ScoreConfig(pydantic.BaseModel):
     masks_for: Literal["selected", "all"] = "selected"
     batch_size: int = pydantic.Field(64, ge=1, le=4096)
     decode_threads: int = pydantic.Field(2, ge=1, le=64)
+    pipelined: bool = pydantic.Field(True, description="Overlap reading/decoding, the device and writing (threads "
+                                                       "joined by two-deep queues); false runs them in series.")
     max_pixels: int = pydantic.Field(64_000_000, ge=1)
 
     @pydantic.field_validator("templates")
@@ -51,11 +53,13 @@ def _trimmable(model) -> bool:
             and hasattr(model, "token_embedding"))
 
 
-def _encode_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
-    """`model.encode_text` on tokens cut after the batch's longest prompt. Under the causal mask every position up
-    to the EOT sees only earlier positions, so the pooled output is the same; the text tower then runs on ~10
-    tokens instead of the context length (77 for CLIP)."""
-    length = int((tokens != 0).sum(dim=1).max())
+def _encode_trimmed(model, tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """`model.encode_text` on tokens cut after the batch's longest prompt (`length`, counted on the host before
+    the copy, so the device is never waited for). Under the causal mask every position up to the EOT sees only
+    earlier positions, so the pooled output is the same; the text tower then runs on ~10 tokens instead of the
+    context length (77 for CLIP)."""
+    if length is None:
+        length = int((tokens != 0).sum(dim=1).max())
     tokens = tokens[:, :max(length, 1)]
     cast = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:tokens.shape[1]].to(cast)
@@ -68,26 +72,30 @@ def _encode_trimmed(model, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_texts(bundle, texts: list[str], batch_size: int = 256, trim: bool = True) -> torch.Tensor:
-    """L2-normalised text embeddings [N, D], in the order given. Prompts are batched by token length."""
+    """L2-normalised text embeddings [N, D] on the model's device, in the order given. Prompts are batched by token
+    length."""
     if not texts:
-        return torch.zeros(0, bundle.embed_dim)
+        return torch.zeros(0, bundle.embed_dim, device=bundle.device)
     tokens = bundle.tokenizer(texts)
     fast = trim and _trimmable(bundle.model)
     order = torch.argsort((tokens != 0).sum(dim=1)) if fast else torch.arange(len(texts))
-    out = torch.empty(len(texts), bundle.embed_dim)
+    out = torch.empty(len(texts), bundle.embed_dim, device=bundle.device)
     for i in range(0, len(texts), batch_size):
         idx = order[i:i + batch_size]
-        batch = tokens[idx].to(bundle.device)
-        emb = _encode_trimmed(bundle.model, batch) if fast else bundle.model.encode_text(batch)
-        out[idx] = F.normalize(emb.float(), dim=-1).cpu()
+        batch = tokens[idx]
+        length = int((batch != 0).sum(dim=1).max())
+        batch = batch.to(bundle.device, non_blocking=True)
+        emb = _encode_trimmed(bundle.model, batch, length) if fast else bundle.model.encode_text(batch)
+        out[idx.to(bundle.device)] = F.normalize(emb.float(), dim=-1)
     return out
 
 
 @torch.no_grad()
 def encode_tags(bundle, tags: list[str], templates: tuple[str, ...], trim: bool = True) -> torch.Tensor:
-    """Prompt-ensembled tag embeddings [N, D]: mean of the normalised template embeddings, renormalised."""
+    """Prompt-ensembled tag embeddings [N, D] on the model's device: mean of the normalised template embeddings,
+    renormalised."""
     if not tags:
-        return torch.zeros(0, bundle.embed_dim)
+        return torch.zeros(0, bundle.embed_dim, device=bundle.device)
     prompts = [t.format(tag) for tag in tags for t in templates]
     emb = encode_texts(bundle, prompts, trim=trim).reshape(len(tags), len(templates), -1).mean(dim=1)
     return F.normalize(emb, dim=-1)
@@ -99,9 +107,13 @@ def tag_heatmaps(dense: torch.Tensor, tag_emb: torch.Tensor) -> torch.Tensor:
 
 
 def raw_scores(global_emb: torch.Tensor, dense: torch.Tensor, caption_emb: torch.Tensor, tag_emb: torch.Tensor):
-    """For one sample: (pixel, image, text) raw scores [T] and the heatmaps [T, gh, gw]."""
+    """For one sample: (pixel, image, text) raw scores [T] and the heatmaps [T, gh, gw], on the device of `dense`
+    (the model's); a tensor on another device is refused here, not deep inside a kernel."""
+    from .score_batch import on_device
+
+    on_device(dense.device, global_emb=global_emb, caption_emb=caption_emb, tag_emb=tag_emb)
     maps = tag_heatmaps(dense, tag_emb)
-    pixel = maps.flatten(1).amax(dim=1) if maps.numel() else torch.zeros(0)
+    pixel = maps.flatten(1).amax(dim=1) if maps.numel() else torch.zeros(0, device=dense.device)
     image = tag_emb @ F.normalize(global_emb.float(), dim=-1)
     text = tag_emb @ caption_emb.float()
     return pixel, image, text, maps

@@ -12,7 +12,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import torch
 
-from . import schemas
+from . import schemas, score_pipeline
 from .claims import claim, clear_stale
 from .corpus import Corpus, ReadIssue, Sample, ShardRef, open_corpus
 from .corpus.base import select_planned
@@ -28,7 +28,9 @@ from .errors import ImageDecodeError, TTDError
 from .models import load_model
 from .models.dense import encode_image_dense
 from .ray_local import ensure_ray
-from .relevancy import ScoreConfig, encode_tags, encode_texts, normalise, quantise, raw_scores
+from .relevancy import ScoreConfig, encode_tags, encode_texts
+from .score_batch import Candidates, batch_tables, compute, to_host
+from .score_pipeline import ImagePrep, ReadBatch, ShardJob, Timings
 from .store import Store, fingerprint
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ STAGE_VERSION = 1
 EMBED_STAGE = "embed_tags"
 PARSE_STAGE = "parse"
 # Settings that change speed, not results: left out of the fingerprint so tuning them never re-scores.
-_PERF_FIELDS = {"batch_size", "decode_threads"}
+_PERF_FIELDS = {"batch_size", "decode_threads", "pipelined"}
 
 
 def result_config(config: ScoreConfig) -> dict:
@@ -50,7 +52,11 @@ def embedding_key(model_id: str, templates: tuple[str, ...]) -> str:
 
 
 class ShardScorer:
-    """One worker: loads the model once, then scores whole shards and commits them to the store."""
+    """One worker: loads the model once, then scores shards and commits each to the store.
+
+    The work per shard runs through `score_pipeline`: reading and decoding (host threads) overlap the device
+    step (copy, normalise, forward, batched scoring: `score_batch`) and the host step (rows, write, commit).
+    `forward` is the model's image pass; the benchmark swaps in a stand-in device that only holds each batch."""
 
     def __init__(self, corpus: dict, store_uri: str, model: dict, config: dict, device: str | None = None,
                  threads: int | None = None):
@@ -68,8 +74,10 @@ class ShardScorer:
         self.store = Store(store_uri)
         self.emb_key = embedding_key(self.model_id, self.config.templates)
         self._emb_cache: dict[str, np.ndarray] = {}
-        self._pool = ThreadPoolExecutor(self.config.decode_threads)
         self.autocast = self.device.type == "cuda"
+        self.prep = ImagePrep(self.bundle.preprocess, self.device)
+        self.timings = Timings()
+        self.forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = self._forward
 
     # ---- tag embeddings ---------------------------------------------------------------------------------------
     def _tag_embeddings(self, shard: ShardRef, tags: list[str]) -> dict[str, np.ndarray]:
@@ -102,102 +110,127 @@ class ShardScorer:
         t = self.store.read("captions", columns=["key", "caption"], filter=where)
         return by_key, dict(zip(t["key"].to_pylist(), t["caption"].to_pylist()))
 
-    def _decode(self, sample: Sample):
-        try:
-            return self.bundle.preprocess(sample.image()), None
-        except ImageDecodeError as exc:
-            return None, (exc.error_type, str(exc))
-        except Exception as exc:  # a preprocessing failure on an odd image is that sample's problem only
-            return None, ("preprocess_failed", f"{type(exc).__name__}: {exc}")
-
-    def _batches(self, shard: ShardRef, keys_wanted: dict, errors: list) -> Iterator[list[tuple[Sample, Any]]]:
-        pending: list[Sample] = []
-
-        def flush():
-            decoded = list(self._pool.map(self._decode, pending))
-            ok = []
-            for s, (tensor, err) in zip(pending, decoded):
-                if err is not None:
-                    errors.append({"key": s.key, "stage": STAGE, "error_type": err[0], "message": err[1],
-                                   "severity": "error", "source": s.source})
-                else:
-                    ok.append((s, tensor))
-            pending.clear()
-            return ok
-
-        for item in self.corpus.read_shard(shard):
-            if isinstance(item, ReadIssue):
-                errors.append(item.as_row(STAGE))
-                continue
-            if item.key not in keys_wanted:
-                errors.append({"key": item.key, "stage": STAGE, "error_type": "no_candidates",
-                               "message": "caption has no candidate tags in `tags` (empty caption?); not scored",
-                               "severity": "warning", "source": item.source})
-                continue
-            pending.append(item)
-            if len(pending) >= self.config.batch_size:
-                yield flush()
-        if pending:
-            yield flush()
-
     def score_shard(self, shard: ShardRef, fp: str, input_fingerprint: str) -> dict[str, Any]:
         """Score and commit one shard, unless another run holds it or finished it since planning."""
-        with claim(self.store, STAGE, shard.partition) as holder:
-            if holder is not None:
-                return {"shard": shard.name, "skipped": "claimed", "holder": holder}
-            if self.store.is_done(STAGE, shard.partition, fp):
-                return {"shard": shard.name, "skipped": "done"}
-            return self._score_shard(shard, fp, input_fingerprint)
+        return self.score_shards([(shard, fp, input_fingerprint)])[0]
 
-    @torch.no_grad()
-    def _score_shard(self, shard: ShardRef, fp: str, input_fingerprint: str) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        cfg = self.config
-        by_key, captions = self._candidates(shard)
-        emb = self._tag_embeddings(shard, sorted({c["lower"] for cs in by_key.values() for c in cs}))
-        rel_rows: list[dict] = []
-        mask_rows: list[dict] = []
-        errors: list[dict] = []
-        n_images = 0
-        for batch in self._batches(shard, by_key, errors):
-            if not batch:
-                continue
-            images = torch.stack([t for _, t in batch]).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                global_emb, dense = encode_image_dense(self.bundle.model, images, cfg.head)
-            caps = [captions.get(s.key) or s.caption or "" for s, _ in batch]
-            cap_emb = encode_texts(self.bundle, caps)
-            for i, (sample, _) in enumerate(batch):
-                cands = by_key[sample.key]
-                tag_emb = torch.from_numpy(np.stack([emb[c["lower"]] for c in cands])).to(self.device)
-                pixel, image, text, maps = raw_scores(global_emb[i], dense[i], cap_emb[i], tag_emb)
-                raw = {"pixel": pixel.cpu().numpy(), "image": image.cpu().numpy(), "text": text.cpu().numpy()}
-                norm = {k: normalise(v, cfg.normalisation) for k, v in raw.items()}
-                selected = norm[cfg.selection] >= cfg.threshold
-                maps = maps.cpu().numpy()
-                for j, c in enumerate(cands):
-                    rel_rows.append({
-                        "key": sample.key, "tag_index": c["tag_index"], "text": c["text"],
-                        "pixel_raw": raw["pixel"][j], "image_raw": raw["image"][j], "text_raw": raw["text"][j],
-                        "pixel_score": norm["pixel"][j], "image_score": norm["image"][j],
-                        "text_score": norm["text"][j], "selected": bool(selected[j]), "threshold": cfg.threshold,
-                        "model_id": self.model_id, "head": cfg.head,
-                    })
-                    if selected[j] or cfg.masks_for == "all":
-                        data, lo, hi = quantise(maps[j])
-                        mask_rows.append({"key": sample.key, "tag_index": c["tag_index"], "text": c["text"],
-                                          "height": maps.shape[1], "width": maps.shape[2], "heatmap": data,
-                                          "vmin": lo, "vmax": hi})
-            n_images += len(batch)
-        tables = {
-            "relevancy": pa.Table.from_pylist(rel_rows, schema=schemas.get("relevancy").arrow),
-            "masks": pa.Table.from_pylist(mask_rows, schema=schemas.get("masks").arrow),
-            "errors": pa.Table.from_pylist(errors, schema=schemas.get("errors").arrow),
-        }
-        self.store.commit(STAGE, shard.partition, fp, tables, stage_version=STAGE_VERSION,
-                          config=result_config(cfg), model_id=self.model_id, input_fingerprint=input_fingerprint)
-        return {"shard": shard.name, "images": n_images, "tags": len(rel_rows), "masks": len(mask_rows),
-                "errors": len(errors), "seconds": time.perf_counter() - t0}
+    def score_shards(self, todo: list[tuple[ShardRef, str, str]], on_result: Callable[[dict], None] | None = None,
+                     pipelined: bool | None = None) -> list[dict[str, Any]]:
+        """Score and commit shards in order, the next one's reads overlapping this one's work; one result each
+        (also handed to `on_result` as each shard commits)."""
+        jobs = [ShardJob(shard, fp, input_fp) for shard, fp, input_fp in todo]
+
+        def finish(job: ShardJob) -> dict[str, Any]:
+            result = self._finish(job)
+            if on_result:
+                on_result(result)
+            return result
+
+        try:
+            with torch.no_grad():
+                return score_pipeline.run(
+                    jobs, open_job=self._open, decode=self._decode, device_step=self._device_step,
+                    host_step=self._host_step, finish_job=finish, batch_size=self.config.batch_size,
+                    threads=self.config.decode_threads, pin=self.device.type == "cuda",
+                    pipelined=self.config.pipelined if pipelined is None else pipelined, timings=self.timings)
+        finally:
+            for job in jobs:  # claims still held after a failure (a shard read but not committed)
+                self._release(job)
+
+    def _open(self, job: ShardJob) -> Iterator[Sample]:
+        """Claim the shard; unless it is held elsewhere or done, read its candidates and yield its samples that
+        have some (read problems and samples without candidates become `errors` rows)."""
+        job.claim = claim(self.store, STAGE, job.shard.partition)
+        holder = job.claim.__enter__()
+        if holder is not None:
+            job.skipped = {"skipped": "claimed", "holder": holder}
+            return
+        if self.store.is_done(STAGE, job.shard.partition, job.fingerprint):
+            job.skipped = {"skipped": "done"}
+            return
+        job.by_key, job.captions = self._candidates(job.shard)
+        for item in self.corpus.read_shard(job.shard):
+            if isinstance(item, ReadIssue):
+                job.errors.append(item.as_row(STAGE))
+            elif item.key not in job.by_key:
+                job.errors.append({"key": item.key, "stage": STAGE, "error_type": "no_candidates",
+                                   "message": "caption has no candidate tags in `tags` (empty caption?); not scored",
+                                   "severity": "warning", "source": item.source})
+            else:
+                yield item
+
+    def _decode(self, sample: Sample) -> tuple[torch.Tensor | None, dict | None]:
+        try:
+            return self.prep.host(sample.image()), None
+        except ImageDecodeError as exc:
+            error = (exc.error_type, str(exc))
+        except Exception as exc:  # a preprocessing failure on an odd image is that sample's problem only
+            error = ("preprocess_failed", f"{type(exc).__name__}: {exc}")
+        return None, {"key": sample.key, "stage": STAGE, "error_type": error[0], "message": error[1],
+                      "severity": "error", "source": sample.source}
+
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            return encode_image_dense(self.bundle.model, images, self.config.head)
+
+    def _autocast(self) -> Any:
+        """bf16 autocast on CUDA; nothing elsewhere (CPU keeps fp32; autocast refuses some device types)."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+
+    def _device_step(self, batch: ReadBatch) -> dict[str, torch.Tensor]:
+        """Everything that touches the device, for one batch; nothing here waits for it."""
+        job, cfg = batch.job, self.config
+        if job.context is None:  # the shard's tag-embedding matrix, on the device for all its batches
+            tags = sorted({c["lower"] for cs in job.by_key.values() for c in cs})
+            emb = self._tag_embeddings(job.shard, tags)
+            job.context = ({t: i for i, t in enumerate(tags)},
+                           torch.from_numpy(np.stack([emb[t] for t in tags])).to(self.device))
+        rows, matrix = job.context
+        images = self.prep.device(batch.images.to(self.device, non_blocking=True))
+        global_emb, dense = self.forward(images)
+        with self._autocast():
+            cap_emb = encode_texts(self.bundle, [job.captions.get(k) or c or "" for k, c in batch.samples])
+        cands = Candidates.pack([[rows[c["lower"]] for c in job.by_key[k]] for k, _ in batch.samples])
+        return compute(global_emb, dense, cap_emb, matrix, cands.to(self.device), normalisation=cfg.normalisation,
+                       selection=cfg.selection, threshold=cfg.threshold)
+
+    def _host_step(self, batch: ReadBatch, out: dict[str, torch.Tensor]) -> None:
+        """One copy back, then the batch's rows as Arrow columns."""
+        host = to_host(out)
+        keys = [k for k, _ in batch.samples]
+        rel, masks = batch_tables(host, keys, [batch.job.by_key[k] for k in keys], threshold=self.config.threshold,
+                                  model_id=self.model_id, head=self.config.head, masks_for=self.config.masks_for)
+        batch.job.relevancy.append(rel)
+        batch.job.masks.append(masks)
+        batch.job.images += len(keys)
+
+    def _finish(self, job: ShardJob) -> dict[str, Any]:
+        """Commit the shard (its data files, then its manifest) and release its claim."""
+        try:
+            if job.skipped is not None:
+                return {"shard": job.shard.name, **job.skipped}
+            tables = {
+                "relevancy": _concat(job.relevancy, "relevancy"), "masks": _concat(job.masks, "masks"),
+                "errors": pa.Table.from_pylist(job.errors, schema=schemas.get("errors").arrow),
+            }
+            self.store.commit(STAGE, job.shard.partition, job.fingerprint, tables, stage_version=STAGE_VERSION,
+                              config=result_config(self.config), model_id=self.model_id,
+                              input_fingerprint=job.input_fingerprint)
+            return {"shard": job.shard.name, "images": job.images, "tags": tables["relevancy"].num_rows,
+                    "masks": tables["masks"].num_rows, "errors": len(job.errors),
+                    "seconds": time.perf_counter() - job.started}
+        finally:
+            self._release(job)
+
+    @staticmethod
+    def _release(job: ShardJob) -> None:
+        if job.claim is not None:
+            held, job.claim = job.claim, None
+            held.__exit__(None, None, None)
+
+
+def _concat(tables: list[pa.Table], name: str) -> pa.Table:
+    return pa.concat_tables(tables) if tables else schemas.get(name).arrow.empty_table()
 
 
 class PlannedShard(NamedTuple):
@@ -230,7 +263,8 @@ def plan_shards(corpus: Corpus, store: Store, config: ScoreConfig, model_id: str
     return planned
 
 
-ACTOR_RETRIES = 3  # restarts of a lost scoring actor, and retries of the shard it held
+ACTOR_RETRIES = 3  # restarts of a lost scoring actor, and retries of the shards it held
+SHARDS_PER_CALL = 4  # shards handed to a Ray actor at once (its pipeline overlaps them)
 
 
 def _ray_workers(ray_address: str | None, workers: int | None) -> tuple[int, float, int]:
@@ -311,8 +345,7 @@ def run_score(
             progress(result)
 
     if todo and local is not None:
-        for shard, fp, input_fp in todo:
-            account(local.score_shard(shard, fp, input_fp))
+        local.score_shards(todo, on_result=account)  # one pipeline: the next shard is read while one computes
     elif todo:
         import ray
         from ray.util import ActorPool
@@ -325,9 +358,14 @@ def run_score(
                                     max_task_retries=ACTOR_RETRIES).remote(
             corpus_spec, store_uri, model_spec, config.model_dump(mode="json"), device, threads) for _ in range(n)]
         pool = ActorPool(actors)
+        # a few shards per call, so an actor reads its next shard while it computes one; few enough that shards
+        # still spread over every actor, and a lost actor redoes little (its committed shards are then "done")
+        per_call = max(1, min(SHARDS_PER_CALL, len(todo) // n))
+        chunks = [todo[i:i + per_call] for i in range(0, len(todo), per_call)]
         try:
-            for result in pool.map_unordered(lambda a, job: a.score_shard.remote(*job), todo):
-                account(result)
+            for results in pool.map_unordered(lambda a, chunk: a.score_shards.remote(chunk), chunks):
+                for result in results:
+                    account(result)
         except ray.exceptions.RayActorError as exc:
             raise TTDError(f"a Ray scoring worker was lost and not recovered after {ACTOR_RETRIES} restarts "
                            f"({type(exc).__name__}); {summary['done']} of {len(todo)} shard(s) were committed by "

@@ -117,7 +117,7 @@ def selected_union(maps: torch.Tensor, selected: np.ndarray, size: tuple[int, in
     heatmaps [T, gh, gw], then upsampled to the image; None when no tag is selected."""
     if not selected.any():
         return None
-    chosen = maps[torch.from_numpy(np.asarray(selected, dtype=bool))].flatten(1)
+    chosen = maps[torch.from_numpy(np.asarray(selected, dtype=bool)).to(maps.device)].flatten(1)
     lo, hi = chosen.amin(1, keepdim=True), chosen.amax(1, keepdim=True)
     norm = ((chosen - lo) / (hi - lo).clamp_min(1e-8)).reshape(-1, *maps.shape[1:])
     return upsample(norm.amax(0), size).cpu().numpy()

@@ -79,10 +79,10 @@ def gaussian_window(grid: tuple[int, int], std: float, device, dtype) -> torch.T
 def dense_block(block, x: torch.Tensor, head: str, grid: tuple[int, int]) -> torch.Tensor:
     """The last block's output tokens under a dense head (see module docstring)."""
     y = block.ln_1(x)
+    if head == "maskclip":  # the value path only: the query and key projections would be thrown away
+        return block.attn.out_proj(F.linear(y, *_v_proj(block)))
     q, k, v, d = _qkv(block, y)
     scale = d ** -0.5
-    if head == "maskclip":
-        return block.attn.out_proj(F.linear(y, *_v_proj(block)))
     if head == "clearclip":
         return _merge(block, torch.softmax(q @ q.transpose(-1, -2) * scale, -1) @ v)
     if head == "naclip":

@@ -1,0 +1,72 @@
+"""The scorer's batched per-batch computation: same numbers as the per-sample reference, one device discipline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ttd.relevancy import normalise, quantise, raw_scores
+from ttd.score_batch import Candidates, DeviceMismatch, batch_tables, compute, to_host
+
+
+def _inputs(seed: int = 0, b: int = 5, grid=(4, 6), d: int = 16, tags: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    global_emb = torch.randn(b, d, generator=g)
+    dense = torch.randn(b, *grid, d, generator=g)
+    caption = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=-1)
+    matrix = torch.nn.functional.normalize(torch.randn(tags, d, generator=g), dim=-1)
+    rows = [[int(i) for i in torch.randperm(tags, generator=g)[:n]] for n in (3, 1, 7, 2, 5)[:b]]
+    return global_emb, dense, caption, matrix, rows
+
+
+def test_batched_scores_equal_the_per_sample_loop():
+    global_emb, dense, caption, matrix, rows = _inputs()
+    out = to_host(compute(global_emb, dense, caption, matrix, Candidates.pack(rows), normalisation="minmax",
+                          selection="pixel", threshold=0.5))
+    for b, r in enumerate(rows):
+        pixel, image, text, maps = raw_scores(global_emb[b], dense[b], caption[b], matrix[r])
+        n = len(r)
+        for name, ref in (("pixel", pixel), ("image", image), ("text", text)):
+            np.testing.assert_allclose(out[f"{name}_raw"][b, :n], ref.numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(out[f"{name}_score"][b, :n], normalise(ref.numpy(), "minmax"), atol=1e-5)
+        assert (out["selected"][b, :n] == (normalise(pixel.numpy(), "minmax") >= 0.5)).all()
+        assert not out["selected"][b, n:].any()  # padding is never selected
+        for t in range(n):
+            data, lo, hi = quantise(maps[t].numpy())
+            q = np.frombuffer(data, np.uint8)
+            ours = out["heatmap"][b, t].reshape(-1).astype(int)
+            assert np.abs(ours - q.astype(int)).max() <= 1  # rounding at .5 only
+            assert out["vmin"][b, t] == pytest.approx(lo, abs=1e-6)
+            assert out["vmax"][b, t] == pytest.approx(hi, abs=1e-6)
+    assert out["pixel_score"][1, 0] == 1.0  # a single candidate maps to 1, as the per-caption normalise does
+
+
+def test_batch_tables_hold_every_candidate_and_the_selected_masks():
+    global_emb, dense, caption, matrix, rows = _inputs(1)
+    host = to_host(compute(global_emb, dense, caption, matrix, Candidates.pack(rows), normalisation="minmax",
+                           selection="pixel", threshold=0.5))
+    keys = [f"k{b}" for b in range(len(rows))]
+    cands = [[{"tag_index": i, "text": f"t{b}.{i}"} for i in range(len(r))] for b, r in enumerate(rows)]
+    rel, masks = batch_tables(host, keys, cands, threshold=0.5, model_id="m", head="maskclip",
+                              masks_for="selected")
+    assert rel.num_rows == sum(map(len, rows)) and rel.column("key").to_pylist()[:3] == ["k0"] * 3
+    assert rel.column("text").to_pylist()[3] == "t1.0"
+    assert masks.num_rows == sum(rel.column("selected").to_pylist())
+    assert all(len(h) == 24 for h in masks.column("heatmap").to_pylist())
+    sel = [i for i, s in enumerate(rel.column("selected").to_pylist()) if s]
+    assert masks.column("key").to_pylist() == [rel.column("key").to_pylist()[i] for i in sel]
+
+
+def test_a_tensor_on_another_device_is_refused_at_the_boundary():
+    """What failed on the first CUDA batch: caption embeddings left on the CPU met the image features on the GPU.
+    With no GPU here, the `meta` device stands in for it: the batch computation runs there shape for shape."""
+    global_emb, dense, caption, matrix, rows = _inputs()
+    meta = torch.device("meta")
+    cands = Candidates.pack(rows).to(meta)
+    out = compute(global_emb.to(meta), dense.to(meta), caption.to(meta), matrix.to(meta), cands,
+                  normalisation="minmax", selection="pixel", threshold=0.5)
+    assert all(v.device == meta for v in out.values()) and out["heatmap"].shape == (5, 7, 4, 6)
+    with pytest.raises(DeviceMismatch, match="caption_emb is on cpu, the model on meta"):
+        compute(global_emb.to(meta), dense.to(meta), caption, matrix.to(meta), cands, normalisation="minmax",
+                selection="pixel", threshold=0.5)
