@@ -119,7 +119,9 @@ def encoded(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def test_bad_images_become_errors_and_the_rest_is_scored(tmp_path):
+@pytest.mark.parametrize("processes", [0, 2], ids=["threads", "processes"])
+def test_bad_images_become_errors_and_the_rest_is_scored(tmp_path, processes):
+    """The same errors rows whether images are decoded in threads or in forked processes."""
     corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
     w = ShardWriter(resolve(corpus), 0)
     rng = np.random.default_rng(0)
@@ -139,7 +141,8 @@ def test_bad_images_become_errors_and_the_rest_is_scored(tmp_path):
         w.add(keys[name], "" if name == "nocaption" else f"a {name} picture", data, width=32, height=32)
     w.close()
     write_simple_tags(store, corpus)
-    summary = run_score(corpus, store, ScoreConfig(max_pixels=50_000_000), model=MODEL, workers=0)
+    summary = run_score(corpus, store, ScoreConfig(max_pixels=50_000_000, decode_processes=processes), model=MODEL,
+                        workers=0)
     errs = {r["key"]: r["error_type"] for r in Store(store).read("errors").to_pylist()}
     assert errs == {keys["corrupt"]: "corrupt_image", keys["bomb"]: "decompression_bomb",
                     keys["nocaption"]: "no_candidates"}
@@ -265,19 +268,21 @@ def test_pipelined_and_serial_scoring_write_the_same_bytes(tmp_path):
     corpus = str(tmp_path / "c")
     build_corpus(corpus, shards=3, per_shard=7)
     tables = {}
-    for pipelined in (False, True):
-        store = str(tmp_path / f"s-{pipelined}")
+    for name, settings in (("serial", {"pipelined": False}), ("pipelined", {}),
+                           ("processes", {"decode_processes": 2})):
+        store = str(tmp_path / f"s-{name}")
         write_simple_tags(store, corpus)
-        summary = run_score(corpus, store, ScoreConfig(batch_size=3, pipelined=pipelined), model=MODEL, workers=0)
+        summary = run_score(corpus, store, ScoreConfig(batch_size=3, **settings), model=MODEL, workers=0)
         assert summary["done"] == 3 and summary["images"] == 21
         s = Store(store)
-        tables[pipelined] = {t: s.read(t).drop_columns(["corpus"]).sort_by(
+        tables[name] = {t: s.read(t).drop_columns(["corpus"]).sort_by(
             [("shard", "ascending"), ("key", "ascending")] + ([("tag_index", "ascending")] if t != "errors" else []))
             for t in ("relevancy", "masks", "errors")}
     for t in ("relevancy", "masks", "errors"):
-        assert tables[False][t].equals(tables[True][t]), t
+        assert tables["serial"][t].equals(tables["pipelined"][t]), t
+        assert tables["serial"][t].equals(tables["processes"][t]), t  # decoded in forked children: same bytes
     # the speed setting is not part of the fingerprint: a pipelined re-run over the serial store does nothing
-    again = run_score(corpus, str(tmp_path / "s-False"), ScoreConfig(batch_size=3, pipelined=True), model=MODEL,
+    again = run_score(corpus, str(tmp_path / "s-serial"), ScoreConfig(batch_size=3, decode_processes=2), model=MODEL,
                       workers=0)
     assert again["done"] == 0 and again["skipped_done"] == 3
 
@@ -299,9 +304,9 @@ def test_the_device_step_keeps_every_tensor_on_the_models_device(tmp_path):
                          ScoreConfig(batch_size=4).model_dump(mode="json"), "cpu")
     (planned,) = plan_shards(open_corpus(corpus), Store(store), scorer.config, scorer.model_id)
     job = score_pipeline.ShardJob(planned.shard, planned.fingerprint, planned.input_fingerprint)
-    reads = score_pipeline.read_batches([job], scorer._open, scorer._decode, 4, 1, False, score_pipeline.Timings())
+    reads = score_pipeline.read_batches([job], scorer._open, scorer.decoder, 4, False, score_pipeline.Timings())
     batch = next(reads)
-    scorer._tag_embeddings(job.shard, sorted({c["lower"] for cs in job.by_key.values() for c in cs}))  # the cache
+    scorer._tag_embeddings(job.shard, job.candidates.vocabulary())  # the cache, filled on the CPU
     meta = torch.device("meta")
     scorer.bundle.model.to(meta)
     scorer.bundle.device = scorer.device = meta

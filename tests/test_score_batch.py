@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from ttd.relevancy import normalise, quantise, raw_scores
-from ttd.score_batch import Candidates, DeviceMismatch, batch_tables, compute, to_host
+from ttd.score_batch import Candidates, DeviceMismatch, ShardCandidates, batch_tables, compute, to_host
 
 
 def _inputs(seed: int = 0, b: int = 5, grid=(4, 6), d: int = 16, tags: int = 12):
@@ -47,8 +48,10 @@ def test_batch_tables_hold_every_candidate_and_the_selected_masks():
     host = to_host(compute(global_emb, dense, caption, matrix, Candidates.pack(rows), normalisation="minmax",
                            selection="pixel", threshold=0.5))
     keys = [f"k{b}" for b in range(len(rows))]
-    cands = [[{"tag_index": i, "text": f"t{b}.{i}"} for i in range(len(r))] for b, r in enumerate(rows)]
-    rel, masks = batch_tables(host, keys, cands, threshold=0.5, model_id="m", head="maskclip",
+    candidates = pa.table({"tag_index": [i for r in rows for i in range(len(r))],
+                           "text": [f"t{b}.{i}" for b, r in enumerate(rows) for i in range(len(r))]})
+    counts = np.array([len(r) for r in rows])
+    rel, masks = batch_tables(host, keys, counts, candidates, threshold=0.5, model_id="m", head="maskclip",
                               masks_for="selected")
     assert rel.num_rows == sum(map(len, rows)) and rel.column("key").to_pylist()[:3] == ["k0"] * 3
     assert rel.column("text").to_pylist()[3] == "t1.0"
@@ -70,3 +73,16 @@ def test_a_tensor_on_another_device_is_refused_at_the_boundary():
     with pytest.raises(DeviceMismatch, match="caption_emb is on cpu, the model on meta"):
         compute(global_emb.to(meta), dense.to(meta), caption, matrix.to(meta), cands, normalisation="minmax",
                 selection="pixel", threshold=0.5)
+
+
+def test_shard_candidates_gather_each_samples_tags_in_order():
+    tags = pa.table({"key": ["b", "a", "b", "c", "a", "b"], "tag_index": [0, 0, 1, 0, 1, 2],
+                     "text": ["b0", "a0", "b1", "c0", "a1", "b2"], "lower": ["x", "y", "x", "z", "x", "w"]})
+    shard = ShardCandidates(tags)
+    assert "a" in shard and "d" not in shard and shard.vocabulary() == ["w", "x", "y", "z"]
+    idx, counts = shard.rows(["c", "a", "b"])
+    assert counts.tolist() == [1, 2, 3]
+    assert shard.table.column("text").take(pa.array(idx)).to_pylist() == ["c0", "a0", "a1", "b0", "b1", "b2"]
+    packed = Candidates.from_flat(np.array([7, 1, 2, 3, 4, 5]), counts)
+    assert packed.index.tolist() == [[7, 0, 0], [1, 2, 0], [3, 4, 5]]
+    assert packed.valid.tolist() == [[True, False, False], [True, True, False], [True, True, True]]

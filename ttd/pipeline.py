@@ -26,6 +26,7 @@ from typing import Any
 
 from .corpus import open_corpus
 from .errors import TTDError
+from .relevancy import SCORE_PERF_FIELDS
 from .runconfig import RunConfig
 from .store import Store, fingerprint
 from .uri import resolve
@@ -251,7 +252,7 @@ def evaluate_unit(cfg: RunConfig, mid: str, lora: str | None = None) -> Unit:
     ev = cfg.evaluate
     assert ev is not None and ev.root is not None
     settings = {"dataset": ev.dataset, "bg_threshold": ev.bg_threshold, "max_samples": ev.max_samples,
-                "score": cfg.score.model_dump(mode="json", exclude={"batch_size", "decode_threads"})}
+                "score": cfg.score.model_dump(mode="json", exclude=set(SCORE_PERF_FIELDS))}
     key = fingerprint(KEY_NAMESPACE, "evaluate", cfg.store, ev.root, _shard_fingerprints(ev.root), mid,
                       _artefact_id(lora), settings)
     try:

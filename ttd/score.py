@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator
 from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import torch
 
@@ -28,9 +28,9 @@ from .errors import ImageDecodeError, TTDError
 from .models import load_model
 from .models.dense import encode_image_dense
 from .ray_local import ensure_ray
-from .relevancy import ScoreConfig, encode_tags, encode_texts
-from .score_batch import Candidates, batch_tables, compute, to_host
-from .score_pipeline import ImagePrep, ReadBatch, ShardJob, Timings
+from .relevancy import SCORE_PERF_FIELDS, ScoreConfig, encode_tags, encode_texts
+from .score_batch import Candidates, ShardCandidates, batch_tables, compute, to_host
+from .score_pipeline import ImagePrep, ProcessDecoder, ReadBatch, ShardJob, ThreadDecoder, Timings
 from .store import Store, fingerprint
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,10 @@ STAGE = "score"
 STAGE_VERSION = 1
 EMBED_STAGE = "embed_tags"
 PARSE_STAGE = "parse"
-# Settings that change speed, not results: left out of the fingerprint so tuning them never re-scores.
-_PERF_FIELDS = {"batch_size", "decode_threads", "pipelined"}
 
 
 def result_config(config: ScoreConfig) -> dict:
-    return config.model_dump(mode="json", exclude=_PERF_FIELDS)
+    return config.model_dump(mode="json", exclude=set(SCORE_PERF_FIELDS))
 
 
 def embedding_key(model_id: str, templates: tuple[str, ...]) -> str:
@@ -76,8 +74,13 @@ class ShardScorer:
         self._emb_cache: dict[str, np.ndarray] = {}
         self.autocast = self.device.type == "cuda"
         self.prep = ImagePrep(self.bundle.preprocess, self.device)
+        processes = self.config.decode_processes if self.prep.split else 0
+        self.decoder = ProcessDecoder(self.prep.host_steps, self.config.max_pixels, processes, self._error_row) \
+            if processes else ThreadDecoder(self._decode, self.config.decode_threads)
         self.timings = Timings()
+        # the model's two passes per batch; the benchmark swaps in a stand-in device that only holds each batch
         self.forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = self._forward
+        self.encode_captions: Callable[[list[str]], torch.Tensor] = self._encode_captions
 
     # ---- tag embeddings ---------------------------------------------------------------------------------------
     def _tag_embeddings(self, shard: ShardRef, tags: list[str]) -> dict[str, np.ndarray]:
@@ -100,15 +103,12 @@ class ShardScorer:
         return {t: self._emb_cache[t] for t in tags}
 
     # ---- per shard ------------------------------------------------------------------------------------------------
-    def _candidates(self, shard: ShardRef) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    def _candidates(self, shard: ShardRef) -> tuple[ShardCandidates, dict[str, str]]:
         where = (ds.field("corpus") == shard.corpus) & (ds.field("shard") == shard.name)
         tags = self.store.read("tags", columns=["key", "tag_index", "text", "lower"], filter=where)
-        by_key: dict[str, list[dict]] = defaultdict(list)
-        for row in tags.to_pylist():
-            by_key[row["key"]].append(row)
         # the parsed (normalised) caption, which the tag offsets index into; the raw caption if parse wrote none
         t = self.store.read("captions", columns=["key", "caption"], filter=where)
-        return by_key, dict(zip(t["key"].to_pylist(), t["caption"].to_pylist()))
+        return ShardCandidates(tags), dict(zip(t["key"].to_pylist(), t["caption"].to_pylist()))
 
     def score_shard(self, shard: ShardRef, fp: str, input_fingerprint: str) -> dict[str, Any]:
         """Score and commit one shard, unless another run holds it or finished it since planning."""
@@ -129,10 +129,10 @@ class ShardScorer:
         try:
             with torch.no_grad():
                 return score_pipeline.run(
-                    jobs, open_job=self._open, decode=self._decode, device_step=self._device_step,
+                    jobs, open_job=self._open, decoder=self.decoder, device_step=self._device_step,
                     host_step=self._host_step, finish_job=finish, batch_size=self.config.batch_size,
-                    threads=self.config.decode_threads, pin=self.device.type == "cuda",
-                    pipelined=self.config.pipelined if pipelined is None else pipelined, timings=self.timings)
+                    pin=self.device.type == "cuda", pipelined=self.config.pipelined if pipelined is None else pipelined,
+                    timings=self.timings)
         finally:
             for job in jobs:  # claims still held after a failure (a shard read but not committed)
                 self._release(job)
@@ -148,11 +148,11 @@ class ShardScorer:
         if self.store.is_done(STAGE, job.shard.partition, job.fingerprint):
             job.skipped = {"skipped": "done"}
             return
-        job.by_key, job.captions = self._candidates(job.shard)
+        job.candidates, job.captions = self._candidates(job.shard)
         for item in self.corpus.read_shard(job.shard):
             if isinstance(item, ReadIssue):
                 job.errors.append(item.as_row(STAGE))
-            elif item.key not in job.by_key:
+            elif item.key not in job.candidates:
                 job.errors.append({"key": item.key, "stage": STAGE, "error_type": "no_candidates",
                                    "message": "caption has no candidate tags in `tags` (empty caption?); not scored",
                                    "severity": "warning", "source": item.source})
@@ -166,12 +166,24 @@ class ShardScorer:
             error = (exc.error_type, str(exc))
         except Exception as exc:  # a preprocessing failure on an odd image is that sample's problem only
             error = ("preprocess_failed", f"{type(exc).__name__}: {exc}")
-        return None, {"key": sample.key, "stage": STAGE, "error_type": error[0], "message": error[1],
-                      "severity": "error", "source": sample.source}
+        return None, self._error_row(sample, error)
+
+    @staticmethod
+    def _error_row(sample: Sample, error: tuple[str, str]) -> dict:
+        return {"key": sample.key, "stage": STAGE, "error_type": error[0], "message": error[1], "severity": "error",
+                "source": sample.source}
+
+    def close(self) -> None:
+        """Stop the decoding threads or processes."""
+        self.decoder.close()
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
             return encode_image_dense(self.bundle.model, images, self.config.head)
+
+    def _encode_captions(self, captions: list[str]) -> torch.Tensor:
+        with self._autocast():
+            return encode_texts(self.bundle, captions)
 
     def _autocast(self) -> Any:
         """bf16 autocast on CUDA; nothing elsewhere (CPU keeps fp32; autocast refuses some device types)."""
@@ -180,29 +192,34 @@ class ShardScorer:
     def _device_step(self, batch: ReadBatch) -> dict[str, torch.Tensor]:
         """Everything that touches the device, for one batch; nothing here waits for it."""
         job, cfg = batch.job, self.config
-        if job.context is None:  # the shard's tag-embedding matrix, on the device for all its batches
-            tags = sorted({c["lower"] for cs in job.by_key.values() for c in cs})
+        if job.context is None:  # the shard's tag-embedding matrix on the device, and each tag row's place in it
+            tags = job.candidates.vocabulary()
             emb = self._tag_embeddings(job.shard, tags)
-            job.context = ({t: i for i, t in enumerate(tags)},
-                           torch.from_numpy(np.stack([emb[t] for t in tags])).to(self.device))
-        rows, matrix = job.context
+            matrix = torch.from_numpy(np.stack([emb[t] for t in tags])).to(self.device)
+            rows = pc.index_in(job.candidates.table.column("lower"), value_set=pa.array(tags)).to_numpy()
+            job.context = (matrix, rows.astype(np.int64))
+        matrix, tag_rows = job.context
+        keys = [k for k, _ in batch.samples]
+        idx, counts = job.candidates.rows(keys)
+        batch.rows = (idx, counts)
         images = self.prep.device(batch.images.to(self.device, non_blocking=True))
         global_emb, dense = self.forward(images)
-        with self._autocast():
-            cap_emb = encode_texts(self.bundle, [job.captions.get(k) or c or "" for k, c in batch.samples])
-        cands = Candidates.pack([[rows[c["lower"]] for c in job.by_key[k]] for k, _ in batch.samples])
+        cap_emb = self.encode_captions([job.captions.get(k) or c or "" for k, c in batch.samples])
+        cands = Candidates.from_flat(tag_rows[idx], counts)
         return compute(global_emb, dense, cap_emb, matrix, cands.to(self.device), normalisation=cfg.normalisation,
                        selection=cfg.selection, threshold=cfg.threshold)
 
     def _host_step(self, batch: ReadBatch, out: dict[str, torch.Tensor]) -> None:
         """One copy back, then the batch's rows as Arrow columns."""
         host = to_host(out)
-        keys = [k for k, _ in batch.samples]
-        rel, masks = batch_tables(host, keys, [batch.job.by_key[k] for k in keys], threshold=self.config.threshold,
-                                  model_id=self.model_id, head=self.config.head, masks_for=self.config.masks_for)
+        idx, counts = batch.rows
+        candidates = batch.job.candidates.table.select(["tag_index", "text"]).take(pa.array(idx))
+        rel, masks = batch_tables(host, [k for k, _ in batch.samples], counts, candidates,
+                                  threshold=self.config.threshold, model_id=self.model_id, head=self.config.head,
+                                  masks_for=self.config.masks_for)
         batch.job.relevancy.append(rel)
         batch.job.masks.append(masks)
-        batch.job.images += len(keys)
+        batch.job.images += len(counts)
 
     def _finish(self, job: ShardJob) -> dict[str, Any]:
         """Commit the shard (its data files, then its manifest) and release its claim."""
@@ -345,7 +362,10 @@ def run_score(
             progress(result)
 
     if todo and local is not None:
-        local.score_shards(todo, on_result=account)  # one pipeline: the next shard is read while one computes
+        try:
+            local.score_shards(todo, on_result=account)  # one pipeline: the next shard is read while one computes
+        finally:
+            local.close()
     elif todo:
         import ray
         from ray.util import ActorPool

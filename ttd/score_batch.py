@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import torch
 import torch.nn.functional as F
 
@@ -48,16 +49,45 @@ class Candidates:
 
     @classmethod
     def pack(cls, rows: list[list[int]]) -> Candidates:
-        width = max((len(r) for r in rows), default=0)
-        index = np.zeros((len(rows), max(width, 1)), np.int64)
-        valid = np.zeros(index.shape, bool)
-        for b, r in enumerate(rows):
-            index[b, :len(r)] = r
-            valid[b, :len(r)] = True
+        counts = np.fromiter((len(r) for r in rows), np.int64, len(rows))
+        return cls.from_flat(np.fromiter((i for r in rows for i in r), np.int64, int(counts.sum())), counts)
+
+    @classmethod
+    def from_flat(cls, flat: np.ndarray, counts: np.ndarray) -> Candidates:
+        """Sample b's candidates are the next counts[b] entries of `flat` (tag-matrix rows), in order."""
+        valid = np.arange(max(int(counts.max(initial=0)), 1)) < counts[:, None]
+        index = np.zeros(valid.shape, np.int64)
+        index[valid] = flat
         return cls(torch.from_numpy(index), torch.from_numpy(valid))
 
     def to(self, device: torch.device) -> Candidates:
         return Candidates(self.index.to(device, non_blocking=True), self.valid.to(device, non_blocking=True))
+
+
+class ShardCandidates:
+    """A shard's candidate tags (the `tags` rows of its samples, each sample's in order) and where each sample's
+    run of rows starts: a batch's candidates are then gathered with array operations, not per-row Python."""
+
+    def __init__(self, tags: pa.Table):
+        order = pa.compute.sort_indices(tags, [("key", "ascending")])  # stable: a sample keeps its tags' order
+        self.table = tags.take(order)
+        keys = self.table.column("key").to_numpy(zero_copy_only=False)
+        unique, starts, counts = np.unique(keys, return_index=True, return_counts=True) if len(keys) else ([], [], [])
+        self.spans = {k: (int(s), int(c)) for k, s, c in zip(unique, starts, counts)}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.spans
+
+    def vocabulary(self) -> list[str]:
+        return sorted(set(self.table.column("lower").to_pylist()))
+
+    def rows(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(row indices into `table` of these samples' candidates, in order; candidates per sample)."""
+        spans = np.array([self.spans[k] for k in keys], np.int64).reshape(-1, 2)
+        starts, counts = spans[:, 0], spans[:, 1]
+        ends = np.cumsum(counts)
+        idx = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(starts - (ends - counts), counts)
+        return idx, counts
 
 
 def normalise_rows(x: torch.Tensor, valid: torch.Tensor, method: str) -> torch.Tensor:
@@ -77,26 +107,44 @@ def compute(global_emb: torch.Tensor, dense: torch.Tensor, caption_emb: torch.Te
             cands: Candidates, *, normalisation: str, selection: str, threshold: float) -> dict[str, torch.Tensor]:
     """Raw and normalised pixel/image/text scores [B, T], the selection [B, T], and each heatmap quantised to uint8
     [B, T, gh, gw] with its value range [B, T]; all on the model's device (that of `dense`)."""
+    maps, raw = heatmaps(global_emb, dense, caption_emb, tag_matrix, cands)
+    return finish(maps, raw, cands.valid, normalisation=normalisation, selection=selection, threshold=threshold)
+
+
+def heatmaps(global_emb: torch.Tensor, dense: torch.Tensor, caption_emb: torch.Tensor, tag_matrix: torch.Tensor,
+             cands: Candidates) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Every candidate's cosine heatmap [B, T, gh, gw] and its raw pixel/image/text scores [B, T]."""
     device = dense.device
     on_device(device, global_emb=global_emb, caption_emb=caption_emb, tag_matrix=tag_matrix,
               candidate_index=cands.index, candidate_valid=cands.valid)
     b, gh, gw, d = dense.shape
     tags = tag_matrix.float()[cands.index]  # [B, T, D]: one gather
-    patches = F.normalize(dense.float(), dim=-1).reshape(b, gh * gw, d)
-    maps = torch.bmm(tags, patches.transpose(1, 2))  # [B, T, HW]: one batched matmul
+    patches = dense.float().reshape(b, gh * gw, d)
+    # cosine = (tag . patch) / |patch| (tags are unit vectors): one batched matmul, then a [B, HW] scale, instead of
+    # writing a normalised copy of every patch embedding first
+    inv_norm = 1.0 / patches.norm(dim=2).clamp_min(1e-12)
+    maps = torch.bmm(tags, patches.transpose(1, 2)) * inv_norm.unsqueeze(1)  # [B, T, HW]
     raw = {"pixel": maps.amax(dim=2),
            "image": torch.einsum("btd,bd->bt", tags, F.normalize(global_emb.float(), dim=-1)),
            "text": torch.einsum("btd,bd->bt", tags, caption_emb.float())}
+    return maps.reshape(b, -1, gh, gw), raw
+
+
+def finish(maps: torch.Tensor, raw: dict[str, torch.Tensor], valid: torch.Tensor, *, normalisation: str,
+           selection: str, threshold: float) -> dict[str, torch.Tensor]:
+    """From heatmaps [B, T, gh, gw] and raw scores: per-caption normalisation, selection, uint8 quantisation."""
+    b, t, gh, gw = maps.shape
+    flat = maps.reshape(b, t, gh * gw)
     out = {f"{k}_raw": v for k, v in raw.items()}
-    out.update({f"{k}_score": normalise_rows(v, cands.valid, normalisation) for k, v in raw.items()})
-    out["selected"] = (out[f"{selection}_score"] >= threshold) & cands.valid
-    lo, hi = maps.amin(dim=2), raw["pixel"]
+    out.update({f"{k}_score": normalise_rows(v, valid, normalisation) for k, v in raw.items()})
+    out["selected"] = (out[f"{selection}_score"] >= threshold) & valid
+    lo, hi = flat.amin(dim=2), flat.amax(dim=2)
     span = (hi - lo).unsqueeze(2)
-    scaled = torch.round((maps - lo.unsqueeze(2)) / span.clamp_min(1e-30) * 255)
+    scaled = torch.round((flat - lo.unsqueeze(2)) / span.clamp_min(1e-30) * 255)
     out["heatmap"] = torch.where(span < 1e-12, torch.zeros_like(scaled), scaled).to(torch.uint8).reshape(
-        *scaled.shape[:2], gh, gw)
+        b, t, gh, gw)
     out["vmin"], out["vmax"] = lo, hi
-    out["valid"] = cands.valid
+    out["valid"] = valid
     return out
 
 
@@ -108,26 +156,24 @@ def to_host(out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in host.items()}
 
 
-def batch_tables(host: dict[str, np.ndarray], keys: list[str], cands: list[list[dict]], *, threshold: float,
-                 model_id: str, head: str, masks_for: str) -> tuple[pa.Table, pa.Table]:
-    """`relevancy` and `masks` rows of one batch, columns built from the host arrays (no per-row dicts)."""
+def batch_tables(host: dict[str, np.ndarray], keys: list[str], counts: np.ndarray, candidates: pa.Table, *,
+                 threshold: float, model_id: str, head: str, masks_for: str) -> tuple[pa.Table, pa.Table]:
+    """`relevancy` and `masks` rows of one batch, columns built from the host arrays (no per-row Python).
+    `candidates`: the batch's candidate rows in order (`tag_index`, `text`), counts[b] of them for keys[b]."""
     valid = host["valid"]
     grid = host["heatmap"].shape[2:4]
     n = int(valid.sum())
-    sample_of = np.repeat(np.arange(len(keys)), [len(c) for c in cands])
-    flat = [c for cs in cands for c in cs]
-    key_col = pa.array(np.asarray(keys, dtype=object)[sample_of], pa.string()) if n else pa.array([], pa.string())
-    tag_index = pa.array(np.fromiter((c["tag_index"] for c in flat), np.int32, n), pa.int32())
-    text = pa.array([c["text"] for c in flat], pa.string())
-    rel = {"key": key_col, "tag_index": tag_index, "text": text}
+    key_col = pa.array(keys, pa.string()).take(pa.array(np.repeat(np.arange(len(keys)), counts)))
+    rel = {"key": key_col, "tag_index": candidates.column("tag_index").cast(pa.int32()),
+           "text": candidates.column("text").cast(pa.string())}
     for name in SCORES:
         rel[f"{name}_raw"] = pa.array(host[f"{name}_raw"][valid].astype(np.float32), pa.float32())
         rel[f"{name}_score"] = pa.array(host[f"{name}_score"][valid].astype(np.float32), pa.float32())
     selected = host["selected"][valid]
     rel["selected"] = pa.array(selected, pa.bool_())
     rel["threshold"] = pa.array(np.full(n, threshold, np.float32), pa.float32())
-    rel["model_id"] = pa.array([model_id] * n, pa.string())
-    rel["head"] = pa.array([head] * n, pa.string())
+    rel["model_id"] = pa.repeat(pa.scalar(model_id, pa.string()), n)
+    rel["head"] = pa.repeat(pa.scalar(head, pa.string()), n)
     relevancy = pa.Table.from_pydict(rel, schema=schemas.get("relevancy").arrow)
 
     keep = selected if masks_for == "selected" else np.ones(n, bool)
@@ -136,9 +182,9 @@ def batch_tables(host: dict[str, np.ndarray], keys: list[str], cands: list[list[
     data = np.ascontiguousarray(host["heatmap"][valid][keep]).reshape(-1)
     offsets = np.arange(0, (m + 1) * cells, cells, dtype=np.int32)
     heatmap = pa.Array.from_buffers(pa.binary(), m, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    kept = pa.array(keep)
     masks = pa.Table.from_pydict({
-        "key": rel["key"].filter(pa.array(keep)), "tag_index": rel["tag_index"].filter(pa.array(keep)),
-        "text": rel["text"].filter(pa.array(keep)),
+        "key": key_col.filter(kept), "tag_index": rel["tag_index"].filter(kept), "text": rel["text"].filter(kept),
         "height": pa.array(np.full(m, grid[0], np.int16), pa.int16()),
         "width": pa.array(np.full(m, grid[1], np.int16), pa.int16()), "heatmap": heatmap,
         "vmin": pa.array(host["vmin"][valid][keep].astype(np.float32), pa.float32()),

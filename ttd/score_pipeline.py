@@ -10,21 +10,28 @@ the other: the baseline the benchmark compares with, and the same bytes by const
 function, only the schedule differs).
 
 Images leave the host as uint8 (resize and crop on the host, as the model's own preprocessing does; scaling and
-normalisation on the device: 4x fewer bytes to copy).
+normalisation on the device: 4x fewer bytes to copy). Decoding and resizing run in a pool of threads, or of
+processes (`ProcessDecoder`: PIL outside this process's GIL, which the reading, the device step and the Arrow rows
+share), with two batches in flight while the tar is read on.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+from .corpus.base import decode_image
+from .errors import ImageDecodeError
 
 _DONE = object()  # end of a queue
 
@@ -49,16 +56,112 @@ class ImagePrep:
             self.host_steps = preprocess
 
     def host(self, image: Any) -> torch.Tensor:
-        out = self.host_steps(image)
         if not self.split:
-            return out
-        arr = np.array(out.convert("RGB") if getattr(out, "mode", "RGB") != "RGB" else out, dtype=np.uint8, copy=True)
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+            return self.host_steps(image)
+        return to_chw(host_array(self.host_steps, image))
 
     def device(self, batch: torch.Tensor) -> torch.Tensor:
         if not self.split:
             return batch
         return batch.to(torch.float32).div(255).sub_(self.mean).div_(self.std)
+
+
+def host_array(steps: Any, image: Any) -> np.ndarray:
+    """The host part of the preprocessing as a uint8 [H, W, 3] array (PIL and numpy only: safe in a forked child)."""
+    out = steps(image)
+    return np.array(out.convert("RGB") if getattr(out, "mode", "RGB") != "RGB" else out, dtype=np.uint8, copy=True)
+
+
+def to_chw(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+# ---------------------------------------------------------------- decoders: threads or processes
+
+class ThreadDecoder:
+    """`decode(sample) -> (tensor | None, error row | None)` on `threads` threads; a batch is one future."""
+
+    def __init__(self, decode: Callable, threads: int):
+        self.decode, self.pool = decode, ThreadPoolExecutor(threads, thread_name_prefix="ttd-decode")
+
+    def submit(self, samples: list) -> Future:
+        return _gather([self.pool.submit(self.decode, s) for s in samples])
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+_CHILD: dict[str, Any] = {}
+
+
+def _child_init(steps: Any, max_pixels: int) -> None:
+    _CHILD.update(steps=steps, max_pixels=max_pixels)
+
+
+def _child_decode(items: list[bytes | None]) -> list[tuple[np.ndarray | None, tuple[str, str] | None]]:
+    out = []
+    for data in items:
+        try:
+            out.append((host_array(_CHILD["steps"], decode_image(data, _CHILD["max_pixels"])), None))
+        except ImageDecodeError as exc:
+            out.append((None, (exc.error_type, str(exc))))
+        except Exception as exc:  # noqa: BLE001 - a preprocessing failure on an odd image is that sample's only
+            out.append((None, ("preprocess_failed", f"{type(exc).__name__}: {exc}")))
+    return out
+
+
+class ProcessDecoder:
+    """Decoding and the host preprocessing in `processes` forked children, a batch split across them. The
+    children run PIL and numpy only (never torch, whose thread pools do not survive a fork), so fork is safe and
+    starts in milliseconds; each returns uint8 arrays that become tensors here."""
+
+    def __init__(self, steps: Any, max_pixels: int, processes: int, error_row: Callable):
+        self.processes, self.error_row = processes, error_row
+        self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                        initializer=_child_init, initargs=(steps, max_pixels))
+
+    def submit(self, samples: list) -> Future:
+        size = -(-len(samples) // self.processes)
+        parts = [samples[i:i + size] for i in range(0, len(samples), size)]
+        futures = [self.pool.submit(_child_decode, [s.image_bytes for s in part]) for part in parts]
+        done: Future = Future()
+
+        def collect(_: Future) -> None:
+            if done.done() or not all(f.done() for f in futures):
+                return
+            try:
+                decoded = [r for f in futures for r in f.result()]
+                done.set_result([(to_chw(arr), None) if err is None else (None, self.error_row(s, err))
+                                 for s, (arr, err) in zip(samples, decoded)])
+            except BaseException as exc:  # noqa: BLE001 - a dead child: the batch fails, the run says so
+                if not done.done():
+                    done.set_exception(exc)
+
+        for f in futures:
+            f.add_done_callback(collect)
+        return done
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _gather(futures: list[Future]) -> Future:
+    """One future for a list of futures' results, in order."""
+    done: Future = Future()
+    lock = threading.Lock()
+
+    def collect(_: Future) -> None:
+        with lock:
+            if done.done() or not all(f.done() for f in futures):
+                return
+            try:
+                done.set_result([f.result() for f in futures])
+            except BaseException as exc:  # noqa: BLE001
+                done.set_exception(exc)
+
+    for f in futures:
+        f.add_done_callback(collect)
+    return done
 
 
 @dataclass
@@ -70,7 +173,7 @@ class ShardJob:
     input_fingerprint: str
     claim: Any = None  # the claim's context manager, entered by the reader, exited after the commit
     skipped: dict | None = None  # {"skipped": "claimed" | "done", ...}: nothing to do
-    by_key: dict = field(default_factory=dict)
+    candidates: Any = None  # score_batch.ShardCandidates
     captions: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)
     relevancy: list = field(default_factory=list)
@@ -85,6 +188,7 @@ class ReadBatch:
     job: ShardJob
     samples: list  # (key, caption) per image
     images: torch.Tensor  # uint8 [B, 3, H, W] (pinned when the device is CUDA), or floats without a split
+    rows: Any = None  # the device step's (candidate rows, counts), for the host step
 
 
 @dataclass
@@ -107,46 +211,65 @@ class Timings:
         return {k: round(getattr(self, k), 4) for k in ("read", "decode", "device", "host", "write", "batches")}
 
 
-def read_batches(jobs: Iterable[ShardJob], open_job: Callable[[ShardJob], Iterator[Any]], decode: Callable,
-                 batch_size: int, threads: int, pin: bool, timings: Timings) -> Iterator[ReadBatch | ShardJob]:
-    """Per job: `open_job` claims the shard and yields its wanted samples (or nothing when skipped); samples are
-    decoded `threads` at a time into uint8 batches. Each job ends with the job itself (the shard is read)."""
-    with ThreadPoolExecutor(threads) as pool:
-        for job in jobs:
-            pending: list = []
-            samples = open_job(job)
-            while True:
-                t0 = time.perf_counter()
-                sample = next(samples, None)
-                timings.add("read", time.perf_counter() - t0)
-                if sample is not None:
-                    pending.append(sample)
-                if pending and (sample is None or len(pending) >= batch_size):
-                    t0 = time.perf_counter()
-                    decoded = list(pool.map(decode, pending))
-                    ok = [(s, img) for s, (img, err) in zip(pending, decoded) if err is None]
-                    job.errors.extend(err for _, err in decoded if err is not None)
-                    pending = []
-                    if ok:
-                        images = torch.stack([img for _, img in ok])
-                        if pin:
-                            images = images.pin_memory()
-                        timings.add("decode", time.perf_counter() - t0)
-                        yield ReadBatch(job, [(s.key, s.caption) for s, _ in ok], images)
-                    else:
-                        timings.add("decode", time.perf_counter() - t0)
-                if sample is None:
-                    break
-            yield job
+def read_batches(jobs: Iterable[ShardJob], open_job: Callable[[ShardJob], Iterator[Any]], decoder: Any,
+                 batch_size: int, pin: bool, timings: Timings, in_flight: int = 2) -> Iterator[ReadBatch | ShardJob]:
+    """Per job: `open_job` claims the shard and yields its wanted samples (or nothing when skipped); every
+    `batch_size` samples go to the decoder, `in_flight` batches ahead of the one handed on, so the tar is read
+    while earlier batches decode. Each job ends with the job itself (the shard is read), after its batches."""
+    ahead: deque = deque()  # (job, samples, future) or (job, None, None) for a job's end, in order
+
+    def settle(entry: tuple) -> ReadBatch | ShardJob | None:
+        job, samples, future = entry
+        if future is None:
+            return job
+        t0 = time.perf_counter()
+        decoded = future.result()
+        job.errors.extend(err for _, err in decoded if err is not None)
+        ok = [(s, img) for s, (img, err) in zip(samples, decoded) if err is None]
+        if not ok:
+            timings.add("decode", time.perf_counter() - t0)
+            return None
+        images = torch.stack([img for _, img in ok])
+        if pin:
+            images = images.pin_memory()
+        timings.add("decode", time.perf_counter() - t0)
+        return ReadBatch(job, [(s.key, s.caption) for s, _ in ok], images)
+
+    def push(entry: tuple) -> Iterator[ReadBatch | ShardJob]:
+        ahead.append(entry)
+        while len(ahead) > in_flight or (ahead and ahead[0][2] is None):
+            item = settle(ahead.popleft())
+            if item is not None:
+                yield item
+
+    for job in jobs:
+        pending: list = []
+        samples = open_job(job)
+        while True:
+            t0 = time.perf_counter()
+            sample = next(samples, None)
+            timings.add("read", time.perf_counter() - t0)
+            if sample is not None:
+                pending.append(sample)
+            if pending and (sample is None or len(pending) >= batch_size):
+                yield from push((job, pending, decoder.submit(pending)))
+                pending = []
+            if sample is None:
+                break
+        yield from push((job, None, None))
+    while ahead:
+        item = settle(ahead.popleft())
+        if item is not None:
+            yield item
 
 
-def run(jobs: list[ShardJob], *, open_job: Callable, decode: Callable, device_step: Callable, host_step: Callable,
-        finish_job: Callable, batch_size: int, threads: int, pin: bool, pipelined: bool,
-        timings: Timings | None = None) -> list[dict]:
+def run(jobs: list[ShardJob], *, open_job: Callable, decoder: Any, device_step: Callable, host_step: Callable,
+        finish_job: Callable, batch_size: int, pin: bool, pipelined: bool, timings: Timings | None = None
+        ) -> list[dict]:
     """Every job through read -> device -> host, in series or overlapped; returns `finish_job`'s results."""
     timings = timings or Timings()
     results: list[dict] = []
-    reads = read_batches(jobs, open_job, decode, batch_size, threads, pin, timings)
+    reads = read_batches(jobs, open_job, decoder, batch_size, pin, timings, in_flight=2 if pipelined else 0)
 
     def host(item: Any) -> None:
         t0 = time.perf_counter()

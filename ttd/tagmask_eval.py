@@ -36,7 +36,7 @@ from .metrics_sql import CAPTION_CLASS_ID, SELECTED_UNION_CLASS_ID, tagmask_metr
 from .models import load_model
 from .models.dense import encode_image_dense
 from .parse import ParseConfig
-from .relevancy import ScoreConfig, encode_tags, encode_texts, normalise, raw_scores
+from .relevancy import SCORE_PERF_FIELDS, ScoreConfig, encode_tags, encode_texts, normalise, raw_scores
 from .store import Store, fingerprint
 from .uri import resolve
 
@@ -142,7 +142,7 @@ def run_tagmask_eval(root: str, store_uri: str, config: TagmaskEvalConfig | None
     corpus = open_corpus(root)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bundle = load_model(model, pretrained, device=dev, lora=lora)
-    result_cfg = config.model_dump(mode="json", exclude={"score": {"batch_size", "decode_threads"}})
+    result_cfg = config.model_dump(mode="json", exclude={"score": set(SCORE_PERF_FIELDS)})
     data_fp = fingerprint([s.fingerprint for s in corpus.shards()])
     run = fingerprint("tagmask", STAGE_VERSION, bundle.model_id, data_fp, result_cfg)
     store = Store(store_uri, create=True)
