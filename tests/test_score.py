@@ -215,8 +215,22 @@ def test_ray_path_against_a_real_local_cluster(tmp_path, ray_head):
     corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
     build_corpus(corpus, shards=3, per_shard=4)
     write_simple_tags(store, corpus)
-    summary = run_score(corpus, store, model=MODEL, ray_address=ray_head[0], workers=2)
-    assert summary["done"] == 3 and summary["workers"] == 2 and summary["images"] == 12
+    stats = Path(corpus, "00002_stats.json")
+    stats.rename(stats.with_suffix(".held"))  # the last shard is still "downloading": the next call gets it
+    first = run_score(corpus, store, model=MODEL, ray_address=ray_head[0], workers=2)
+    assert first["done"] == 2 and first["workers"] == 2 and first["waiting"] == ["00002"]
+    import ray
+
+    from ttd import score
+
+    pids = ray.get([a.alive.remote() for a in score._ACTORS["actors"]])
+    stats.with_suffix(".held").rename(stats)
+    second = run_score(corpus, store, model=MODEL, ray_address=ray_head[0], workers=2)
+    assert second["done"] == 1 and second["skipped_done"] == 2
+    # the same actors, models loaded once: a flow's next batch does not start and load them again
+    assert ray.get([a.alive.remote() for a in score._ACTORS["actors"]])[:1] == pids[:1]
+    summary = {"images": first["images"] + second["images"]}
+    assert summary["images"] == 12
     local = str(tmp_path / "local")
     write_simple_tags(local, corpus)
     run_score(corpus, local, model=MODEL, workers=0)

@@ -9,6 +9,7 @@ actors (one GPU each where GPUs exist, CPU actors otherwise); `workers=0` scores
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import nullcontext
@@ -177,6 +178,10 @@ class ShardScorer:
         """Stop the decoding threads or processes."""
         self.decoder.close()
 
+    def alive(self) -> int:
+        """This scorer's process id: a cheap call that tells a kept Ray actor is still there."""
+        return os.getpid()
+
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
             return encode_image_dense(self.bundle.model, images, self.config.head)
@@ -284,17 +289,45 @@ ACTOR_RETRIES = 3  # restarts of a lost scoring actor, and retries of the shards
 SHARDS_PER_CALL = 4  # shards handed to a Ray actor at once (its pipeline overlaps them)
 
 
-def _ray_workers(ray_address: str | None, workers: int | None) -> tuple[int, float, int]:
-    """Start or join Ray; returns (actors, gpus per actor, cpu threads per actor)."""
+def _ray_workers(ray_address: str | None, workers: int | None, device: str | None, config: ScoreConfig
+                 ) -> tuple[int, float, int]:
+    """Start or join Ray; returns (actors, GPUs per actor, CPUs per actor). One actor per GPU in the cluster; with
+    `device="cuda"` and no GPU yet (a cluster that autoscales from zero GPU nodes) GPU actors all the same, which
+    wait for the autoscaler's GPU nodes instead of scoring on CPUs. Each actor asks for its decode workers' CPUs
+    plus one, within the cluster's share per actor."""
     import ray
 
     ensure_ray(ray_address)
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
+    on_gpu = gpus > 0 or device == "cuda"
     n = workers or max(gpus, 1)
-    if gpus:
-        return n, 1.0, max(1, cpus // n)
-    return n, 0.0, max(1, cpus // n)
+    wanted = (config.decode_processes or config.decode_threads) + 1
+    per_actor = max(1, min(wanted, cpus // n)) if cpus >= n else 1
+    if on_gpu and not gpus:
+        log.warning("no GPU in the Ray cluster yet: %d scoring actor(s) wait for GPU nodes (autoscaling)", n)
+    return n, (1.0 if on_gpu else 0.0), per_actor
+
+
+# Scoring actors kept for the life of this process: the next call with the same corpus, store, model and settings
+# (the Prefect flow's next batch of shards) reuses them and their loaded models instead of starting new ones.
+_ACTORS: dict[str, Any] = {"key": None, "job": None, "actors": []}
+
+
+def _scoring_actors(key: str, n: int, make: Callable[[], Any]) -> list[Any]:
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    kept = _ACTORS["actors"] if (_ACTORS["key"], _ACTORS["job"]) == (key, job) else []
+    if kept:
+        try:
+            ray.get([a.alive.remote() for a in kept], timeout=120)
+        except Exception as exc:  # noqa: BLE001 - a dead or unreachable actor: start afresh
+            log.info("scoring actors of the previous call are gone (%s): starting new ones", type(exc).__name__)
+            kept = []
+    actors = kept + [make() for _ in range(max(0, n - len(kept)))]
+    _ACTORS.update(key=key, job=job, actors=actors)
+    return actors[:n]
 
 
 def run_score(
@@ -370,13 +403,14 @@ def run_score(
         import ray
         from ray.util import ActorPool
 
-        n, gpus, threads = _ray_workers(ray_address, workers)
+        n, gpus, threads = _ray_workers(ray_address, workers, device, config)
         n = min(n, len(todo))
         actor_cls = ray.remote(ShardScorer)
+        args = (corpus_spec, store_uri, model_spec, config.model_dump(mode="json"), device, threads)
+        key = fingerprint(ray_address, args, gpus)
         # a lost worker (preempted node, OOM kill) is restarted by Ray and its shard retried: shards are idempotent
-        actors = [actor_cls.options(num_gpus=gpus, num_cpus=threads, max_restarts=ACTOR_RETRIES,
-                                    max_task_retries=ACTOR_RETRIES).remote(
-            corpus_spec, store_uri, model_spec, config.model_dump(mode="json"), device, threads) for _ in range(n)]
+        actors = _scoring_actors(key, n, lambda: actor_cls.options(
+            num_gpus=gpus, num_cpus=threads, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES).remote(*args))
         pool = ActorPool(actors)
         # a few shards per call, so an actor reads its next shard while it computes one; few enough that shards
         # still spread over every actor, and a lost actor redoes little (its committed shards are then "done")
