@@ -210,26 +210,9 @@ def pipeline_section(tmp: Path, images: int, image_size: int, batch: int, model:
 # ---------------------------------------------------------------- 3. post-processing alone
 
 def per_sample_post(global_emb, dense, cap_emb, matrix, rows, keys, cfg: ScoreConfig) -> tuple[pa.Table, pa.Table]:
-    """The loop the batched post-processing replaced: per sample, per tag, Python dicts."""
-    rel_rows, mask_rows = [], []
-    for i, r in enumerate(rows):
-        pixel, image, text, maps = raw_scores(global_emb[i], dense[i], cap_emb[i], matrix[r])
-        raw = {"pixel": pixel.cpu().numpy(), "image": image.cpu().numpy(), "text": text.cpu().numpy()}
-        norm = {k: normalise(v, cfg.normalisation) for k, v in raw.items()}
-        selected = norm[cfg.selection] >= cfg.threshold
-        maps = maps.cpu().numpy()
-        for j in range(len(r)):
-            rel_rows.append({"key": keys[i], "tag_index": j, "text": f"t{j}", "pixel_raw": raw["pixel"][j],
-                             "image_raw": raw["image"][j], "text_raw": raw["text"][j],
-                             "pixel_score": norm["pixel"][j], "image_score": norm["image"][j],
-                             "text_score": norm["text"][j], "selected": bool(selected[j]),
-                             "threshold": cfg.threshold, "model_id": "m", "head": cfg.head})
-            if selected[j]:
-                data, lo, hi = quantise(maps[j])
-                mask_rows.append({"key": keys[i], "tag_index": j, "text": f"t{j}", "height": maps.shape[1],
-                                  "width": maps.shape[2], "heatmap": data, "vmin": lo, "vmax": hi})
-    return (pa.Table.from_pylist(rel_rows, schema=schemas.get("relevancy").arrow),
-            pa.Table.from_pylist(mask_rows, schema=schemas.get("masks").arrow))
+    """The loop the batched post-processing replaced: per sample `raw_scores`, then the loop below."""
+    per_sample = [raw_scores(global_emb[i], dense[i], cap_emb[i], matrix[r]) for i, r in enumerate(rows)]
+    return per_sample_from_maps([p[3] for p in per_sample], [p[:3] for p in per_sample], rows, keys, cfg)
 
 
 def batched_post(global_emb, dense, cap_emb, matrix, rows, keys, cfg: ScoreConfig) -> tuple[pa.Table, pa.Table]:
