@@ -10,7 +10,6 @@ SQLAlchemy pin (constraints.txt): the scheduler then creates no run at all.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -246,7 +245,3 @@ def _score_row(markdown: str) -> tuple[int, int, int]:
         if cells and cells[0] == "score":
             return int(cells[2]), int(cells[3]), int(cells[4])
     raise AssertionError(f"no score row in:\n{markdown}")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    print(json.dumps({"root": str(ROOT)}))

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .corpus import open_corpus
+from .corpus import default_name, open_corpus
 from .errors import TTDError
 from .relevancy import SCORE_PERF_FIELDS
 from .runconfig import RunConfig
@@ -456,7 +456,7 @@ def run_markdown(summary: dict[str, Any]) -> str:
 def corpus_label(cfg: RunConfig) -> str:
     """The corpus's name in the store (its `corpus` partition), as `open_corpus` derives it, without opening it."""
     assert cfg.corpus is not None
-    return cfg.corpus_name or cfg.corpus.rstrip("/").rsplit("/", 1)[-1].split(".")[0] or "corpus"
+    return cfg.corpus_name or default_name(cfg.corpus)
 
 
 def _same_store(a: str, b: str) -> bool:

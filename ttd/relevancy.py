@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.dense import HEADS
+from .score_batch import on_device
 
 # A small prompt ensemble in the style of CLIP's zero-shot templates; configurable per run.
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of the {}.", "{}")
@@ -116,8 +117,6 @@ def tag_heatmaps(dense: torch.Tensor, tag_emb: torch.Tensor) -> torch.Tensor:
 def raw_scores(global_emb: torch.Tensor, dense: torch.Tensor, caption_emb: torch.Tensor, tag_emb: torch.Tensor):
     """For one sample: (pixel, image, text) raw scores [T] and the heatmaps [T, gh, gw], on the device of `dense`
     (the model's); a tensor on another device is refused here, not deep inside a kernel."""
-    from .score_batch import on_device
-
     on_device(dense.device, global_emb=global_emb, caption_emb=caption_emb, tag_emb=tag_emb)
     maps = tag_heatmaps(dense, tag_emb)
     pixel = maps.flatten(1).amax(dim=1) if maps.numel() else torch.zeros(0, device=dense.device)

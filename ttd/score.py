@@ -25,13 +25,13 @@ from . import schemas, score_pipeline
 from .claims import claim, clear_stale
 from .corpus import Corpus, ReadIssue, Sample, ShardRef, open_corpus
 from .corpus.base import select_planned
-from .errors import ImageDecodeError, TTDError
+from .errors import TTDError
 from .models import load_model
 from .models.dense import encode_image_dense
 from .ray_local import ensure_ray
 from .relevancy import SCORE_PERF_FIELDS, ScoreConfig, encode_tags, encode_texts
 from .score_batch import Candidates, ShardCandidates, batch_tables, compute, to_host
-from .score_pipeline import ImagePrep, ProcessDecoder, ReadBatch, ShardJob, ThreadDecoder, Timings
+from .score_pipeline import ImagePrep, ProcessDecoder, ReadBatch, ShardJob, ThreadDecoder, Timings, decode_one
 from .store import Store, fingerprint
 
 log = logging.getLogger(__name__)
@@ -161,13 +161,8 @@ class ShardScorer:
                 yield item
 
     def _decode(self, sample: Sample) -> tuple[torch.Tensor | None, dict | None]:
-        try:
-            return self.prep.host(sample.image()), None
-        except ImageDecodeError as exc:
-            error = (exc.error_type, str(exc))
-        except Exception as exc:  # a preprocessing failure on an odd image is that sample's problem only
-            error = ("preprocess_failed", f"{type(exc).__name__}: {exc}")
-        return None, self._error_row(sample, error)
+        image, error = decode_one(self.prep.host, sample.image_bytes, sample.max_pixels)
+        return (image, None) if error is None else (None, self._error_row(sample, error))
 
     @staticmethod
     def _error_row(sample: Sample, error: tuple[str, str]) -> dict:

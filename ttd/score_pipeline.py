@@ -98,16 +98,24 @@ def _child_init(steps: Any, max_pixels: int) -> None:
     _CHILD.update(steps=steps, max_pixels=max_pixels)
 
 
+def decode_one(convert: Callable[[Any], Any], data: bytes | None, max_pixels: int
+               ) -> tuple[Any, tuple[str, str] | None]:
+    """(convert(decoded image), None), or (None, (error type, message)) for an image that cannot be decoded or
+    preprocessed: that sample's problem only, an `errors` row."""
+    try:
+        return convert(decode_image(data, max_pixels)), None
+    except ImageDecodeError as exc:
+        return None, (exc.error_type, str(exc))
+    except Exception as exc:  # noqa: BLE001 - a preprocessing failure on an odd image
+        return None, ("preprocess_failed", f"{type(exc).__name__}: {exc}")
+
+
+def _child_host_array(image: Any) -> np.ndarray:
+    return host_array(_CHILD["steps"], image)
+
+
 def _child_decode(items: list[bytes | None]) -> list[tuple[np.ndarray | None, tuple[str, str] | None]]:
-    out = []
-    for data in items:
-        try:
-            out.append((host_array(_CHILD["steps"], decode_image(data, _CHILD["max_pixels"])), None))
-        except ImageDecodeError as exc:
-            out.append((None, (exc.error_type, str(exc))))
-        except Exception as exc:  # noqa: BLE001 - a preprocessing failure on an odd image is that sample's only
-            out.append((None, ("preprocess_failed", f"{type(exc).__name__}: {exc}")))
-    return out
+    return [decode_one(_child_host_array, data, _CHILD["max_pixels"]) for data in items]
 
 
 class ProcessDecoder:
@@ -124,29 +132,20 @@ class ProcessDecoder:
         size = -(-len(samples) // self.processes)
         parts = [samples[i:i + size] for i in range(0, len(samples), size)]
         futures = [self.pool.submit(_child_decode, [s.image_bytes for s in part]) for part in parts]
-        done: Future = Future()
 
-        def collect(_: Future) -> None:
-            if done.done() or not all(f.done() for f in futures):
-                return
-            try:
-                decoded = [r for f in futures for r in f.result()]
-                done.set_result([(to_chw(arr), None) if err is None else (None, self.error_row(s, err))
-                                 for s, (arr, err) in zip(samples, decoded)])
-            except BaseException as exc:  # noqa: BLE001 - a dead child: the batch fails, the run says so
-                if not done.done():
-                    done.set_exception(exc)
+        def combine(results: list[list]) -> list:
+            decoded = [r for part in results for r in part]
+            return [(to_chw(arr), None) if err is None else (None, self.error_row(s, err))
+                    for s, (arr, err) in zip(samples, decoded)]
 
-        for f in futures:
-            f.add_done_callback(collect)
-        return done
+        return _gather(futures, combine)  # a dead child fails the batch, and the run says so
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _gather(futures: list[Future]) -> Future:
-    """One future for a list of futures' results, in order."""
+def _gather(futures: list[Future], combine: Callable[[list], Any] = list) -> Future:
+    """One future for `combine` of a list of futures' results, in order; the first failure fails it."""
     done: Future = Future()
     lock = threading.Lock()
 
@@ -155,8 +154,8 @@ def _gather(futures: list[Future]) -> Future:
             if done.done() or not all(f.done() for f in futures):
                 return
             try:
-                done.set_result([f.result() for f in futures])
-            except BaseException as exc:  # noqa: BLE001
+                done.set_result(combine([f.result() for f in futures]))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the batch
                 done.set_exception(exc)
 
     for f in futures:

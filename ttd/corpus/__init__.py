@@ -14,8 +14,8 @@ from .manifest import ManifestCorpus
 FORMATS = {"webdataset": WebDatasetCorpus, "parquet": ParquetCorpus, "files": FilesCorpus,
            "manifest": ManifestCorpus}
 
-__all__ = ["Caption", "Corpus", "ReadIssue", "Sample", "ShardRef", "ShardStats", "FORMATS", "open_corpus",
-           "decode_image", "detect_format"]
+__all__ = ["Caption", "Corpus", "ReadIssue", "Sample", "ShardRef", "ShardStats", "FORMATS", "default_name",
+           "open_corpus", "decode_image", "detect_format"]
 
 
 def detect_format(loc) -> str:
@@ -36,6 +36,11 @@ def detect_format(loc) -> str:
                    "not a manifest: check the path, or pass --corpus-format")
 
 
+def default_name(path: str) -> str:
+    """A corpus's name in the store (its `corpus` partition) when none is given: the folder or file stem."""
+    return posixpath.basename(path.rstrip("/")).split(".")[0] or "corpus"
+
+
 def open_corpus(uri: str, *, fmt: str = "auto", name: str | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, **options) -> Corpus:
     """Open a corpus; its name (the `corpus` partition in the store) defaults to the folder or file stem."""
@@ -44,5 +49,5 @@ def open_corpus(uri: str, *, fmt: str = "auto", name: str | None = None,
     if fmt not in FORMATS:
         raise TTDError(f"unknown corpus format {fmt!r}: use one of {', '.join(FORMATS)} or auto")
     if name is None:
-        name = posixpath.basename(loc.path).split(".")[0] or "corpus"
+        name = default_name(loc.path)
     return FORMATS[fmt](loc, check_name(name, "corpus"), max_pixels=max_pixels, **options)
