@@ -3,14 +3,17 @@
 1. stage: `run_score` against a naive scorer (one image at a time, every caption's tags encoded afresh through the
    prompt ensemble with open_clip's plain `encode_text`, the same dense head and scores). Both select the same tags.
 2. pipeline: the scorer's pipelined schedule against its serial one (same steps, same bytes). On a CPU the model
-   dominates and no overlap can show, so the model's forward is replaced by a **stand-in device**: a step that
-   holds each batch for a fixed time without using the CPU (as a GPU forward would), set equal to the CPU work per
-   batch measured in a first serial run with the real model (read, decode, device-side scoring, rows, write). The
-   serial schedule then pays the sum of the stages, the pipelined one about the slowest. Per-stage timings of both
-   are printed; with the real model, serial and pipelined tables are checked equal byte for byte.
+   dominates and no overlap can show, so the model's two passes (image forward, caption text tower) are replaced by
+   a **stand-in device**: a step that holds each batch for a fixed time without using the CPU (as a GPU would), set
+   equal to the CPU work per batch measured by a serial run whose device takes no time (read, decode, the batched
+   scoring, rows, write). The serial schedule then pays the sum of the stages, the pipelined one about the slowest.
+   Run at torch's 1 and default intra-op threads, best of 3; per-stage timings printed; with the real model, serial
+   and pipelined tables are checked equal byte for byte.
 3. post: one batch's post-processing, batched on the device (`ttd.score_batch`: one gather, one batched matmul,
    normalisation and quantisation batched, Arrow columns from arrays) against the per-sample loop it replaced
    (per sample four host copies, per tag a normalise/quantise and a Python dict).
+4. decode: one core's cost per image of host decoding (PIL decode, resize to 224, crop) of 400x300 and 1024x768
+   JPEGs, the figure behind the per-stage budget for a GPU in docs/BENCHMARKS.md (no baseline: a cost, not a claim).
 
     .venv/bin/python benchmarks/score.py              # every section
     .venv/bin/python benchmarks/score.py --only pipeline,post
@@ -312,10 +315,49 @@ def post_section(batch: int, grid: int, dim: int, tags_per_caption: int, vocabul
             "ratio_after_maps": round(ratio_post, 2), "selection_agreement": agree}
 
 
+# ---------------------------------------------------------------- 4. host decoding, for the GPU budget
+
+def decode_section(images: int) -> dict:
+    """One core's cost per image of what the decode workers do (PIL decode, bicubic resize to 224, crop) on the GPU
+    benchmark's photo-like JPEGs, with and without PIL's `draft` (JPEG DCT scaling before the resize)."""
+    import io
+
+    import torchvision.transforms as T
+    from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_score import _jpeg
+
+    from ttd.score_pipeline import host_array
+
+    steps = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
+
+    def plain(data: bytes) -> Image.Image:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
+    def drafted(data: bytes) -> Image.Image:
+        im = Image.open(io.BytesIO(data))
+        im.draft("RGB", (224, 224))
+        return im.convert("RGB")
+
+    result = {}
+    for size in ((400, 300), (1024, 768)):
+        blobs = [_jpeg(i, size) for i in range(images)]
+        row = {"jpeg_kb": round(float(np.mean([len(b) for b in blobs])) / 1e3, 1)}
+        for name, fn in (("decode", plain), ("decode_resize_crop", lambda b: host_array(steps, plain(b))),
+                         ("draft_decode_resize_crop", lambda b: host_array(steps, drafted(b)))):
+            row[f"{name}_ms"] = round(1e3 * _time(lambda fn=fn, blobs=blobs: [fn(b) for b in blobs], 1) / len(blobs), 2)
+        result[f"{size[0]}x{size[1]}"] = row
+        print(f"decode {size[0]}x{size[1]} JPEG ({row['jpeg_kb']} KB), one core: decode {row['decode_ms']} ms, "
+              f"+ resize 224 + crop {row['decode_resize_crop_ms']} ms, with PIL draft "
+              f"{row['draft_decode_resize_crop_ms']} ms per image")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="stage,pipeline,post", help="sections to run, comma-separated")
+    ap.add_argument("--only", default="stage,pipeline,post,decode", help="sections to run, comma-separated")
     ap.add_argument("--tiny-images", type=int, default=200)
     ap.add_argument("--vitb-images", type=int, default=24)
     ap.add_argument("--skip-vitb", action="store_true")
@@ -345,6 +387,8 @@ def main() -> None:
                                                    "ttd-tiny", 1 if args.quick else 3)
         if "post" in sections:
             results["post"] = post_section(256, 14, 512, 12, 2000, 2 if args.quick else 10)
+        if "decode" in sections:
+            results["decode"] = decode_section(10 if args.quick else 40)
     if args.json:
         print(json.dumps(results))
 
