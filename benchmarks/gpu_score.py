@@ -1,12 +1,13 @@
 """GPU benchmark of the `score` stage, prepared for a lent device (one short call), with a CPU smoke mode.
 
-1. Model only: a randomly initialised ViT-B-16 (same cost as the pretrained one) with the dense head, bf16
-   autocast, on pre-decoded tensors already on the device, at 224 and 448 px: images/s and the share of the
-   compute bound (`--peak-tflops`, default 790 for one H200 in dense bf16).
+1. Model only: a randomly initialised ViT-B-16 (same cost as the pretrained one) with the dense head, weights in
+   bf16 as the scorer loads them on CUDA, on pre-decoded tensors already on the device, at 224 and 448 px:
+   images/s and the share of the compute bound (`--peak-tflops`, default 790 for one H200 in dense bf16).
 2. End to end: the stage's pipelined shard scorer on webdataset shards of real JPEGs at CC3M-like sizes (400x300
-   and 1024x768, made by this script), decode threads swept; the first shard warms up and is not timed. Per run:
-   images/s, seconds per stage (read, decode, device, host, write: summed over threads), and the GPU's utilisation
-   as `nvidia-smi` samples it every 100 ms. The serial schedule is run once beside it for the ratio.
+   and 1024x768, made by this script); the first shard warms up and is not timed. Runs: JPEGs decoded on the GPU
+   (nvJPEG, the CUDA default), then PIL on the host with decode threads swept and in forked processes, and the
+   serial schedule once for the ratio. Per run: images/s, seconds per stage (read, decode, device, host, write:
+   summed over threads), and the GPU's utilisation as `nvidia-smi` samples it every 100 ms.
 
     python benchmarks/gpu_score.py                       # on the GPU machine (about 4 minutes)
     python benchmarks/gpu_score.py --device cpu --smoke  # anywhere: tiny sizes, checks the script runs
@@ -59,16 +60,14 @@ def sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def model_only(bundle, size: int, batch: int, iters: int, device: torch.device, head: str) -> float:
-    x = torch.randn(batch, 3, size, size, device=device)
-    amp = device.type == "cuda"
+    dtype = next(bundle.model.parameters()).dtype
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
     for _ in range(2):  # warm-up (kernels, autotuning)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            encode_image_dense(bundle.model, x, head)
+        encode_image_dense(bundle.model, x, head)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(iters):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            encode_image_dense(bundle.model, x, head)
+        encode_image_dense(bundle.model, x, head)
     sync(device)
     return batch * iters / (time.perf_counter() - t0)
 
@@ -136,14 +135,14 @@ class GpuUtilisation:
         return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
 
 
-def end_to_end(model: str, corpus: str, tags_store: Path, tmp: Path, batch: int, threads: int, device: str,
-               pipelined: bool) -> dict:
-    store = tmp / f"store-{threads}-{pipelined}"
+def end_to_end(model: str, corpus: str, tags_store: Path, tmp: Path, batch: int, device: str, settings: dict
+               ) -> dict:
+    store = tmp / "store-{}".format("-".join(f"{k}{v}" for k, v in settings.items()))
     shutil.copytree(tags_store, store)
-    config = ScoreConfig(batch_size=batch, decode_threads=threads, pipelined=pipelined)
+    config = ScoreConfig(batch_size=batch, **settings)
     scorer = ShardScorer({"uri": corpus, "format": "webdataset", "name": "c"}, str(store), {"name": model},
                          config.model_dump(mode="json"), device)
-    planned = plan_shards(open_corpus(corpus), Store(str(store)), config, scorer.model_id)
+    planned = plan_shards(open_corpus(corpus), Store(str(store)), scorer.config, scorer.model_id)
     todo = [(p.shard, p.fingerprint, p.input_fingerprint) for p in planned if p.status == "todo"]
     scorer.score_shards(todo[:1])  # model load, kernels and the tag cache are not throughput
     scorer.timings = type(scorer.timings)()
@@ -151,7 +150,9 @@ def end_to_end(model: str, corpus: str, tags_store: Path, tmp: Path, batch: int,
         t0 = time.perf_counter()
         images = sum(r["images"] for r in scorer.score_shards(todo[1:]))
         seconds = time.perf_counter() - t0
-    return {"threads": threads, "pipelined": pipelined, "images": images, "seconds": round(seconds, 2),
+    scorer.close()
+    return {**settings, "decoder": scorer.config.decoder, "precision": scorer.config.precision, "images": images,
+            "seconds": round(seconds, 2),
             "images_per_s": round(images / seconds, 1), "gpu_util_percent": gpu.mean,
             "stage_seconds": scorer.timings.as_dict()}
 
@@ -167,17 +168,19 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--e2e-images", type=int, default=6000, help="JPEGs per end-to-end corpus")
     ap.add_argument("--jpeg-sizes", default="400x300,1024x768")
-    ap.add_argument("--threads", default="8,16,32", help="decode threads swept (400x300 corpus)")
+    ap.add_argument("--threads", default="8,16,32", help="PIL decode threads swept (400x300 corpus)")
+    ap.add_argument("--processes", type=int, default=12, help="PIL decode processes, one run (0: none)")
     ap.add_argument("--peak-tflops", type=float, default=790.0)
     args = ap.parse_args()
     if args.smoke:
         args.batch, args.iters, args.e2e_images, args.sizes = 2, 1, 8, "224"
-        args.jpeg_sizes, args.threads = "64x48", "1,2"
+        args.jpeg_sizes, args.threads, args.processes = "64x48", "1,2", 2
     logging.basicConfig(level=logging.ERROR)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device here: use --device cpu --smoke")
     bundle = load_model(args.model, device=device)
+    bundle.model.to(torch.bfloat16 if ScoreConfig().resolved(device.type).precision == "bf16" else torch.float32)
     results = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "model": args.model,
                "head": args.head, "model_only": {}, "end_to_end": []}
     for size in (int(s) for s in args.sizes.split(",")):
@@ -203,18 +206,21 @@ def main() -> None:
             tags = tmp / f"tags-{jpeg_size}"
             Store(str(tags), create=True)
             write_simple_tags(str(tags), corpus)
-            sweep = [int(t) for t in args.threads.split(",")] if i == 0 else [max(int(t) for t in
-                                                                                  args.threads.split(","))]
-            runs = [(t, True) for t in sweep] + [(max(sweep), False)]
-            for threads, pipelined in runs:
-                r = end_to_end(args.model, corpus, tags, tmp / f"run-{jpeg_size}", batch, threads, args.device,
-                               pipelined)
+            threads = [int(t) for t in args.threads.split(",")]
+            runs = [{"decoder": "device", "decode_threads": max(threads)}]  # 'auto' on CUDA
+            runs += [{"decoder": "pil", "decode_threads": t} for t in (threads if i == 0 else threads[-1:])]
+            if args.processes and i == 0:
+                runs.append({"decoder": "pil", "decode_processes": args.processes})
+            runs.append({"decoder": "device", "decode_threads": max(threads), "pipelined": False})
+            for settings in runs:
+                r = end_to_end(args.model, corpus, tags, tmp / f"run-{jpeg_size}", batch, args.device, settings)
                 r["jpeg"] = jpeg_size
                 results["end_to_end"].append(r)
                 stages = ", ".join(f"{k} {v}" for k, v in r["stage_seconds"].items())
-                print(f"end-to-end {args.model} {jpeg_size} JPEGs, {threads} decode threads, "
-                      f"{'pipelined' if pipelined else 'serial'}: {r['images_per_s']:,.1f} images/s "
-                      f"({r['images']} in {r['seconds']} s; GPU {r['gpu_util_percent']}%; {stages})", flush=True)
+                what = ", ".join(f"{k} {v}" for k, v in settings.items())
+                print(f"end-to-end {args.model} {jpeg_size} JPEGs, {what}, {r['precision']}: "
+                      f"{r['images_per_s']:,.1f} images/s ({r['images']} in {r['seconds']} s; "
+                      f"GPU {r['gpu_util_percent']}%; {stages})", flush=True)
     print(json.dumps(results))
 
 

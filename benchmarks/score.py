@@ -124,7 +124,7 @@ class StandInDevice:
 def _scorer(corpus: str, store: str, model: str, config: ScoreConfig) -> tuple[ShardScorer, list]:
     scorer = ShardScorer({"uri": corpus, "format": "webdataset", "name": "train"}, store, {"name": model},
                          config.model_dump(mode="json"), "cpu")
-    planned = plan_shards(open_corpus(corpus), Store(store), config, scorer.model_id)
+    planned = plan_shards(open_corpus(corpus), Store(store), scorer.config, scorer.model_id)
     return scorer, [(p.shard, p.fingerprint, p.input_fingerprint) for p in planned if p.status == "todo"]
 
 

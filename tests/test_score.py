@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from PIL import Image
 
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key
 from ttd.relevancy import ScoreConfig
-from ttd.score import SHARDS_PER_CALL, run_score
+from ttd.score import run_score
+from ttd.score_ray import SHARDS_PER_CALL
 from ttd.sql import query
 from ttd.store import Store
 from ttd.uri import resolve
@@ -119,9 +121,11 @@ def encoded(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("processes", [0, 2], ids=["threads", "processes"])
-def test_bad_images_become_errors_and_the_rest_is_scored(tmp_path, processes):
-    """The same errors rows whether images are decoded in threads or in forked processes."""
+@pytest.mark.parametrize("processes,decoder", [(0, "pil"), (2, "pil"), (0, "device"), (2, "device")],
+                         ids=["threads", "processes", "device", "device-processes"])
+def test_bad_images_become_errors_and_the_rest_is_scored(tmp_path, processes, decoder):
+    """The same errors rows whether images are decoded in threads, in forked processes, or (JPEGs) by the device's
+    decoder with PIL taking what it refuses (CMYK, PNG, the truncated JPEG whose header reads well)."""
     corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
     w = ShardWriter(resolve(corpus), 0)
     rng = np.random.default_rng(0)
@@ -141,8 +145,8 @@ def test_bad_images_become_errors_and_the_rest_is_scored(tmp_path, processes):
         w.add(keys[name], "" if name == "nocaption" else f"a {name} picture", data, width=32, height=32)
     w.close()
     write_simple_tags(store, corpus)
-    summary = run_score(corpus, store, ScoreConfig(max_pixels=50_000_000, decode_processes=processes), model=MODEL,
-                        workers=0)
+    summary = run_score(corpus, store, ScoreConfig(max_pixels=50_000_000, decode_processes=processes,
+                                                   decoder=decoder), model=MODEL, workers=0)
     errs = {r["key"]: r["error_type"] for r in Store(store).read("errors").to_pylist()}
     assert errs == {keys["corrupt"]: "corrupt_image", keys["bomb"]: "decompression_bomb",
                     keys["nocaption"]: "no_candidates"}
@@ -167,40 +171,59 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head():
-    """`ray start --head --block` in its own session, as on a cloud cluster's head node; stopped by signalling that
-    session only (`ray stop` would stop every Ray on the machine, a developer's running pipeline included)."""
+@contextmanager
+def ray_node(*args: str):
+    """`ray start ... --block` in its own session, as on a cloud cluster's node; stopped by signalling that session
+    only (`ray stop` would stop every Ray on the machine, a developer's running pipeline included)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    node = subprocess.Popen([ray_bin, "start", *args, "--disable-usage-stats", "--block"], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield node
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        try:
+            node.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+
+
+def _head(*resources: str):
+    """A head node on a free port; yields (address, pid) once a driver can join it and it offers its CPUs."""
     import ray
 
     port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                             "--disable-usage-stats", "--block"], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:  # up when a driver can join and the node offers its CPUs
-            try:
-                ray.init(address=address, log_to_driver=False, configure_logging=False)
-                if ray.cluster_resources().get("CPU"):
-                    break
-            except Exception:
-                if time.monotonic() > deadline or head.poll() is not None:
-                    raise
-            finally:
-                ray.shutdown()
-            time.sleep(1)
-        yield address, head.pid
-    finally:
-        ray.shutdown()
-        os.killpg(head.pid, signal.SIGTERM)
+    with ray_node("--head", f"--port={port}", "--include-dashboard=false", *resources) as head:
         try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    ray.init(address=address, log_to_driver=False, configure_logging=False)
+                    if ray.cluster_resources().get("CPU"):
+                        break
+                except Exception:
+                    if time.monotonic() > deadline or head.poll() is not None:
+                        raise
+                finally:
+                    ray.shutdown()
+                time.sleep(1)
+            yield address, head.pid
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture
+def ray_head():
+    yield from _head("--num-cpus=2")
+
+
+@pytest.fixture
+def ray_gpu_head():
+    """A head whose one GPU is declared, not real: Ray schedules GPU actors on it, which find no CUDA and score on
+    the CPU; what is tested is how many actors the pool holds, not where they compute."""
+    yield from _head("--num-cpus=2", "--num-gpus=1")
 
 
 def _session_processes(sid: int, title: str) -> list[int]:
@@ -221,14 +244,14 @@ def test_ray_path_against_a_real_local_cluster(tmp_path, ray_head):
     assert first["done"] == 2 and first["workers"] == 2 and first["waiting"] == ["00002"]
     import ray
 
-    from ttd import score
+    from ttd import score_ray
 
-    pids = ray.get([a.alive.remote() for a in score._ACTORS["actors"]])
+    pids = ray.get([a.alive.remote() for a in score_ray._ACTORS["actors"]])
     stats.with_suffix(".held").rename(stats)
     second = run_score(corpus, store, model=MODEL, ray_address=ray_head[0], workers=2)
     assert second["done"] == 1 and second["skipped_done"] == 2
     # the same actors, models loaded once: a flow's next batch does not start and load them again
-    assert ray.get([a.alive.remote() for a in score._ACTORS["actors"]])[:1] == pids[:1]
+    assert ray.get([a.alive.remote() for a in score_ray._ACTORS["actors"]])[:1] == pids[:1]
     summary = {"images": first["images"] + second["images"]}
     assert summary["images"] == 12
     local = str(tmp_path / "local")
@@ -329,3 +352,59 @@ def test_the_device_step_keeps_every_tensor_on_the_models_device(tmp_path):
     assert {v.device for v in out.values()} == {meta}
     assert out["pixel_raw"].shape[0] == 4 and out["heatmap"].dtype == torch.uint8
     scorer._release(job)
+
+
+def _scores(store: str) -> dict:
+    rel = Store(store).read("relevancy", columns=["key", "tag_index", "pixel_raw", "selected"]).to_pylist()
+    return {(r["key"], r["tag_index"]): (r["pixel_raw"], r["selected"]) for r in rel}
+
+
+@pytest.mark.parametrize("settings", [{"decoder": "device"}, {"precision": "bf16"}], ids=["device-decoder", "bf16"])
+def test_device_decoding_and_bf16_score_close_to_the_reference_and_are_fingerprinted(tmp_path, settings):
+    """JPEGs decoded and resized by torchvision on the model's device (libjpeg here, nvJPEG on CUDA), or the model in
+    bf16: scores within a small distance of PIL + fp32 on the same shards, and a store scored one way is re-scored,
+    not mixed, when the setting changes."""
+    corpus = str(tmp_path / "c")
+    build_corpus(corpus, shards=2, per_shard=6)
+    stores = {}
+    for name, cfg in (("reference", {"decoder": "pil", "precision": "fp32"}), ("changed", settings)):
+        stores[name] = str(tmp_path / f"s-{name}")
+        write_simple_tags(stores[name], corpus)
+        summary = run_score(corpus, stores[name], ScoreConfig(**cfg), model=MODEL, workers=0)
+        assert summary["done"] == 2 and summary["images"] == 12 and summary["errors"] == 0
+    ref, changed = _scores(stores["reference"]), _scores(stores["changed"])
+    assert ref.keys() == changed.keys()
+    gap = max(abs(ref[k][0] - changed[k][0]) for k in ref)
+    assert 0 < gap < (0.02 if "precision" in settings else 0.01), gap  # close, but not the same computation
+    agree = sum(ref[k][1] == changed[k][1] for k in ref) / len(ref)
+    assert agree >= 0.95, agree
+    # on a CPU 'auto' means PIL and fp32: the reference store is done under it, the changed one is re-scored
+    assert run_score(corpus, stores["reference"], model=MODEL, workers=0)["skipped_done"] == 2
+    assert run_score(corpus, stores["changed"], model=MODEL, workers=0)["done"] == 2
+
+
+@pytest.mark.slow
+def test_the_ray_pool_grows_as_gpus_join_the_cluster(tmp_path, ray_gpu_head):
+    """A cluster that autoscales: one GPU when the first batch of shards is scored, a second GPU node joins before
+    the next batch. The kept actor scores again (its model loaded once) and a new actor starts for the new GPU."""
+    import ray
+
+    from ttd import score_ray
+
+    address = ray_gpu_head[0]
+    corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
+    build_corpus(corpus, shards=4, per_shard=4)
+    write_simple_tags(store, corpus)
+    first = run_score(corpus, store, model=MODEL, ray_address=address, shards=["00000", "00001"])
+    assert first["done"] == 2 and first["workers"] == 1
+    (pid,) = ray.get([a.alive.remote() for a in score_ray._ACTORS["actors"]])
+    with ray_node(f"--address={address}", "--num-cpus=1", "--num-gpus=1"):
+        deadline = time.monotonic() + 180
+        while ray.cluster_resources().get("GPU", 0) < 2:
+            assert time.monotonic() < deadline, "the second node did not join"
+            time.sleep(1)
+        second = run_score(corpus, store, model=MODEL, ray_address=address, shards=["00002", "00003"])
+        assert second["done"] == 2 and second["workers"] == 2
+        pids = ray.get([a.alive.remote() for a in score_ray._ACTORS["actors"]])
+        assert pids[0] == pid and len(set(pids)) == 2
+    assert Store(store).read("relevancy").num_rows == Store(store).read("tags").num_rows

@@ -118,9 +118,11 @@ def model_id(cfg: RunConfig) -> str:
 
 
 def plan_score(cfg: RunConfig, mid: str) -> list[Batch]:
-    from .score import plan_shards
+    from .score import plan_shards, scoring_device_type
 
-    planned = plan_shards(_corpus(cfg), Store(cfg.store, create=True), cfg.score, mid,
+    # fingerprinted as `run_score` will: with 'auto' settings decided for the device the shards are scored on
+    score = cfg.score.resolved(scoring_device_type(cfg.ray.address, cfg.ray.workers, cfg.device))
+    planned = plan_shards(_corpus(cfg), Store(cfg.store, create=True), score, mid,
                           include_incomplete=cfg.include_incomplete)
     unparsed = [p.shard.name for p in planned if p.status == "unparsed"]
     if unparsed:

@@ -46,6 +46,21 @@ class ScoreConfig(pydantic.BaseModel):
     pipelined: bool = pydantic.Field(True, description="Overlap reading/decoding, the device and writing (threads "
                                                        "joined by two-deep queues); false runs them in series.")
     max_pixels: int = pydantic.Field(64_000_000, ge=1)
+    decoder: Literal["auto", "pil", "device"] = pydantic.Field(
+        "auto", description="Where JPEGs are decoded and resized: 'device' on the model's device (nvJPEG on CUDA), "
+        "PIL for what it cannot take (PNG, CMYK, 16-bit); 'pil' all on the host; 'auto' device on CUDA, else pil. "
+        "Scores differ in the last digits between the two, so the choice is part of the fingerprint.")
+    precision: Literal["auto", "fp32", "bf16"] = pydantic.Field(
+        "auto", description="The model's weights and activations: bf16 halves the bytes and doubles the GPU's "
+        "throughput, changing scores slightly (part of the fingerprint); 'auto' bf16 on CUDA, else fp32.")
+
+    def resolved(self, device_type: str) -> ScoreConfig:
+        """The settings with 'auto' decided for a model on `device_type` ("cuda", "cpu", ...): what a shard's
+        fingerprint records, so a store scored on a CPU is re-scored, not mixed, when the run moves to GPUs."""
+        cuda = device_type == "cuda"
+        return self.model_copy(update={
+            "decoder": ("device" if cuda else "pil") if self.decoder == "auto" else self.decoder,
+            "precision": ("bf16" if cuda else "fp32") if self.precision == "auto" else self.precision})
 
     @pydantic.field_validator("templates")
     @classmethod

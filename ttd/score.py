@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Collection, Iterator
-from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,13 +24,21 @@ from . import schemas, score_pipeline
 from .claims import claim, clear_stale
 from .corpus import Corpus, ReadIssue, Sample, ShardRef, open_corpus
 from .corpus.base import select_planned
-from .errors import TTDError
 from .models import load_model
 from .models.dense import encode_image_dense
 from .ray_local import ensure_ray
 from .relevancy import SCORE_PERF_FIELDS, ScoreConfig, encode_tags, encode_texts
 from .score_batch import Candidates, ShardCandidates, batch_tables, compute, to_host
-from .score_pipeline import ImagePrep, ProcessDecoder, ReadBatch, ShardJob, ThreadDecoder, Timings, decode_one
+from .score_pipeline import (
+    DeviceJpegDecoder,
+    ImagePrep,
+    ProcessDecoder,
+    ReadBatch,
+    ShardJob,
+    ThreadDecoder,
+    Timings,
+    decode_one,
+)
 from .store import Store, fingerprint
 
 log = logging.getLogger(__name__)
@@ -46,8 +53,8 @@ def result_config(config: ScoreConfig) -> dict:
     return config.model_dump(mode="json", exclude=set(SCORE_PERF_FIELDS))
 
 
-def embedding_key(model_id: str, templates: tuple[str, ...]) -> str:
-    return fingerprint("tag-embeddings", model_id, list(templates))
+def embedding_key(model_id: str, templates: tuple[str, ...], precision: str) -> str:
+    return fingerprint("tag-embeddings", model_id, list(templates), precision)
 
 
 class ShardScorer:
@@ -61,23 +68,30 @@ class ShardScorer:
                  threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.config = ScoreConfig.model_validate(config)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        self.config = ScoreConfig.model_validate(config).resolved(self.device.type)
         self.bundle = load_model(model.get("name"), model.get("pretrained"), device=self.device,
                                  lora=model.get("lora"))
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float32
+        self.bundle.model.to(dtype)  # weights in the run's precision: no autocast, no per-batch casts
         self.model_id = model.get("model_id") or self.bundle.model_id
         self.corpus = open_corpus(corpus["uri"], fmt=corpus["format"], name=corpus["name"],
                                   max_pixels=self.config.max_pixels)
         self.store = Store(store_uri)
-        self.emb_key = embedding_key(self.model_id, self.config.templates)
+        self.emb_key = embedding_key(self.model_id, self.config.templates, self.config.precision)
         self._emb_cache: dict[str, np.ndarray] = {}
-        self.autocast = self.device.type == "cuda"
-        self.prep = ImagePrep(self.bundle.preprocess, self.device)
+        self.prep = ImagePrep(self.bundle.preprocess, self.device, dtype)
         processes = self.config.decode_processes if self.prep.split else 0
         self.decoder = ProcessDecoder(self.prep.host_steps, self.config.max_pixels, processes, self._error_row) \
             if processes else ThreadDecoder(self._decode, self.config.decode_threads)
+        if self.config.decoder == "device":
+            if self.prep.tensor_steps is None:
+                log.warning("decoder 'device': the model's preprocessing has a step without a tensor form; "
+                            "decoding with PIL on the host")
+            else:
+                self.decoder = DeviceJpegDecoder(self.decoder, self.config.max_pixels)
         self.timings = Timings()
         # the model's two passes per batch; the benchmark swaps in a stand-in device that only holds each batch
         self.forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = self._forward
@@ -178,20 +192,37 @@ class ShardScorer:
         return os.getpid()
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._autocast():
-            return encode_image_dense(self.bundle.model, images, self.config.head)
+        return encode_image_dense(self.bundle.model, images, self.config.head)
 
     def _encode_captions(self, captions: list[str]) -> torch.Tensor:
-        with self._autocast():
-            return encode_texts(self.bundle, captions)
+        return encode_texts(self.bundle, captions)
 
-    def _autocast(self) -> Any:
-        """bf16 autocast on CUDA; nothing elsewhere (CPU keeps fp32; autocast refuses some device types)."""
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+    def _images(self, batch: ReadBatch) -> torch.Tensor | None:
+        """The batch's images on the device, normalised: host-decoded ones copied, the encoded JPEGs decoded there.
+        A JPEG the device decoder refuses is decoded by PIL instead, or becomes an `errors` row and leaves the batch
+        (None when no image is left)."""
+        parts = [] if batch.images is None else [batch.images.to(self.device, non_blocking=True)]
+        if batch.encoded:
+            decoded = self.prep.decode([e.data for e in batch.encoded])
+            kept = batch.samples[:len(batch.samples) - len(batch.encoded)]
+            for enc, image in zip(batch.encoded, decoded):
+                if image is None:  # the device decoder refused it: PIL decodes it, or names its error
+                    image, error = self._decode(enc.sample)
+                    if error is not None:
+                        batch.job.errors.append(error)
+                        continue
+                    image = image.to(self.device)
+                parts.append(image.unsqueeze(0))
+                kept.append((enc.sample.key, enc.sample.caption))
+            batch.samples, batch.encoded = kept, []
+        return self.prep.device(torch.cat(parts)) if parts else None
 
-    def _device_step(self, batch: ReadBatch) -> dict[str, torch.Tensor]:
+    def _device_step(self, batch: ReadBatch) -> dict[str, torch.Tensor] | None:
         """Everything that touches the device, for one batch; nothing here waits for it."""
         job, cfg = batch.job, self.config
+        images = self._images(batch)
+        if images is None:
+            return None
         if job.context is None:  # the shard's tag-embedding matrix on the device, and each tag row's place in it
             tags = job.candidates.vocabulary()
             emb = self._tag_embeddings(job.shard, tags)
@@ -202,15 +233,16 @@ class ShardScorer:
         keys = [k for k, _ in batch.samples]
         idx, counts = job.candidates.rows(keys)
         batch.rows = (idx, counts)
-        images = self.prep.device(batch.images.to(self.device, non_blocking=True))
         global_emb, dense = self.forward(images)
         cap_emb = self.encode_captions([job.captions.get(k) or c or "" for k, c in batch.samples])
         cands = Candidates.from_flat(tag_rows[idx], counts)
         return compute(global_emb, dense, cap_emb, matrix, cands.to(self.device), normalisation=cfg.normalisation,
                        selection=cfg.selection, threshold=cfg.threshold)
 
-    def _host_step(self, batch: ReadBatch, out: dict[str, torch.Tensor]) -> None:
+    def _host_step(self, batch: ReadBatch, out: dict[str, torch.Tensor] | None) -> None:
         """One copy back, then the batch's rows as Arrow columns."""
+        if out is None:  # every image of the batch failed to decode
+            return
         host = to_host(out)
         idx, counts = batch.rows
         candidates = batch.job.candidates.table.select(["tag_index", "text"]).take(pa.array(idx))
@@ -280,49 +312,17 @@ def plan_shards(corpus: Corpus, store: Store, config: ScoreConfig, model_id: str
     return planned
 
 
-ACTOR_RETRIES = 3  # restarts of a lost scoring actor, and retries of the shards it held
-SHARDS_PER_CALL = 4  # shards handed to a Ray actor at once (its pipeline overlaps them)
-
-
-def _ray_workers(ray_address: str | None, workers: int | None, device: str | None, config: ScoreConfig
-                 ) -> tuple[int, float, int]:
-    """Start or join Ray; returns (actors, GPUs per actor, CPUs per actor). One actor per GPU in the cluster; with
-    `device="cuda"` and no GPU yet (a cluster that autoscales from zero GPU nodes) GPU actors all the same, which
-    wait for the autoscaler's GPU nodes instead of scoring on CPUs. Each actor asks for its decode workers' CPUs
-    plus one, within the cluster's share per actor."""
+def scoring_device_type(ray_address: str | None, workers: int | None, device: str | None) -> str:
+    """The device type shards will be scored on: the one asked for; else, in this process (`workers=0`), cuda
+    when it sees a GPU; else (Ray actors) cuda when the cluster has GPUs. What `ScoreConfig.resolved` takes."""
+    if device:
+        return torch.device(device).type
+    if workers == 0:
+        return "cuda" if torch.cuda.is_available() else "cpu"
     import ray
 
     ensure_ray(ray_address)
-    res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
-    on_gpu = gpus > 0 or device == "cuda"
-    n = workers or max(gpus, 1)
-    wanted = (config.decode_processes or config.decode_threads) + 1
-    per_actor = max(1, min(wanted, cpus // n)) if cpus >= n else 1
-    if on_gpu and not gpus:
-        log.warning("no GPU in the Ray cluster yet: %d scoring actor(s) wait for GPU nodes (autoscaling)", n)
-    return n, (1.0 if on_gpu else 0.0), per_actor
-
-
-# Scoring actors kept for the life of this process: the next call with the same corpus, store, model and settings
-# (the Prefect flow's next batch of shards) reuses them and their loaded models instead of starting new ones.
-_ACTORS: dict[str, Any] = {"key": None, "job": None, "actors": []}
-
-
-def _scoring_actors(key: str, n: int, make: Callable[[], Any]) -> list[Any]:
-    import ray
-
-    job = ray.get_runtime_context().get_job_id()
-    kept = _ACTORS["actors"] if (_ACTORS["key"], _ACTORS["job"]) == (key, job) else []
-    if kept:
-        try:
-            ray.get([a.alive.remote() for a in kept], timeout=120)
-        except Exception as exc:  # noqa: BLE001 - a dead or unreachable actor: start afresh
-            log.info("scoring actors of the previous call are gone (%s): starting new ones", type(exc).__name__)
-            kept = []
-    actors = kept + [make() for _ in range(max(0, n - len(kept)))]
-    _ACTORS.update(key=key, job=job, actors=actors)
-    return actors[:n]
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
 def run_score(
@@ -356,6 +356,8 @@ def run_score(
     # the driver loads the model once too (on CPU) to fail early with a clear error and to know its identity
     model_id = local.model_id if local else load_model(model, pretrained, device="cpu", lora=lora).model_id
     model_spec["model_id"] = model_id
+    # 'auto' decoder and precision decided for where the shards will be scored: they are part of the fingerprint
+    config = local.config if local else config.resolved(scoring_device_type(ray_address, workers, device))
     summary: dict[str, Any] = {"corpus": corpus.name, "model_id": model_id, "shards": 0, "done": 0,
                                "skipped_done": 0, "claimed_elsewhere": [], "waiting": [], "unparsed": [], "images": 0,
                                "tags": 0, "masks": 0, "errors": 0}
@@ -395,31 +397,11 @@ def run_score(
         finally:
             local.close()
     elif todo:
-        import ray
-        from ray.util import ActorPool
+        from .score_ray import score_on_ray
 
-        n, gpus, threads = _ray_workers(ray_address, workers, device, config)
-        n = min(n, len(todo))
-        actor_cls = ray.remote(ShardScorer)
-        args = (corpus_spec, store_uri, model_spec, config.model_dump(mode="json"), device, threads)
-        key = fingerprint(ray_address, args, gpus)
-        # a lost worker (preempted node, OOM kill) is restarted by Ray and its shard retried: shards are idempotent
-        actors = _scoring_actors(key, n, lambda: actor_cls.options(
-            num_gpus=gpus, num_cpus=threads, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES).remote(*args))
-        pool = ActorPool(actors)
-        # a few shards per call, so an actor reads its next shard while it computes one; few enough that shards
-        # still spread over every actor, and a lost actor redoes little (its committed shards are then "done")
-        per_call = max(1, min(SHARDS_PER_CALL, len(todo) // n))
-        chunks = [todo[i:i + per_call] for i in range(0, len(todo), per_call)]
-        try:
-            for results in pool.map_unordered(lambda a, chunk: a.score_shards.remote(chunk), chunks):
-                for result in results:
-                    account(result)
-        except ray.exceptions.RayActorError as exc:
-            raise TTDError(f"a Ray scoring worker was lost and not recovered after {ACTOR_RETRIES} restarts "
-                           f"({type(exc).__name__}); {summary['done']} of {len(todo)} shard(s) were committed by "
-                           "this run and a re-run scores only the rest") from None
-        summary["workers"] = n
+        summary["workers"] = score_on_ray(todo, (corpus_spec, store_uri, model_spec, config.model_dump(mode="json"),
+                                                 device), ray_address=ray_address, workers=workers, device=device,
+                                          config=config, account=account)
     clear_stale(store, STAGE)  # a run killed between commit and release left its claim on a done shard
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["images_per_s"] = round(summary["images"] / max(summary["seconds"], 1e-9), 2)

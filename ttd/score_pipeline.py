@@ -12,23 +12,28 @@ function, only the schedule differs).
 Images leave the host as uint8 (resize and crop on the host, as the model's own preprocessing does; scaling and
 normalisation on the device: 4x fewer bytes to copy). Decoding and resizing run in a pool of threads, or of
 processes (`ProcessDecoder`: PIL outside this process's GIL, which the reading, the device step and the Arrow rows
-share), with two batches in flight while the tar is read on.
+share), with two batches in flight while the tar is read on. With `DeviceJpegDecoder` the JPEGs leave the host
+still encoded (a tenth of the bytes again) and are decoded, resized and cropped on the device (nvJPEG on CUDA);
+only what that decoder cannot take (PNG, CMYK, 16-bit, corrupt files) goes through PIL as before.
 """
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import queue
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .corpus.base import decode_image
 from .errors import ImageDecodeError
@@ -38,20 +43,24 @@ _DONE = object()  # end of a queue
 
 class ImagePrep:
     """The model's preprocessing split at its ToTensor: resize/crop/convert on the host into uint8 [3, H, W];
-    scaling to [0, 1] and normalisation on the device, with the same float operations torchvision applies."""
+    scaling to [0, 1] and normalisation on the device, with the same float operations torchvision applies, in the
+    model's `dtype`. `decode` runs the resize/crop on the device instead, for JPEGs decoded there."""
 
-    def __init__(self, preprocess: Any, device: torch.device):
+    def __init__(self, preprocess: Any, device: torch.device, dtype: torch.dtype = torch.float32):
         steps = list(getattr(preprocess, "transforms", []))
         names = [type(s).__name__ for s in steps]
         cut = next((i for i, n in enumerate(names) if n in ("ToTensor", "MaybeToTensor")), None)
         norm = steps[-1] if names and names[-1] == "Normalize" else None
+        self.target, self.dtype = torch.device(device), dtype
         self.split = cut is not None and norm is not None and cut == len(steps) - 2
+        self.tensor_steps = None  # the host steps as tensor transforms, where each has one (Resize, CenterCrop)
         if self.split:
             from torchvision.transforms import Compose
 
             self.host_steps = Compose(steps[:cut])
             self.mean = torch.tensor(norm.mean, dtype=torch.float32, device=device).view(-1, 1, 1)
             self.std = torch.tensor(norm.std, dtype=torch.float32, device=device).view(-1, 1, 1)
+            self.tensor_steps = _tensor_steps(steps[:cut])
         else:  # an unusual pipeline: all of it on the host, floats copied
             self.host_steps = preprocess
 
@@ -62,8 +71,44 @@ class ImagePrep:
 
     def device(self, batch: torch.Tensor) -> torch.Tensor:
         if not self.split:
-            return batch
-        return batch.to(torch.float32).div(255).sub_(self.mean).div_(self.std)
+            return batch.to(self.dtype)
+        return batch.to(torch.float32).div(255).sub_(self.mean).div_(self.std).to(self.dtype)
+
+    def decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """JPEG bytes decoded on the device (nvJPEG on CUDA, libjpeg on a CPU) and resized/cropped there as the host
+        steps would: uint8 [3, H, W] each on the device, None for a file the decoder refused (PIL then tries it)."""
+        with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec for decoding; this still works
+            warnings.filterwarnings("ignore", ".*decoding and encoding capabilities", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            try:
+                images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.target)
+            except RuntimeError:  # one bad file fails the whole call: decode one by one to find it
+                images = [_decode_or_none(decode_jpeg, e, ImageReadMode.RGB, self.target) for e in encoded]
+        return [None if im is None else self.tensor_steps(im) for im in images]
+
+
+def _decode_or_none(decode_jpeg: Callable, data: torch.Tensor, mode: Any, device: torch.device
+                    ) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(data, mode=mode, device=device)
+    except RuntimeError:
+        return None
+
+
+def _tensor_steps(steps: list[Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The host steps as transforms of a uint8 [3, H, W] tensor (torchvision's Resize and CenterCrop take tensors;
+    the RGB conversion is the decoder's), or None when a step has no tensor form: then nothing is decoded on the
+    device."""
+    from torchvision.transforms import CenterCrop, Compose, Resize
+
+    kept = []
+    for step in steps:
+        if isinstance(step, (Resize, CenterCrop)):
+            kept.append(step)
+        elif "convert" not in type(step).__name__.lower() and "convert" not in getattr(step, "__name__", ""):
+            return None
+    return Compose(kept)
 
 
 def host_array(steps: Any, image: Any) -> np.ndarray:
@@ -144,6 +189,55 @@ class ProcessDecoder:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+class Encoded(NamedTuple):
+    """A JPEG left encoded for the device's decoder: its bytes as a uint8 tensor, and its sample."""
+
+    data: torch.Tensor
+    sample: Any
+
+
+def device_decodable(data: bytes | None, max_pixels: int) -> bool:
+    """Whether the device decoder can take these bytes: a JPEG in RGB or grey within `max_pixels`, judged from its
+    header alone (PIL reads a few hundred bytes). CMYK, 16-bit, PNG and unreadable headers go to PIL, which decodes
+    them or names their error as before."""
+    if not data or data[:3] != b"\xff\xd8\xff":
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format == "JPEG" and img.mode in ("RGB", "L") and img.width * img.height <= max_pixels
+    except Exception:  # noqa: BLE001 - PIL's own decoding will name the problem
+        return False
+
+
+class DeviceJpegDecoder:
+    """Leaves the JPEGs a device decoder can take encoded (`Encoded`), and hands everything else to `host` (a
+    thread or process decoder)."""
+
+    def __init__(self, host: Any, max_pixels: int):
+        self.host, self.max_pixels = host, max_pixels
+
+    def submit(self, samples: list) -> Future:
+        on_device = [device_decodable(s.image_bytes, self.max_pixels) for s in samples]
+        rest = [s for s, ok in zip(samples, on_device) if not ok]
+        hosted = self.host.submit(rest) if rest else _resolved([])
+
+        def combine(results: list[list]) -> list:
+            host_results = iter(results[0])
+            return [(Encoded(torch.frombuffer(bytearray(s.image_bytes), dtype=torch.uint8), s), None) if ok
+                    else next(host_results) for s, ok in zip(samples, on_device)]
+
+        return _gather([hosted], combine)
+
+    def close(self) -> None:
+        self.host.close()
+
+
+def _resolved(value: Any) -> Future:
+    done: Future = Future()
+    done.set_result(value)
+    return done
+
+
 def _gather(futures: list[Future], combine: Callable[[list], Any] = list) -> Future:
     """One future for `combine` of a list of futures' results, in order; the first failure fails it."""
     done: Future = Future()
@@ -186,7 +280,8 @@ class ShardJob:
 class ReadBatch:
     job: ShardJob
     samples: list  # (key, caption) per image
-    images: torch.Tensor  # uint8 [B, 3, H, W] (pinned when the device is CUDA), or floats without a split
+    images: torch.Tensor | None  # uint8 [B, 3, H, W] (pinned when the device is CUDA), or floats without a split
+    encoded: list = field(default_factory=list)  # Encoded JPEGs, the last len(encoded) of `samples`
     rows: Any = None  # the device step's (candidate rows, counts), for the host step
 
 
@@ -224,15 +319,17 @@ def read_batches(jobs: Iterable[ShardJob], open_job: Callable[[ShardJob], Iterat
         t0 = time.perf_counter()
         decoded = future.result()
         job.errors.extend(err for _, err in decoded if err is not None)
-        ok = [(s, img) for s, (img, err) in zip(samples, decoded) if err is None]
-        if not ok:
+        ok = [(s, img) for s, (img, err) in zip(samples, decoded) if err is None and not isinstance(img, Encoded)]
+        encoded = [img for img, err in decoded if isinstance(img, Encoded)]
+        if not ok and not encoded:
             timings.add("decode", time.perf_counter() - t0)
             return None
-        images = torch.stack([img for _, img in ok])
-        if pin:
+        images = torch.stack([img for _, img in ok]) if ok else None
+        if pin and images is not None:
             images = images.pin_memory()
         timings.add("decode", time.perf_counter() - t0)
-        return ReadBatch(job, [(s.key, s.caption) for s, _ in ok], images)
+        keys = [(s.key, s.caption) for s, _ in ok] + [(e.sample.key, e.sample.caption) for e in encoded]
+        return ReadBatch(job, keys, images, encoded)
 
     def push(entry: tuple) -> Iterator[ReadBatch | ShardJob]:
         ahead.append(entry)
