@@ -151,7 +151,8 @@ def end_to_end(model: str, corpus: str, tags_store: Path, tmp: Path, batch: int,
         images = sum(r["images"] for r in scorer.score_shards(todo[1:]))
         seconds = time.perf_counter() - t0
     scorer.close()
-    return {**settings, "decoder": scorer.config.decoder, "precision": scorer.config.precision, "images": images,
+    return {**settings, "decoder": scorer.config.decoder, "precision": scorer.config.precision,
+            "pipelined": scorer.config.pipelined, "images": images,
             "seconds": round(seconds, 2),
             "images_per_s": round(images / seconds, 1), "gpu_util_percent": gpu.mean,
             "stage_seconds": scorer.timings.as_dict()}

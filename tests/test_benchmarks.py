@@ -17,8 +17,10 @@ def test_gpu_score_smoke_on_cpu():
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["model_only"]["224"]["images_per_s"] > 0
-    runs = result["end_to_end"]  # 8 JPEGs in 8 shards of 1, the first warms up: 7 timed, per decode-thread run
-    assert [(r["threads"], r["pipelined"], r["images"]) for r in runs] == [(1, True, 7), (2, True, 7), (2, False, 7)]
+    runs = result["end_to_end"]  # 8 JPEGs in 8 shards of 1, the first warms up: 7 timed per run
+    assert [(r["decoder"], r.get("decode_threads"), r.get("decode_processes"), r["pipelined"], r["images"])
+            for r in runs] == [("device", 2, None, True, 7), ("pil", 1, None, True, 7), ("pil", 2, None, True, 7),
+                               ("pil", None, 2, True, 7), ("device", 2, None, False, 7)]
     assert all(set(r["stage_seconds"]) == {"read", "decode", "device", "host", "write", "batches"} for r in runs)
 
 
