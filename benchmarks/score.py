@@ -40,7 +40,7 @@ from ttd import schemas
 from ttd.corpus import Sample, open_corpus
 from ttd.models import load_model
 from ttd.models.dense import encode_image_dense
-from ttd.relevancy import ScoreConfig, encode_tags, encode_texts, normalise, quantise, raw_scores
+from ttd.relevancy import ScoreConfig, encode_tags, encode_texts, normalisations, normalise, quantise, raw_scores
 from ttd.score import ShardScorer, plan_shards, run_score
 from ttd.score_batch import Candidates, batch_tables, compute, to_host
 from ttd.store import Store
@@ -221,7 +221,7 @@ def per_sample_post(global_emb, dense, cap_emb, matrix, rows, keys, cfg: ScoreCo
 
 def batched_post(global_emb, dense, cap_emb, matrix, rows, keys, cfg: ScoreConfig) -> tuple[pa.Table, pa.Table]:
     host = to_host(compute(global_emb, dense, cap_emb, matrix, Candidates.pack(rows),
-                           normalisation=cfg.normalisation, selection=cfg.selection, threshold=cfg.threshold))
+                           normalisation=normalisations(cfg, None), selection=cfg.selection, threshold=cfg.threshold))
     counts, candidates = _named(rows)
     return batch_tables(host, keys, counts, candidates, threshold=cfg.threshold, model_id="m", head=cfg.head,
                         masks_for="selected")
@@ -239,7 +239,8 @@ def per_sample_from_maps(maps, raws, rows, keys, cfg: ScoreConfig) -> tuple[pa.T
     for i, r in enumerate(rows):
         pixel, image, text = raws[i]
         raw = {"pixel": pixel.cpu().numpy(), "image": image.cpu().numpy(), "text": text.cpu().numpy()}
-        norm = {k: normalise(v, cfg.normalisation) for k, v in raw.items()}
+        norms = normalisations(cfg, None)
+        norm = {k: normalise(v, *norms[k]) for k, v in raw.items()}
         selected = norm[cfg.selection] >= cfg.threshold
         m = maps[i].cpu().numpy()
         for j in range(len(r)):
@@ -289,7 +290,7 @@ def post_section(batch: int, grid: int, dim: int, tags_per_caption: int, vocabul
     counts, candidates = _named(rows)
 
     def batched_after_maps():
-        host = to_host(finish(maps, raw, cands.valid, normalisation=cfg.normalisation, selection=cfg.selection,
+        host = to_host(finish(maps, raw, cands.valid, normalisation=normalisations(cfg, None), selection=cfg.selection,
                               threshold=cfg.threshold))
         return batch_tables(host, keys, counts, candidates, threshold=cfg.threshold, model_id="m", head=cfg.head,
                             masks_for="selected")
@@ -297,7 +298,7 @@ def post_section(batch: int, grid: int, dim: int, tags_per_caption: int, vocabul
     times["per_sample_after_maps"] = _time(lambda: per_sample_from_maps(maps_list, raws, rows, keys, cfg), repeats)
     times["batched_after_maps"] = _time(batched_after_maps, repeats)
     # what stays on the host when the device is a GPU: the Arrow rows from the copied arrays
-    host = to_host(finish(maps, raw, cands.valid, normalisation=cfg.normalisation, selection=cfg.selection,
+    host = to_host(finish(maps, raw, cands.valid, normalisation=normalisations(cfg, None), selection=cfg.selection,
                           threshold=cfg.threshold))
     times["host_rows"] = _time(lambda: batch_tables(host, keys, counts, candidates, threshold=cfg.threshold,
                                                     model_id="m", head=cfg.head, masks_for="selected"), repeats)

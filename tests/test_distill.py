@@ -278,3 +278,22 @@ def test_ray_train_data_parallel_matches_one_worker(scored, tmp_path):
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 3 * cfg.steps * cfg.lr
     assert max(b[k].abs().max().item() for k in b if k.endswith("lora_B")) > 0  # it did train
+
+
+def test_paper_mode_trains_through_the_head_and_prompts_that_made_the_pseudo_labels(scored, tmp_path):
+    """`head: scoring` and `templates: None` come from the score stage's manifests (maskclip and its 4-prompt
+    ensemble here), so the student's tag maps are the same function as the teacher's; the artefact records them."""
+    from ttd.distill import with_scoring_settings
+    from ttd.relevancy import DEFAULT_TEMPLATES
+
+    base, store = scored
+    cfg = DistillConfig(head="scoring", templates=None, tag_target="paper")
+    resolved = with_scoring_settings(cfg, Store(store), "train")
+    assert resolved.head == "maskclip" and resolved.templates == DEFAULT_TEMPLATES
+    assert with_scoring_settings(DistillConfig(), Store(store), "train") == DistillConfig()  # nothing to fill
+    summary = run_distill(str(base / "synth" / "train"), store, str(tmp_path / "paper"),
+                          DistillConfig(**{**QUICK, "steps": 2}, head="scoring", templates=None, tag_target="paper"),
+                          model="ttd-micro")
+    written = json.loads((tmp_path / "paper" / "lora.json").read_text())
+    assert not summary["skipped"] and written["config"]["head"] == "maskclip"
+    assert tuple(written["config"]["templates"]) == DEFAULT_TEMPLATES

@@ -379,3 +379,24 @@ def test_batched_tokenizer_path_equals_the_per_caption_path(monkeypatch, policy)
     for i, s, e, t in zip(fast.caption.tolist(), fast.columns["char_start"].tolist(),
                           fast.columns["char_end"].tolist(), fast.columns["text"].to_pylist()):
         assert texts[i][s:e] == t
+
+
+def test_two_corpora_in_folders_of_the_same_name_never_share_rows(tmp_path):
+    """`A/train` then `B/train` into one store: both default to the name "train" and the second would land in the
+    first's partitions, replacing its rows. The store refuses it with one clear line (A's rows intact); under its
+    own name B sits beside A; distill refuses to read B's images against A's labels."""
+    from ttd.distill import run_distill
+
+    a, b, store = str(tmp_path / "A" / "train"), str(tmp_path / "B" / "train"), str(tmp_path / "store")
+    build_corpus(a, shards=2, per_shard=12, failed_per_shard=0)
+    build_corpus(b, shards=3, per_shard=12, failed_per_shard=0)
+    assert run_parse(a, store, ParseConfig(tagger=False))["captions"] == 24
+    with pytest.raises(TTDError, match=r"already holds a corpus named 'train', from .*A/train.*--corpus-name"):
+        run_parse(b, store, ParseConfig(tagger=False))
+    assert Store(store).read("captions").num_rows == 24
+    run_parse(b, store, ParseConfig(tagger=False), name="train-b")
+    rows = query(store, "SELECT corpus, count(*) AS n FROM captions GROUP BY corpus").to_pylist()
+    counts = {r["corpus"]: r["n"] for r in rows}
+    assert counts == {"train": 24, "train-b": 36}
+    with pytest.raises(TTDError, match="already holds a corpus named 'train'"):
+        run_distill(b, store, str(tmp_path / "out"))

@@ -21,7 +21,7 @@ from ttd.synth.generate import SampleMaker
 from ttd.synth.render import PART_EXTENT, PART_FNS, SHAPE_EXTENT, SHAPE_FNS
 from ttd.synth.vocabulary import MAX_THING_CLASSES, SHAPES, TEXTURES, thing_nouns
 
-SIZES = {"train": 23, "eval": 30, "pretrain": 12}
+SIZES = {"train": 23, "val": 14, "eval": 30, "pretrain": 12}
 CFG = SynthConfig(shard_size=10)
 
 
@@ -66,7 +66,7 @@ def test_summary_and_progress(runs):
     root, summary, seen = runs["a"]
     assert seen == SIZES
     assert {k: summary[k] for k in SIZES} == SIZES
-    assert summary["shards"] == 3 + 3 + 2
+    assert summary["shards"] == 3 + 2 + 3 + 2  # train, val, eval, pretrain
     assert summary["thing_classes"] == 200 and summary["classes"] == 200 + CFG.n_stuff_classes
     record = json.loads((root / "synth.json").read_text())
     assert record["seed"] == 0 and record["config"] == CFG.model_dump(mode="json")
@@ -325,3 +325,22 @@ def test_partial_style_overrides_keep_the_split_preset():
     assert mixed.eval_style.p_lead == 0.0 and mixed.eval_style.size_bias == ALT_TEXT.size_bias
     with pytest.raises(pydantic.ValidationError, match="preset"):
         SynthConfig.model_validate({"train_style": "web"})
+
+
+def test_the_validation_split_is_labelled_like_eval_from_other_images(runs):
+    """OUT/val has eval's caption style and ground truth, and none of eval's (or train's) images: settings chosen on
+    it are reported on eval without having seen it."""
+    root = runs["a"][0]
+    assert (root / "val/gt/mentions.parquet").exists() and (root / "val/gt/classes.json").exists()
+    assert len(list((root / "val/gt/masks").glob("*.png"))) == SIZES["val"]
+
+    def images(split: str) -> set[bytes]:
+        out = set()
+        for shard in sorted((root / split).glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                out |= {tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")}
+        return out
+
+    val = images("val")
+    assert len(val) == SIZES["val"] and not val & images("eval") and not val & images("train")
+    assert json.loads((root / "synth.json").read_text())["splits"]["val"]["samples"] == SIZES["val"]

@@ -66,9 +66,12 @@ def version() -> None:
 
 @app.command()
 def synth(
-    out_dir: Annotated[str, typer.Argument(metavar="OUT", help="Output folder or URI (train/, eval/, pretrain/).")],
+    out_dir: Annotated[str, typer.Argument(metavar="OUT", help="Output folder or URI (train/, val/, eval/, "
+                                                               "pretrain/).")],
     train: Annotated[int, typer.Option(help="Samples in the corpus to label (OUT/train, multi-object captions).")]
     = 2000,
+    val: Annotated[int, typer.Option("--val", help="Samples in the labelled validation set (OUT/val): choose "
+                                      "thresholds and settings on it, report on OUT/eval.")] = 500,
     eval: Annotated[int, typer.Option("--eval", help="Samples in the labelled eval set (OUT/eval).")] = 500,
     pretrain: Annotated[int, typer.Option(help="Samples in the pre-training corpus (OUT/pretrain, alt-text captions); "
                                           "0 writes none.")] = 0,
@@ -89,13 +92,13 @@ def synth(
     overrides = {k: v for k, v in {"n_thing_classes": classes, "image_size": image_size,
                                    "shard_size": shard_size}.items() if v is not None}
     cfg = load_yaml(SynthConfig, config, overrides)
-    for name, n in (("train", train), ("eval", eval), ("pretrain", pretrain)):
+    for name, n in (("train", train), ("val", val), ("eval", eval), ("pretrain", pretrain)):
         if n < 0:
             raise TTDError(f"--{name} must be >= 0, got {n}")
     with _progress(not as_json) as bar:
-        tasks = {s: bar.add_task(s, total=n, rate="") for s, n in (("train", train), ("eval", eval),
+        tasks = {s: bar.add_task(s, total=n, rate="") for s, n in (("train", train), ("val", val), ("eval", eval),
                                                                     ("pretrain", pretrain)) if n}
-        summary = synthesize(out_dir, train=train, eval=eval, pretrain=pretrain, seed=seed, config=cfg,
+        summary = synthesize(out_dir, train=train, val=val, eval=eval, pretrain=pretrain, seed=seed, config=cfg,
                              output_format=fmt, progress=lambda split, n: bar.advance(tasks[split], n))
     if as_json:
         _emit_json(summary)
@@ -240,6 +243,8 @@ def distill(
     store: Annotated[str, typer.Option(help="Store URI holding the corpus's `relevancy` and `masks`.")],
     out: Annotated[str, typer.Option(help="Output folder: lora.safetensors + lora.json (or a full model with "
                                           "--full), usable as `--lora OUT` (or `--pretrained OUT`).")],
+    corpus_name: Annotated[str | None, typer.Option(help="Name of the corpus in the store, as parse and score "
+                                                    "were given it (default: the folder name).")] = None,
     model: Annotated[str | None, typer.Option(help="Base model name (optional with an artefact).")] = None,
     pretrained: Annotated[str | None, typer.Option(help="Base weights: pretrained tag, file or ttd artefact (the "
                                                       "model that scored the pseudo-labels).")] = None,
@@ -289,10 +294,10 @@ def distill(
             from .distill_ray import run_distill_ray
 
             summary = run_distill_ray(corpus, store, out, cfg, model=model, pretrained=pretrained, seed=seed,
-                                      num_workers=num_workers, ray_address=ray_address)
+                                      num_workers=num_workers, ray_address=ray_address, corpus_name=corpus_name)
         else:
             summary = run_distill(corpus, store, out, cfg, model=model, pretrained=pretrained, seed=seed,
-                                  device=device, progress=step)
+                                  device=device, progress=step, corpus_name=corpus_name)
     if as_json:
         _emit_json(summary)
     elif summary["skipped"]:

@@ -77,18 +77,20 @@ class DistillConfig(pydantic.BaseModel):
     lora_towers: tuple[Literal[TOWERS], ...] = ("visual", "text")
     lora_targets: tuple[Literal[tuple(TARGETS)], ...] = ("attn_in", "attn_out", "mlp_fc", "mlp_proj")
     lora_last_blocks: int | None = pydantic.Field(None, ge=1, description="Only the last N blocks of each tower.")
-    head: Literal[HEADS] = pydantic.Field("sclip", description="Dense head the heatmaps are trained through (sclip: "
-                                                               "+3.6 pixel-tag F1 over maskclip, 3 seeds; "
-                                                               "docs/BENCHMARKS.md).")
+    head: Literal[HEADS + ("scoring",)] = pydantic.Field(
+        "sclip", description="Dense head the heatmaps are trained through; 'scoring': the head that made the "
+        "pseudo-labels (from the score stage's manifests), so student and teacher maps are the same function.")
     w_distill: float = pydantic.Field(1.0, ge=0)
     w_tag: float = pydantic.Field(1.0, ge=0)
     w_contrastive: float = pydantic.Field(0.1, ge=0)
     loss: Literal["mse", "l1"] = "mse"
     heatmap_scale: float = pydantic.Field(10.0, gt=0, description="Raw cosine differences are multiplied by this.")
-    tag_target: Literal["teacher", "own_range"] = pydantic.Field(
-        "teacher", description="teacher: L_tag compares each tag's raw heatmap with the teacher's raw map (selected) "
-                               "or a flat map at the sample's background level, the lowest value of its selected "
-                               "tags' teacher maps (unselected); own_range: targets placed in each map's own range.")
+    tag_target: Literal["teacher", "paper"] = pydantic.Field(
+        "teacher", description="paper: L_tag pulls each tag's heatmap toward its own min-max-normalised pseudo-label "
+                               "map (selected) or a zero map (unselected), both placed in the predicted map's own "
+                               "range, every sample counted; teacher: toward the teacher's raw map (selected) or a "
+                               "flat map at the sample's background level, the lowest value of its selected tags' "
+                               "teacher maps (unselected), samples without a selected tag left out.")
     keep_contrast: bool = pydantic.Field(True, description="A range-relative target with a peak spans at least the "
                                          "least range of the sample's selected tags' teacher maps: flat maps cannot "
                                          "meet it (no collapse).")
@@ -98,7 +100,8 @@ class DistillConfig(pydantic.BaseModel):
     union_threshold: float | None = pydantic.Field(
         None, ge=0, le=1, description="Binarise the union of the selected tags' maps at this value before L_distill "
                                       "(None: the soft union, as in the paper).")
-    templates: tuple[str, ...] = ("a photo of a {}.",)
+    templates: tuple[str, ...] | None = pydantic.Field(
+        ("a photo of a {}.",), description="Prompts of the tag embeddings; None: the score stage's (its manifests).")
     max_tags: int = pydantic.Field(24, ge=1, description="Candidates per caption used by L_tag (the first N).")
     shuffle_buffer: int = pydantic.Field(1000, ge=1)
     checkpoint_every: int = pydantic.Field(50, ge=1)
@@ -114,7 +117,7 @@ class DistillConfig(pydantic.BaseModel):
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
         if self.w_distill + self.w_tag + self.w_contrastive == 0:
             raise ValueError("all loss weights are zero: nothing to train")
-        if any("{}" not in t for t in self.templates) or not self.templates:
+        if self.templates is not None and (any("{}" not in t for t in self.templates) or not self.templates):
             raise ValueError("every template needs one '{}' slot for the tag")
         return self
 
@@ -380,11 +383,11 @@ def losses(model, batch: Batch, config: DistillConfig, clip_loss) -> dict[str, t
             caption_contrast = torch.where(torch.isfinite(caption_contrast), caption_contrast, 0.0)
         out["distill"] = distill_loss(caption_maps, union, has, scale=config.heatmap_scale, form=config.loss,
                                       contrast=caption_contrast)
-        if config.tag_target == "teacher":
+        if config.tag_target == "teacher":  # ours
             raw = teacher_tag_targets(targets, batch.lo, batch.contrast, batch.selected, batch.sample_of_tag,
                                       dense.shape[0])
             out["tag"] = raw_tag_loss(tag_maps, raw, scale=config.heatmap_scale, form=config.loss)
-        else:
+        else:  # the paper's: own normalised map or zero, in the prediction's own range
             out["tag"] = tag_loss(tag_maps, targets, scale=config.heatmap_scale, form=config.loss,
                                   contrast=batch.contrast if config.keep_contrast else None)
     else:
@@ -477,10 +480,34 @@ def _artefact_fingerprint(out: Path) -> str | None:
     return None
 
 
+def with_scoring_settings(config: DistillConfig, store: Store, corpus_name: str) -> DistillConfig:
+    """`head: scoring` and `templates: None` filled in from the score stage's manifests of this corpus (the head
+    and prompts that made the pseudo-labels); refused when its shards were scored with different ones."""
+    if config.head != "scoring" and config.templates is not None:
+        return config
+    used = {(m["config"]["head"], tuple(m["config"]["templates"])) for m in store.manifests("score")
+            if m.get("corpus") == corpus_name and m.get("config")}
+    if len(used) != 1:
+        raise TTDError(f"distill with head 'scoring' or the scoring templates needs one score configuration for "
+                       f"corpus {corpus_name!r}; its shards were scored with {len(used)}: give --head and templates")
+    head, templates = used.pop()
+    return config.model_copy(update={"head": head if config.head == "scoring" else config.head,
+                                     "templates": templates if config.templates is None else config.templates})
+
+
+def _scored_corpus(corpus_uri: str, store_uri: str, name: str | None) -> tuple[Any, Store]:
+    """The corpus and the store its pseudo-labels are in; refused when the store knows that name as another
+    corpus (training would read one corpus's images against another's labels)."""
+    corpus = open_corpus(corpus_uri, name=name)
+    store = Store(store_uri)
+    store.check_corpus(corpus.name, corpus.uri)
+    return corpus, store
+
+
 def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillConfig | None = None, *,
                 model: str | None = None, pretrained: str | None = None, seed: int = 0, device: str | None = None,
                 progress: Callable[[int, dict[str, float]], None] | None = None, rank: int = 0,
-                world: int = 1) -> dict[str, Any]:
+                world: int = 1, corpus_name: str | None = None) -> dict[str, Any]:
     """Fine-tune and write the artefact at `out_uri` (a local folder); returns a summary.
 
     Data-parallel (`world` > 1, one call per rank inside an initialised torch.distributed group, as Ray Train's
@@ -497,8 +524,8 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
     if "://" in out_uri:
         raise TTDError("--out must be a local folder (artefacts are loaded from local paths)")
     out = Path(out_uri)
-    corpus = open_corpus(corpus_uri)
-    store = Store(store_uri)
+    corpus, store = _scored_corpus(corpus_uri, store_uri, corpus_name)
+    config = with_scoring_settings(config, store, corpus.name)
     data_fp, shard_names = _data_fingerprint(store, corpus.name)
     shards = [s for s in corpus.shards() if s.name in set(shard_names)]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -654,12 +681,13 @@ def _remove_checkpoint(folder: Path) -> None:
 @torch.no_grad()
 def validation_losses(corpus_uri: str, store_uri: str, config: DistillConfig | None = None, *,
                       model: str | None = None, pretrained: str | None = None, lora: str | None = None,
-                      max_samples: int = 256, device: str | None = None) -> dict[str, float]:
+                      max_samples: int = 256, device: str | None = None, corpus_name: str | None = None
+                      ) -> dict[str, float]:
     """Mean loss terms of a model (base, or with a LoRA artefact) on a scored corpus, without training: a
     held-out check that distillation generalises. Samples in the stream's order for seed 0."""
     config = config or DistillConfig()
-    corpus = open_corpus(corpus_uri)
-    store = Store(store_uri)
+    corpus, store = _scored_corpus(corpus_uri, store_uri, corpus_name)
+    config = with_scoring_settings(config, store, corpus.name)
     _, shard_names = _data_fingerprint(store, corpus.name)
     shards = [s for s in corpus.shards() if s.name in set(shard_names)]
     bundle = load_model(model, pretrained, device=torch.device(device or "cpu"), lora=lora)

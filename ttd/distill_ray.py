@@ -30,13 +30,13 @@ def _worker(args: dict[str, Any]) -> None:
     torch.set_num_threads(args["threads"])
     summary = run_distill(args["corpus"], args["store"], args["out"], DistillConfig(**args["config"]),
                           model=args["model"], pretrained=args["pretrained"], seed=args["seed"], device=device,
-                          rank=ctx.get_world_rank(), world=ctx.get_world_size())
+                          rank=ctx.get_world_rank(), world=ctx.get_world_size(), corpus_name=args["corpus_name"])
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
 
 
 def run_distill_ray(corpus_uri: str, store_uri: str, out_uri: str, config: DistillConfig | None = None, *,
                     model: str | None = None, pretrained: str | None = None, seed: int = 0, num_workers: int = 2,
-                    ray_address: str | None = None) -> dict[str, Any]:
+                    ray_address: str | None = None, corpus_name: str | None = None) -> dict[str, Any]:
     """Train with `num_workers` data-parallel ranks; returns rank 0's summary (as `run_distill`)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -54,7 +54,8 @@ def run_distill_ray(corpus_uri: str, store_uri: str, out_uri: str, config: Disti
         gpus = int(ray.cluster_resources().get("GPU", 0))
         threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
         args = {"corpus": corpus_uri, "store": store_uri, "out": out, "config": config.model_dump(mode="json"),
-                "model": model, "pretrained": pretrained, "seed": seed, "threads": threads}
+                "model": model, "pretrained": pretrained, "seed": seed, "threads": threads,
+                "corpus_name": corpus_name}
         trainer = TorchTrainer(_worker, train_loop_config=args,
                                scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus >= num_workers,
                                                             resources_per_worker={"CPU": 1}),

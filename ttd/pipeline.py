@@ -298,7 +298,8 @@ def run_distill_step(cfg: RunConfig) -> dict[str, Any]:
     step = cfg.distill
     assert step is not None and step.out is not None
     summary = run_distill(cfg.corpus, cfg.store, step.out, step.config, model=cfg.model.name,
-                          pretrained=cfg.model.pretrained, seed=step.seed, device=cfg.device)
+                          pretrained=cfg.model.pretrained, seed=step.seed, device=cfg.device,
+                          corpus_name=cfg.corpus_name)
     return jsonable(summary)
 
 

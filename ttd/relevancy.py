@@ -4,7 +4,9 @@ Three raw scores per (sample, tag), all cosines in the joint space:
 - pixel-tag: the tag's heatmap (cosine with every patch embedding of a dense head) at its best pixel (TTD);
 - image-tag: the global image embedding against the tag (biased baseline);
 - text-tag:  the caption embedding against the tag (biased baseline).
-Each is normalised across the caption's candidates (default min-max), and the configured one is thresholded.
+Each is normalised across the caption's candidates, and the configured one is thresholded: pixel-tag by min-max
+(default), the two baselines as the paper shows them, a softmax over the caption's tags at CLIP's temperature (its
+learned logit scale, 100 for OpenAI's CLIP), which peaks on one tag.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.dense import HEADS
-from .score_batch import on_device
+from .score_batch import Normalisations, on_device
 
 # A small prompt ensemble in the style of CLIP's zero-shot templates; configurable per run.
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of the {}.", "{}")
@@ -34,7 +36,13 @@ class ScoreConfig(pydantic.BaseModel):
 
     head: Literal[HEADS] = "maskclip"
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
-    normalisation: Literal["minmax", "none"] = "minmax"
+    normalisation: Literal["minmax", "softmax", "none"] = pydantic.Field(
+        "minmax", description="Pixel-tag scores across a caption's candidates.")
+    baseline_normalisation: Literal["softmax", "minmax", "none"] = pydantic.Field(
+        "softmax", description="Image-tag and text-tag scores across a caption's candidates: 'softmax' (the paper's "
+        "baselines: a distribution over the tags at CLIP's temperature), or 'minmax' as pixel-tag.")
+    logit_scale: float | None = pydantic.Field(
+        None, gt=0, description="Inverse temperature of 'softmax' (None: the model's learned logit scale).")
     selection: Literal["pixel", "image", "text"] = "pixel"
     threshold: float = pydantic.Field(0.5, ge=0.0, le=1.0)
     masks_for: Literal["selected", "all"] = "selected"
@@ -140,12 +148,29 @@ def raw_scores(global_emb: torch.Tensor, dense: torch.Tensor, caption_emb: torch
     return pixel, image, text, maps
 
 
-def normalise(scores: np.ndarray, method: str) -> np.ndarray:
+def model_logit_scale(model) -> float:
+    """CLIP's inverse temperature, exp(logit_scale) (100 for OpenAI's CLIP); 100 for a model without one."""
+    scale = getattr(model, "logit_scale", None)
+    return float(scale.detach().float().exp()) if isinstance(scale, torch.Tensor) else 100.0
+
+
+def normalisations(config: ScoreConfig, model) -> Normalisations:
+    """How each raw score is normalised across a caption's candidates, by score name."""
+    scale = config.logit_scale or model_logit_scale(model)
+    return {"pixel": (config.normalisation, scale), "image": (config.baseline_normalisation, scale),
+            "text": (config.baseline_normalisation, scale)}
+
+
+def normalise(scores: np.ndarray, method: str, scale: float = 100.0) -> np.ndarray:
     """Across one caption's candidates. Min-max maps the best tag to 1 and the worst to 0; a single candidate,
-    or all equal, maps to 1 (nothing to compare it with: the threshold alone cannot reject it)."""
+    or all equal, maps to 1 (nothing to compare it with: the threshold alone cannot reject it). Softmax is the
+    distribution over the tags of softmax(scale x score): one candidate gets 1."""
     scores = np.asarray(scores, dtype=np.float32)
     if method == "none" or scores.size == 0:
         return scores
+    if method == "softmax":
+        z = np.exp(scale * (scores.astype(np.float64) - scores.max()))
+        return (z / z.sum()).astype(np.float32)
     lo, hi = float(scores.min()), float(scores.max())
     if hi - lo < 1e-8:
         return np.ones_like(scores)

@@ -27,7 +27,7 @@ from .corpus.base import select_planned
 from .models import load_model
 from .models.dense import encode_image_dense
 from .ray_local import ensure_ray
-from .relevancy import SCORE_PERF_FIELDS, ScoreConfig, encode_tags, encode_texts
+from .relevancy import SCORE_PERF_FIELDS, ScoreConfig, encode_tags, encode_texts, normalisations
 from .score_batch import Candidates, ShardCandidates, batch_tables, compute, to_host
 from .score_pipeline import (
     DeviceJpegDecoder,
@@ -83,6 +83,7 @@ class ShardScorer:
         self.emb_key = embedding_key(self.model_id, self.config.templates, self.config.precision)
         self._emb_cache: dict[str, np.ndarray] = {}
         self.prep = ImagePrep(self.bundle.preprocess, self.device, dtype)
+        self.norms = normalisations(self.config, self.bundle.model)
         processes = self.config.decode_processes if self.prep.split else 0
         self.decoder = ProcessDecoder(self.prep.host_steps, self.config.max_pixels, processes, self._error_row) \
             if processes else ThreadDecoder(self._decode, self.config.decode_threads)
@@ -236,7 +237,7 @@ class ShardScorer:
         global_emb, dense = self.forward(images)
         cap_emb = self.encode_captions([job.captions.get(k) or c or "" for k, c in batch.samples])
         cands = Candidates.from_flat(tag_rows[idx], counts)
-        return compute(global_emb, dense, cap_emb, matrix, cands.to(self.device), normalisation=cfg.normalisation,
+        return compute(global_emb, dense, cap_emb, matrix, cands.to(self.device), normalisation=self.norms,
                        selection=cfg.selection, threshold=cfg.threshold)
 
     def _host_step(self, batch: ReadBatch, out: dict[str, torch.Tensor] | None) -> None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import schemas
 
 SCORES = ("pixel", "image", "text")
+Normalisations = dict[str, tuple[str, float]]  # score name -> (method, softmax inverse temperature)
 
 
 class DeviceMismatch(RuntimeError):
@@ -90,11 +91,14 @@ class ShardCandidates:
         return idx, counts
 
 
-def normalise_rows(x: torch.Tensor, valid: torch.Tensor, method: str) -> torch.Tensor:
-    """Min-max across each caption's candidates (padding ignored); a caption whose candidates all score the same
-    maps to 1, as `relevancy.normalise` does for one caption."""
+def normalise_rows(x: torch.Tensor, valid: torch.Tensor, method: str, scale: float = 100.0) -> torch.Tensor:
+    """Across each caption's candidates (padding ignored), as `relevancy.normalise` does for one caption: min-max
+    (all equal maps to 1), or softmax(scale x) (padding gets 0)."""
     if method == "none":
         return x
+    if method == "softmax":
+        probs = torch.where(valid, x * scale, -torch.inf).softmax(dim=1)
+        return torch.where(valid, probs, torch.zeros_like(probs))  # a row without candidates: 0, not NaN
     big = torch.finfo(x.dtype).max
     lo = torch.where(valid, x, big).amin(dim=1, keepdim=True)
     hi = torch.where(valid, x, -big).amax(dim=1, keepdim=True)
@@ -104,7 +108,8 @@ def normalise_rows(x: torch.Tensor, valid: torch.Tensor, method: str) -> torch.T
 
 @torch.no_grad()
 def compute(global_emb: torch.Tensor, dense: torch.Tensor, caption_emb: torch.Tensor, tag_matrix: torch.Tensor,
-            cands: Candidates, *, normalisation: str, selection: str, threshold: float) -> dict[str, torch.Tensor]:
+            cands: Candidates, *, normalisation: Normalisations, selection: str, threshold: float
+            ) -> dict[str, torch.Tensor]:
     """Raw and normalised pixel/image/text scores [B, T], the selection [B, T], and each heatmap quantised to uint8
     [B, T, gh, gw] with its value range [B, T]; all on the model's device (that of `dense`)."""
     maps, raw = heatmaps(global_emb, dense, caption_emb, tag_matrix, cands)
@@ -130,13 +135,14 @@ def heatmaps(global_emb: torch.Tensor, dense: torch.Tensor, caption_emb: torch.T
     return maps.reshape(b, -1, gh, gw), raw
 
 
-def finish(maps: torch.Tensor, raw: dict[str, torch.Tensor], valid: torch.Tensor, *, normalisation: str,
+def finish(maps: torch.Tensor, raw: dict[str, torch.Tensor], valid: torch.Tensor, *, normalisation: Normalisations,
            selection: str, threshold: float) -> dict[str, torch.Tensor]:
-    """From heatmaps [B, T, gh, gw] and raw scores: per-caption normalisation, selection, uint8 quantisation."""
+    """From heatmaps [B, T, gh, gw] and raw scores: per-caption normalisation (`relevancy.normalisations`: method
+    and softmax scale by score name), selection, uint8 quantisation."""
     b, t, gh, gw = maps.shape
     flat = maps.reshape(b, t, gh * gw)
     out = {f"{k}_raw": v for k, v in raw.items()}
-    out.update({f"{k}_score": normalise_rows(v, valid, normalisation) for k, v in raw.items()})
+    out.update({f"{k}_score": normalise_rows(v, valid, *normalisation[k]) for k, v in raw.items()})
     out["selected"] = (out[f"{selection}_score"] >= threshold) & valid
     lo, hi = flat.amin(dim=2), flat.amax(dim=2)
     span = (hi - lo).unsqueeze(2)

@@ -228,15 +228,30 @@ class Store:
 
     # ---- corpora --------------------------------------------------------------------------------------------------
     def register_corpus(self, name: str, uri: str, fmt: str) -> None:
-        """Remember which corpus a name stands for, so `ttd sql` can expose its metadata as `samples`."""
+        """Remember which corpus a name stands for (`ttd sql` exposes its metadata as `samples`). A name stands for
+        one corpus: another URI under a name already taken is refused, since its shards would land in the same
+        partitions and replace the first corpus's rows."""
         doc = {"name": check_name(name, "corpus"), "uri": uri, "format": fmt}
+        known = self.corpus(name)
+        if known == doc:
+            return
+        self.check_corpus(name, uri)
         path = self.root.join("corpora", f"{name}.json")
-        try:
-            if json.loads(self.root.fs.cat_file(path)) == doc:
-                return
-        except (FileNotFoundError, ValueError):
-            pass
         self._atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+    def corpus(self, name: str) -> dict | None:
+        """The registration of the corpus named `name` ({name, uri, format}), or None."""
+        try:
+            return json.loads(self.root.fs.cat_file(self.root.join("corpora", f"{name}.json")))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def check_corpus(self, name: str, uri: str) -> None:
+        """Refuse a corpus whose name this store already gives to another URI."""
+        known = self.corpus(name)
+        if known is not None and known["uri"] != uri:
+            raise TTDError(f"the store already holds a corpus named {name!r}, from {known['uri']}; {uri} is another "
+                           "corpus: give it its own name (--corpus-name), or use another store")
 
     def corpora(self) -> dict[str, dict]:
         fs = self.root.fs

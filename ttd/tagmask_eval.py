@@ -36,7 +36,7 @@ from .metrics_sql import CAPTION_CLASS_ID, SELECTED_UNION_CLASS_ID, tagmask_metr
 from .models import load_model
 from .models.dense import encode_image_dense
 from .parse import ParseConfig
-from .relevancy import SCORE_PERF_FIELDS, ScoreConfig, encode_tags, encode_texts, normalise, raw_scores
+from .relevancy import SCORE_PERF_FIELDS, ScoreConfig, encode_tags, encode_texts, normalisations, normalise, raw_scores
 from .store import Store, fingerprint
 from .uri import resolve
 
@@ -151,6 +151,7 @@ def run_tagmask_eval(root: str, store_uri: str, config: TagmaskEvalConfig | None
                 "metrics": store_metrics(store, run), "seconds": round(time.perf_counter() - t0, 2)}
     words, nouns = ParseConfig(policy="words").parser(), ParseConfig(policy="nouns").parser()
     emb_cache: dict[str, torch.Tensor] = {}
+    norms = normalisations(cfg, bundle.model)
     preds, counts = [], []
     batch: list = []
 
@@ -175,7 +176,7 @@ def run_tagmask_eval(root: str, store_uri: str, config: TagmaskEvalConfig | None
                 *raw, maps = raw_scores(global_emb[i], dense[i], cap_emb[i].to(dev), tag_emb)
                 targets = word_targets(p.char_start, p.char_end, ms)
                 for method, r in zip(METHODS, raw):
-                    norm = normalise(r.cpu().numpy(), cfg.normalisation)
+                    norm = normalise(r.cpu().numpy(), *norms[method])
                     if method == "pixel":
                         union_maps = (maps, norm >= cfg.threshold)
                     for j in range(len(p)):

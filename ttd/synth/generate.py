@@ -1,9 +1,9 @@
 """TagMask-Synth: write a deterministic image-text corpus with exact ground-truth tags and masks.
 
-`synthesize(OUT, train=N, eval=M, pretrain=P)` writes OUT/train/, OUT/eval/ (plus OUT/eval/gt/) and OUT/pretrain/
-in img2dataset's layout, then OUT/synth.json last. Every sample draws from its own generator
-`default_rng([seed, split_code, index])`, so a sample depends on nothing but (seed, split, index): not on other
-samples, shard size or output format. docs/SYNTH.md describes the world, every file and every column.
+`synthesize(OUT, train=N, val=V, eval=M, pretrain=P)` writes OUT/train/, OUT/val/ and OUT/eval/ (each labelled
+split with its gt/) and OUT/pretrain/ in img2dataset's layout, then OUT/synth.json last. Every sample draws from its
+own generator `default_rng([seed, split_code, index])`, so a sample depends on nothing but (seed, split, index):
+not on other samples, shard size or output format. docs/SYNTH.md describes the world, every file and every column.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ __all__ = ["ALT_TEXT", "MULTI_OBJECT", "CaptionStyle", "SynthConfig", "synthesiz
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "1.0"  # bump whenever the same (config, seed) would produce different bytes
-SPLIT_CODES = {"train": 1, "eval": 2, "pretrain": 3}  # part of every sample's seed: splits never share images
-_OWN_NAMES = {"train", "eval", "pretrain", "synth.json"}
+SPLIT_CODES = {"train": 1, "eval": 2, "pretrain": 3, "val": 4}  # part of every sample's seed: no shared images
+LABELLED = ("val", "eval")  # splits written with ground truth: val to choose settings on, eval to report
+_OWN_NAMES = {"train", "val", "eval", "pretrain", "synth.json"}
 _PROGRESS_EVERY = 64
 
 
@@ -70,7 +71,7 @@ class SynthConfig(pydantic.BaseModel):
     noise_std: float = Field(4.0, ge=0, description="Per-pixel Gaussian noise (grey levels).")
     min_visible_pixels: int = Field(64, ge=1, description="A class is visible if it keeps this many pixels.")
     train_style: CaptionStyle = Field(MULTI_OBJECT, description="Captions of OUT/train (the corpus to label).")
-    eval_style: CaptionStyle = Field(MULTI_OBJECT, description="Captions of OUT/eval.")
+    eval_style: CaptionStyle = Field(MULTI_OBJECT, description="Captions of OUT/eval and OUT/val.")
     pretrain_style: CaptionStyle = Field(ALT_TEXT, description="Captions of OUT/pretrain (web alt-text).")
 
     @pydantic.field_validator("train_style", "eval_style", "pretrain_style", mode="before")
@@ -113,7 +114,8 @@ class SynthConfig(pydantic.BaseModel):
         return self
 
     def style(self, split: str) -> CaptionStyle:
-        return {"train": self.train_style, "eval": self.eval_style, "pretrain": self.pretrain_style}[split]
+        return {"train": self.train_style, "val": self.eval_style, "eval": self.eval_style,
+                "pretrain": self.pretrain_style}[split]
 
 
 # ---------------------------------------------------------------- one sample
@@ -327,13 +329,14 @@ class SplitStats:
 
 # ---------------------------------------------------------------- the entry point
 
-def synthesize(out_uri: str, *, train: int, eval: int, pretrain: int = 0, seed: int = 0,
+def synthesize(out_uri: str, *, train: int, eval: int, pretrain: int = 0, seed: int = 0, val: int = 0,
                config: SynthConfig | None = None, output_format: str = "webdataset",
                progress: Callable[[str, int], None] | None = None) -> dict:
-    """Writes OUT/train/ and OUT/eval/ (and OUT/pretrain/ when pretrain > 0); returns a summary dict
-    (counts per split, shards, classes, mentions, seconds). Same arguments, byte-identical files."""
+    """Writes OUT/train/ and OUT/eval/ (and OUT/val/, OUT/pretrain/ when asked for); returns a summary dict
+    (counts per split, shards, classes, mentions, seconds). Same arguments, byte-identical files. `val` is a
+    labelled split like eval, from other images: settings are chosen on it, figures reported on eval."""
     cfg = config or SynthConfig()
-    sizes = {"train": train, "eval": eval, "pretrain": pretrain}
+    sizes = {"train": train, "val": val, "eval": eval, "pretrain": pretrain}
     for name, n in sizes.items():
         if not isinstance(n, int) or n < 0:
             raise TTDError(f"{name} must be a whole number >= 0, got {n!r}")
@@ -362,7 +365,7 @@ def synthesize(out_uri: str, *, train: int, eval: int, pretrain: int = 0, seed: 
     total = sum(sizes.values())
     log.info("TagMask-Synth: %d samples in %.1f s (%.0f images/s) to %s", total, seconds,
              total / max(seconds, 1e-9), root.uri())
-    return {"out": root.uri(), "seed": seed, "train": train, "eval": eval, "pretrain": pretrain,
+    return {"out": root.uri(), "seed": seed, "train": train, "val": val, "eval": eval, "pretrain": pretrain,
             "shards": sum(s["shards"] for s in splits.values()),
             "classes": int(len(maker.vocab.thing_ids) + len(maker.vocab.stuff_ids)),
             "thing_classes": int(len(maker.vocab.thing_ids)), "stuff_classes": int(len(maker.vocab.stuff_ids)),
@@ -394,7 +397,7 @@ def _prepare(root: Location) -> None:
 def _write_split(loc: Location, split: str, n: int, seed: int, maker: SampleMaker, output_format: str,
                  progress: Callable[[str, int], None] | None) -> dict[str, Any]:
     cfg = maker.cfg
-    gt = GroundTruthWriter(loc.child("gt"), maker.vocab, cfg.min_visible_pixels) if split == "eval" else None
+    gt = GroundTruthWriter(loc.child("gt"), maker.vocab, cfg.min_visible_pixels) if split in LABELLED else None
     stats = SplitStats()
     shards = math.ceil(n / cfg.shard_size)
     pending = 0
