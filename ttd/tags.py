@@ -271,14 +271,14 @@ class CaptionParser:
     """Turns caption texts into candidates under one policy. Reuse it across shards: it keeps the model, a
     per-lexeme cache and (with `cache_size`) the results of recent captions."""
 
-    def __init__(self, policy: str = "words", *, tagger: bool = True, compounds: bool = True,
+    def __init__(self, policy: str = "words", *, tagger: bool = True, compounds: bool = False,
                  noun_pairs: bool = True, batch_size: int = 256, cache_size: int = 0):
         if policy not in POLICIES:
             raise TTDError(f"unknown candidate policy {policy!r}: use one of {', '.join(POLICIES)}")
         if policy == "nouns" and not tagger:
             raise TTDError("policy 'nouns' needs POS tags: run with the tagger, or use policy words or content")
         self.policy, self.tagger, self.batch_size = policy, tagger, batch_size
-        self.noun_pairs = compounds and noun_pairs and tagger
+        self.noun_pairs = noun_pairs and tagger  # the compound rule: no list
         self.nlp = english_pipeline(tagger)
         from spacy.attrs import IDX, LEMMA, ORTH, POS, TAG
 
