@@ -168,3 +168,48 @@ def test_evaluation_end_to_end(tmp_path):
     assert "pixel-tag" in table_text(first["metrics"])
     again = run_tagmask_eval(str(tmp_path / "synth" / "eval"), store, model="ttd-micro")
     assert again["skipped"] and again["metrics"] == first["metrics"]
+
+
+def test_the_papers_caption_protocol_by_name():
+    """448 short side, four scales, flip and PAMR: the paper's segmentation protocol, named `paper`."""
+    from ttd.tagmask_eval import CaptionProtocol, TagmaskEvalConfig
+
+    proto = TagmaskEvalConfig(caption="paper").caption
+    assert (proto.short_side, proto.scales, proto.flip, proto.pamr) == (448, (1.0, 0.5, 1.5, 2.0), True, True)
+    assert (proto.window, proto.stride) == (448, 224)
+    assert TagmaskEvalConfig().caption == CaptionProtocol() and CaptionProtocol().short_side is None
+    assert TagmaskEvalConfig(caption="paper").bg_threshold == 0.4
+    with pytest.raises(ValueError, match="unknown caption protocol"):
+        TagmaskEvalConfig(caption="pape")
+
+
+def test_flipped_features_are_mirror_symmetric():
+    """`flip`: features averaged with the mirror image's (mirrored back), so a mirrored image gets exactly the
+    mirrored map, which one forward alone does not (the patch grid is not symmetric)."""
+    from ttd.models import load_model
+    from ttd.relevancy import dense_features
+
+    model = load_model("ttd-micro", None, device="cpu").model
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        g, d = dense_features(model, x, "maskclip", flip=True)
+        gm, dm = dense_features(model, x.flip(-1), "maskclip", flip=True)
+        _, d1 = dense_features(model, x, "maskclip")
+        _, dm1 = dense_features(model, x.flip(-1), "maskclip")
+    assert torch.allclose(dm, d.flip(2), atol=1e-5) and torch.allclose(gm, g, atol=1e-5)
+    assert not torch.allclose(dm1, d1.flip(2), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_the_papers_caption_protocol_end_to_end(tmp_path):
+    from ttd.synth.generate import synthesize
+    from ttd.tagmask_eval import TagmaskEvalConfig
+
+    synthesize(str(tmp_path / "synth"), train=0, eval=3, seed=5)
+    root, store = str(tmp_path / "synth" / "eval"), str(tmp_path / "store")
+    single = run_tagmask_eval(root, store, TagmaskEvalConfig(), model="ttd-micro")
+    paper = run_tagmask_eval(root, store, TagmaskEvalConfig(caption="paper"), model="ttd-micro")
+    assert paper["run"] != single["run"] and not paper["skipped"]  # the protocol is part of the run's identity
+    assert paper["metrics"]["pixel"] == single["metrics"]["pixel"]  # tag selection does not depend on it
+    assert 0 <= paper["metrics"]["caption"]["caption_miou"] <= 100
+    assert paper["metrics"]["caption"] != single["metrics"]["caption"]

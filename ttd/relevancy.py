@@ -18,7 +18,7 @@ import pydantic
 import torch
 import torch.nn.functional as F
 
-from .models.dense import HEADS
+from .models.dense import HEADS, encode_image_dense
 from .score_batch import Normalisations, on_device
 
 # A small prompt ensemble in the style of CLIP's zero-shot templates; configurable per run.
@@ -54,6 +54,8 @@ class ScoreConfig(pydantic.BaseModel):
     pipelined: bool = pydantic.Field(True, description="Overlap reading/decoding, the device and writing (threads "
                                                        "joined by two-deep queues); false runs them in series.")
     max_pixels: int = pydantic.Field(64_000_000, ge=1)
+    flip: bool = pydantic.Field(False, description="Average each image's dense features with its mirror image's "
+                                "(mirrored back), as the paper's scoring command does with --hflip; 2x the forwards.")
     decoder: Literal["auto", "pil", "device"] = pydantic.Field(
         "auto", description="Where JPEGs are decoded and resized: 'device' on the model's device (nvJPEG on CUDA), "
         "PIL for what it cannot take (PNG, CMYK, 16-bit); 'pil' all on the host; 'auto' device on CUDA, else pil. "
@@ -130,6 +132,16 @@ def encode_tags(bundle, tags: list[str], templates: tuple[str, ...], trim: bool 
     prompts = [t.format(tag) for tag in tags for t in templates]
     emb = encode_texts(bundle, prompts, trim=trim).reshape(len(tags), len(templates), -1).mean(dim=1)
     return F.normalize(emb, dim=-1)
+
+
+def dense_features(model, images: torch.Tensor, head: str, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode_image_dense`; with `flip`, averaged with the horizontally mirrored images' (their patch grid mirrored
+    back), one forward for both."""
+    if not flip:
+        return encode_image_dense(model, images, head)
+    n = images.shape[0]
+    global_emb, dense = encode_image_dense(model, torch.cat([images, images.flip(-1)]), head)
+    return (global_emb[:n] + global_emb[n:]) / 2, (dense[:n] + dense[n:].flip(2)) / 2
 
 
 def tag_heatmaps(dense: torch.Tensor, tag_emb: torch.Tensor) -> torch.Tensor:

@@ -25,9 +25,8 @@ from .claims import claim, clear_stale
 from .corpus import Corpus, ReadIssue, Sample, ShardRef, open_corpus
 from .corpus.base import select_planned
 from .models import load_model
-from .models.dense import encode_image_dense
 from .ray_local import ensure_ray
-from .relevancy import SCORE_PERF_FIELDS, ScoreConfig, encode_tags, encode_texts, normalisations
+from .relevancy import SCORE_PERF_FIELDS, ScoreConfig, dense_features, encode_tags, encode_texts, normalisations
 from .score_batch import Candidates, ShardCandidates, batch_tables, compute, to_host
 from .score_pipeline import (
     DeviceJpegDecoder,
@@ -193,7 +192,7 @@ class ShardScorer:
         return os.getpid()
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode_image_dense(self.bundle.model, images, self.config.head)
+        return dense_features(self.bundle.model, images, self.config.head, self.config.flip)
 
     def _encode_captions(self, captions: list[str]) -> torch.Tensor:
         return encode_texts(self.bundle, captions)

@@ -8,7 +8,10 @@ class-index map). Per caption:
   (`ttd.relevancy`, the same code as the `score` stage), and by the noun-parsing baseline (a word is selected when
   the `nouns` policy keeps it); a word's target is whether it lies in a mention of something visible;
 - the caption's heatmap (patch cosine with the caption embedding, bilinearly upsampled, min-max normalised per
-  image, thresholded at `bg_threshold`) is compared with the union of its visible mentions' masks.
+  image, thresholded at `bg_threshold`) is compared with the union of its visible mentions' masks. The heatmap is
+  one pass at the model's input size by default (`caption: single`); `caption: paper` makes it as the TTD paper
+  evaluates segmentation (short side 448, sliding 448 windows, scales 1.0/0.5/1.5/2.0, flip, PAMR), with the
+  segmentation evaluator's own multi-scale and PAMR code (`ttd.segeval.infer`).
 
 Rows go to `eval_predictions` and `eval_counts`; every metric is a query in `ttd.metrics_sql`.
 """
@@ -36,7 +39,16 @@ from .metrics_sql import CAPTION_CLASS_ID, SELECTED_UNION_CLASS_ID, tagmask_metr
 from .models import load_model
 from .models.dense import encode_image_dense
 from .parse import ParseConfig
-from .relevancy import SCORE_PERF_FIELDS, ScoreConfig, encode_tags, encode_texts, normalisations, normalise, raw_scores
+from .relevancy import (
+    SCORE_PERF_FIELDS,
+    ScoreConfig,
+    dense_features,
+    encode_tags,
+    encode_texts,
+    normalisations,
+    normalise,
+    raw_scores,
+)
 from .store import Store, fingerprint
 from .uri import resolve
 
@@ -47,12 +59,49 @@ STAGE_VERSION = 2  # 2: the selected tags' union row (SELECTED_UNION_CLASS_ID)
 METHODS = ("pixel", "image", "text")
 
 
+class CaptionProtocol(pydantic.BaseModel):
+    """How the caption heatmap is made: one pass at the model's input size (`short_side` None, the default), or
+    windows over a resized image at several scales, flipped, refined by PAMR (the paper's: `paper()`)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    short_side: int | None = pydantic.Field(None, ge=1, description="Resize the image's short side to this; None: "
+                                            "the model's own preprocessing, one forward.")
+    window: int = pydantic.Field(448, ge=1)
+    stride: int = pydantic.Field(224, ge=1)
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    pamr: bool = pydantic.Field(False, description="Refine [1 - h, h] (h the normalised heatmap) by PAMR before the "
+                                                   "threshold (our reading for a single caption class).")
+    pamr_iterations: int = pydantic.Field(10, ge=0)
+    pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    pamr_sigma: float = pydantic.Field(0.1, gt=0)
+    batch_size: int = pydantic.Field(16, ge=1, description="Windows per forward (speed only).")
+
+    @classmethod
+    def paper(cls) -> CaptionProtocol:
+        return cls(short_side=448, scales=(1.0, 0.5, 1.5, 2.0), flip=True, pamr=True)
+
+
+CAPTION_PROTOCOLS = {"single": CaptionProtocol, "paper": CaptionProtocol.paper}
+
+
 class TagmaskEvalConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
     score: ScoreConfig = ScoreConfig()
     bg_threshold: float = pydantic.Field(0.4, ge=0.0, le=1.0)  # the paper's value for captions
+    caption: CaptionProtocol = CaptionProtocol()
     max_samples: int | None = pydantic.Field(None, ge=1)
+
+    @pydantic.field_validator("caption", mode="before")
+    @classmethod
+    def _named_protocol(cls, v):
+        if isinstance(v, str):
+            if v not in CAPTION_PROTOCOLS:
+                raise ValueError(f"unknown caption protocol {v!r}: use {', '.join(CAPTION_PROTOCOLS)} or its fields")
+            return CAPTION_PROTOCOLS[v]()
+        return v
 
 
 def load_ground_truth(root: str) -> tuple[dict[str, list[dict]], Any]:
@@ -130,6 +179,37 @@ def caption_heatmap(dense: torch.Tensor, caption_emb: torch.Tensor, size: tuple[
     return ((heat - lo) / (hi - lo).clamp_min(1e-8)).cpu().numpy()
 
 
+def protocol_caption_heatmap(bundle, image: Any, caption_emb: torch.Tensor, size: tuple[int, int], head: str,
+                             proto: CaptionProtocol) -> np.ndarray:
+    """The caption heatmap under a multi-scale protocol: windows at every scale (and flipped) averaged by the
+    segmentation evaluator's `multiscale_logits`, min-max normalised, PAMR-refined, at the mask's size."""
+    from .segeval.infer import OPENAI_MEAN, OPENAI_STD, multiscale_logits, pamr, resize, short_side_size
+
+    dev = caption_emb.device
+    raw = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).to(dev).permute(2, 0, 1).float() / 255
+    base = resize(raw, short_side_size(*raw.shape[-2:], proto.short_side), antialias=True)
+    cfg = getattr(bundle.model.visual, "preprocess_cfg", None) or {}
+    mean = torch.tensor(cfg.get("mean", OPENAI_MEAN), device=dev).view(3, 1, 1)
+    std = torch.tensor(cfg.get("std", OPENAI_STD), device=dev).view(3, 1, 1)
+    cap = caption_emb.float()
+
+    def dense_fn(crops: torch.Tensor) -> torch.Tensor:
+        return encode_image_dense(bundle.model, crops, head)[1].float()
+
+    def classify(dense: torch.Tensor) -> torch.Tensor:  # one "class": the caption
+        return torch.einsum("bhwd,d->bhw", F.normalize(dense, dim=-1), cap)[:, None]
+
+    (cos,) = multiscale_logits([(base - mean) / std], dense_fn, classify, scales=proto.scales, flip=proto.flip,
+                               window=proto.window, stride=proto.stride, patch=bundle.patch_size,
+                               batch_size=proto.batch_size)
+    heat = cos[0]
+    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-8)
+    if proto.pamr:
+        heat = pamr(base, torch.stack([1 - heat, heat]), proto.pamr_dilations, proto.pamr_iterations,
+                    proto.pamr_sigma)[1]
+    return resize(heat[None], size)[0].cpu().numpy()
+
+
 @torch.no_grad()
 def run_tagmask_eval(root: str, store_uri: str, config: TagmaskEvalConfig | None = None, *,
                      model: str | None = None, pretrained: str | None = None, lora: str | None = None,
@@ -160,11 +240,11 @@ def run_tagmask_eval(root: str, store_uri: str, config: TagmaskEvalConfig | None
             return
         images = torch.stack([bundle.preprocess(img) for _, img in batch]).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            global_emb, dense = encode_image_dense(bundle.model, images, cfg.head)
+            global_emb, dense = dense_features(bundle.model, images, cfg.head, cfg.flip)
         caps = [s.caption or "" for s, _ in batch]
         cap_emb = encode_texts(bundle, caps)
         parsed, nparsed = words.parse(caps), nouns.parse(caps)
-        for i, (s, _img) in enumerate(batch):
+        for i, (s, img) in enumerate(batch):
             ms = mentions.get(s.key, [])
             p = parsed[i]
             union_maps = None
@@ -187,7 +267,11 @@ def run_tagmask_eval(root: str, store_uri: str, config: TagmaskEvalConfig | None
                     preds.append({"dataset": "tagmask", "key": s.key, "method": "noun", "word_index": j,
                                   "word": p.text[j], "score": None, "predicted": hit, "target": targets[j]})
             class_map = read_mask(loc, s.key)
-            heat = caption_heatmap(dense[i], cap_emb[i].to(dev), class_map.shape[:2])
+            if config.caption.short_side is None:
+                heat = caption_heatmap(dense[i], cap_emb[i].to(dev), class_map.shape[:2])
+            else:
+                heat = protocol_caption_heatmap(bundle, img, cap_emb[i].to(dev), class_map.shape[:2], cfg.head,
+                                                config.caption)
             union = selected_union(*union_maps, class_map.shape[:2]) if union_maps else None
             counts.extend(caption_counts(s.key, heat, class_map, ms, config.bg_threshold, union))
         if progress:
