@@ -110,7 +110,7 @@ def test_the_baselines_softmax_over_a_captions_tags_by_hand():
     assert rows[1].tolist() == [1.0, 0.0, 0.0]
 
 
-def test_the_softmax_temperature_is_the_models_logit_scale():
+def test_the_softmax_temperature_is_clips_or_the_models_logit_scale():
     from ttd.models import load_model
     from ttd.relevancy import ScoreConfig, model_logit_scale, normalisations
 
@@ -118,6 +118,7 @@ def test_the_softmax_temperature_is_the_models_logit_scale():
     with torch.no_grad():
         model.logit_scale.fill_(np.log(42.0))
     assert model_logit_scale(model) == pytest.approx(42.0)
-    assert normalisations(ScoreConfig(), model)["image"] == ("softmax", pytest.approx(42.0))
+    assert normalisations(ScoreConfig(), model)["image"] == ("softmax", 100.0)  # CLIP's, by default
+    assert normalisations(ScoreConfig(logit_scale=None), model)["image"] == ("softmax", pytest.approx(42.0))
     assert normalisations(ScoreConfig(logit_scale=7.0), model)["text"] == ("softmax", 7.0)
     assert normalisations(ScoreConfig(), model)["pixel"][0] == "minmax"

@@ -325,6 +325,9 @@ def evaluate(
     head: Annotated[str | None, typer.Option(help="Dense head: maskclip, sclip, clearclip or naclip.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with the evaluation config fields.")] = None,
     max_samples: Annotated[int | None, typer.Option(help="Evaluate only the first N samples.")] = None,
+    caption: Annotated[str | None, typer.Option(help="tagmask: how the caption heatmap is made, 'single' (one "
+                                                "forward, the default) or 'paper' (448, 4 scales, flip, PAMR).")]
+    = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
 ) -> None:
@@ -337,6 +340,8 @@ def evaluate(
         overrides: dict[str, Any] = {"max_samples": max_samples} if max_samples else {}
         if head:
             overrides["score"] = {"head": head}
+        if caption:
+            overrides["caption"] = caption
         cfg = load_yaml(TagmaskEvalConfig, config, overrides)
         with _progress(not as_json) as bar:
             task = bar.add_task("evaluate", total=cfg.max_samples, rate="")

@@ -5,8 +5,8 @@ Three raw scores per (sample, tag), all cosines in the joint space:
 - image-tag: the global image embedding against the tag (biased baseline);
 - text-tag:  the caption embedding against the tag (biased baseline).
 Each is normalised across the caption's candidates, and the configured one is thresholded: pixel-tag by min-max
-(default), the two baselines as the paper shows them, a softmax over the caption's tags at CLIP's temperature (its
-learned logit scale, 100 for OpenAI's CLIP), which peaks on one tag.
+(default), the two baselines as the paper shows them, a softmax over the caption's tags at CLIP's temperature
+(logit scale 100), which peaks on one tag.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class ScoreConfig(pydantic.BaseModel):
         "softmax", description="Image-tag and text-tag scores across a caption's candidates: 'softmax' (the paper's "
         "baselines: a distribution over the tags at CLIP's temperature), or 'minmax' as pixel-tag.")
     logit_scale: float | None = pydantic.Field(
-        None, gt=0, description="Inverse temperature of 'softmax' (None: the model's learned logit scale).")
+        100.0, gt=0, description="Inverse temperature of 'softmax': CLIP's logit scale, 100, as in the paper's models "
+        "(CLIP, TCL); None: the model's own learned scale (14 for the embedded base model, too flat to select).")
     selection: Literal["pixel", "image", "text"] = "pixel"
     threshold: float = pydantic.Field(0.5, ge=0.0, le=1.0)
     masks_for: Literal["selected", "all"] = "selected"

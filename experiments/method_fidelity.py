@@ -1,0 +1,247 @@
+"""Issue 15's experiment: defaults chosen on TagMask-Synth's validation split, figures reported on its eval split.
+
+Phases (each idempotent: a job whose row is already in OUT/results.jsonl is skipped, so a killed run resumes):
+
+  data    `ttd synth` train 2000 / val 500 / eval 500 (seed 0, the 200-class world of the earlier tables), then parse
+          and score the train split with the embedded base model (the pseudo-labels).
+  choose  on val: the base model at selection thresholds 0.3-0.7, and TTD (seed 0) with the two L_tag forms: the
+          session-3 default (`teacher` targets, trained through sclip with one prompt) and the paper's (`paper`: each
+          tag's own normalised map or zero, through the head and prompts that made the pseudo-labels).
+  report  on eval: the base model, the chosen TTD configuration and the contrastive-only control, 3 seeds each.
+  table   the Markdown tables for docs/BENCHMARKS.md, from results.jsonl.
+
+    .venv/bin/python experiments/method_fidelity.py all --out /work/exp15        # about an hour on 2 cores
+    .venv/bin/python experiments/method_fidelity.py table --out /work/exp15
+
+Jobs run as subprocesses of this script, `--parallel` at a time (one torch thread each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+SEEDS = (0, 1, 2)
+# the two L_tag forms compared on val; every other setting is DistillConfig's default
+CANDIDATES = {
+    "ttd-teacher": {"tag_target": "teacher", "head": "sclip"},
+    "ttd-paper": {"tag_target": "paper", "head": "scoring", "templates": None},
+}
+CONTROL = {"w_distill": 0.0, "w_tag": 0.0, "w_contrastive": 1.0}
+
+
+def results(out: Path) -> dict[str, dict]:
+    path = out / "results.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return {r["job"]: r for r in rows}
+
+
+def record(out: Path, row: dict) -> None:
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------- one job, in its own process
+
+def job_data(out: Path) -> dict:
+    from ttd.parse import ParseConfig, run_parse
+    from ttd.score import run_score
+    from ttd.synth.generate import synthesize
+
+    synth = out / "synth"
+    if not (synth / "synth.json").exists():
+        synthesize(str(synth), train=2000, val=500, eval=500, seed=0)
+    run_parse(str(synth / "train"), str(out / "store"), ParseConfig())
+    summary = run_score(str(synth / "train"), str(out / "store"), workers=0)
+    return {"images": summary["images"], "tags": summary["tags"], "masks": summary["masks"]}
+
+
+def job_distill(out: Path, name: str, seed: int, settings: dict) -> dict:
+    from ttd.distill import DistillConfig, run_distill
+
+    summary = run_distill(str(out / "synth" / "train"), str(out / "store"), str(out / "runs" / f"{name}-s{seed}"),
+                          DistillConfig(**settings), seed=seed)
+    return {"seconds": summary.get("seconds"), "final": summary.get("final")}
+
+
+def job_evaluate(out: Path, split: str, lora: str | None, threshold: float) -> dict:
+    from ttd.relevancy import ScoreConfig
+    from ttd.tagmask_eval import TagmaskEvalConfig, run_tagmask_eval
+
+    config = TagmaskEvalConfig(score=ScoreConfig(threshold=threshold))
+    summary = run_tagmask_eval(str(out / "synth" / split), str(out / "evalstore"), config,
+                               lora=str(out / "runs" / lora) if lora else None)
+    return {"metrics": summary["metrics"]}
+
+
+def run_job(out: Path, job: dict) -> None:
+    if job["job"] in results(out):
+        return
+    t0 = time.time()
+    kind = job["kind"]
+    if kind == "data":
+        row = job_data(out)
+    elif kind == "distill":
+        row = job_distill(out, job["name"], job["seed"], job["settings"])
+    else:
+        row = job_evaluate(out, job["split"], job.get("lora"), job.get("threshold", 0.5))
+    record(out, {**job, **row, "wall_s": round(time.time() - t0, 1)})
+
+
+# ---------------------------------------------------------------- the phases
+
+def run_all(out: Path, jobs: list[dict], parallel: int) -> None:
+    """Run jobs not yet in results.jsonl, `parallel` at a time, each in a subprocess of this script; a job with
+    `after` waits for those jobs."""
+    todo = [j for j in jobs if j["job"] not in results(out)]
+    running: list[tuple[subprocess.Popen, dict]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TTD_TORCH_THREADS": "1"}
+    while todo or running:
+        done = results(out)
+        ready = [j for j in todo if all(a in done for a in j.get("after", []))]
+        while ready and len(running) < parallel:
+            job = ready.pop(0)
+            todo.remove(job)
+            print(f"{time.strftime('%H:%M:%S')} start {job['job']}", flush=True)
+            log = open(out / "logs" / f"{job['job']}.log", "w")
+            proc = subprocess.Popen([sys.executable, __file__, "one", "--out", str(out), "--job", json.dumps(job)],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((proc, job))
+        if not running:
+            raise SystemExit(f"jobs wait for jobs that are not planned: {[j['job'] for j in todo]}")
+        time.sleep(2)
+        for proc, job in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, job))
+                state = "done" if proc.returncode == 0 else f"FAILED ({proc.returncode}, see logs/{job['job']}.log)"
+                print(f"{time.strftime('%H:%M:%S')} {state} {job['job']}", flush=True)
+                if proc.returncode:
+                    raise SystemExit(1)
+
+
+def evaluate(split: str, name: str | None, seed: int | None = None, threshold: float = 0.5) -> dict:
+    lora = f"{name}-s{seed}" if name else None
+    tag = f"eval-{split}-{lora or 'base'}" + (f"-t{threshold}" if threshold != 0.5 else "")
+    return {"job": tag, "kind": "evaluate", "split": split, "lora": lora, "threshold": threshold,
+            "after": [f"distill-{lora}"] if lora else []}
+
+
+def distill(name: str, seed: int, settings: dict) -> dict:
+    return {"job": f"distill-{name}-s{seed}", "kind": "distill", "name": name, "seed": seed, "settings": settings}
+
+
+def choose_jobs() -> list[dict]:
+    jobs = [evaluate("val", None, threshold=t) for t in THRESHOLDS]
+    for name, settings in CANDIDATES.items():
+        jobs += [distill(name, 0, settings), evaluate("val", name, 0)]
+    return jobs
+
+
+def score(metrics: dict) -> float:
+    """What the choice on val maximises: the mean of pixel-tag F1 and caption mIoU (the two figures of the paper's
+    Table 1 and caption segmentation)."""
+    return (metrics["pixel"]["f1"] + metrics["caption"]["caption_miou"]) / 2
+
+
+def chosen(out: Path) -> tuple[str, float]:
+    """The candidate with the best validation score, and the validation's best base threshold."""
+    done = results(out)
+    best = max(CANDIDATES, key=lambda n: score(done[evaluate("val", n, 0)["job"]]["metrics"]))
+    threshold = max(THRESHOLDS, key=lambda t: done[evaluate("val", None, threshold=t)["job"]]["metrics"]["pixel"]["f1"])
+    return best, threshold
+
+
+def report_jobs(out: Path) -> list[dict]:
+    best, _ = chosen(out)
+    jobs = [evaluate("eval", None)]
+    for seed in SEEDS:
+        jobs += [distill(best, seed, CANDIDATES[best]), evaluate("eval", best, seed),
+                 distill("control", seed, CONTROL), evaluate("eval", "control", seed)]
+    return jobs
+
+
+# ---------------------------------------------------------------- the tables
+
+COLUMNS = (("pixel", "precision", "pixel P"), ("pixel", "recall", "pixel R"), ("pixel", "f1", "**pixel F1**"),
+           ("image", "f1", "image F1"), ("text", "f1", "text F1"), ("noun", "f1", "noun F1"),
+           ("pixel", "single_tag_share", "<= 1 tag"), ("caption", "caption_miou", "**caption mIoU**"),
+           ("caption", "caption_mfpr", "mFPR"), ("caption", "caption_mfnr", "mFNR"),
+           ("caption", "coverage_second", "cover 2nd"))
+
+
+def _cells(rows: list[dict]) -> list[str]:
+    import statistics
+
+    out = []
+    for method, metric, _ in COLUMNS:
+        values = [r["metrics"].get(method, {}).get(metric) for r in rows]
+        values = [v for v in values if v is not None]
+        if not values:
+            out.append("-")
+        elif len(values) == 1:
+            out.append(f"{values[0]:.1f}")
+        else:
+            out.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
+    return out
+
+
+def table(out: Path) -> str:
+    done = results(out)
+    head = "| model | " + " | ".join(c[2] for c in COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS)
+    lines = ["Validation split (choices):", "", head]
+    for t in THRESHOLDS:
+        row = done.get(evaluate("val", None, threshold=t)["job"])
+        if row:
+            lines.append(f"| base, threshold {t} | " + " | ".join(_cells([row])) + " |")
+    for name in CANDIDATES:
+        row = done.get(evaluate("val", name, 0)["job"])
+        if row:
+            lines.append(f"| {name} (seed 0) | " + " | ".join(_cells([row])) + f" | score {score(row['metrics']):.2f}")
+    lines += ["", "Eval split (reported; mean ± sample std over seeds 0-2):", "", head]
+    base = done.get(evaluate("eval", None)["job"])
+    if base:
+        lines.append("| base model | " + " | ".join(_cells([base])) + " |")
+    for name in ("control", *CANDIDATES):
+        rows = [done[j] for s in SEEDS if (j := evaluate("eval", name, s)["job"]) in done]
+        if rows:
+            lines.append(f"| {name} ({len(rows)} seeds) | " + " | ".join(_cells(rows)) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["data", "choose", "report", "all", "table", "one"])
+    ap.add_argument("--out", type=Path, default=Path("/work/exp15"))
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--job", help="(internal) one job as JSON")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "logs").mkdir(exist_ok=True)
+    if args.phase == "one":
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("TTD_TORCH_THREADS", "1")))
+        run_job(args.out, json.loads(args.job))
+        return
+    if args.phase == "table":
+        print(table(args.out))
+        return
+    if args.phase in ("data", "all"):
+        run_all(args.out, [{"job": "data", "kind": "data"}], 1)
+    if args.phase in ("choose", "all"):
+        run_all(args.out, choose_jobs(), args.parallel)
+        best, threshold = chosen(args.out)
+        print(f"chosen on val: {best}; best base threshold {threshold}", flush=True)
+    if args.phase in ("report", "all"):
+        run_all(args.out, report_jobs(args.out), args.parallel)
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
