@@ -6,7 +6,8 @@ Phases (each idempotent: a job whose row is already in OUT/results.jsonl is skip
           and score the train split with the embedded base model (the pseudo-labels).
   choose  on val: the base model at selection thresholds 0.3-0.7, and TTD (seed 0) with the two L_tag forms: the
           session-3 default (`teacher` targets, trained through sclip with one prompt) and the paper's (`paper`: each
-          tag's own normalised map or zero, through the head and prompts that made the pseudo-labels).
+          tag's own normalised map or zero, through the head and prompts that made the pseudo-labels); and the
+          default form on pseudo-labels selected at the base's best validation threshold (0.4), evaluated there.
   report  on eval: the base model, the chosen TTD configuration and the contrastive-only control, 3 seeds each.
   table   the Markdown tables for docs/BENCHMARKS.md, from results.jsonl.
 
@@ -28,11 +29,14 @@ from pathlib import Path
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 SEEDS = (0, 1, 2)
-# the two L_tag forms compared on val; every other setting is DistillConfig's default
+# compared on val: the two L_tag forms, and the selection threshold of the pseudo-labels (and of the evaluation);
+# every other setting is DistillConfig's default
 CANDIDATES = {
     "ttd-teacher": {"tag_target": "teacher", "head": "sclip"},
     "ttd-paper": {"tag_target": "paper", "head": "scoring", "templates": None},
+    "ttd-teacher-t0.4": {"tag_target": "teacher", "head": "sclip"},
 }
+THRESHOLD = {"ttd-teacher-t0.4": 0.4}  # the pseudo-labels' (and the evaluation's) threshold where not 0.5
 CONTROL = {"w_distill": 0.0, "w_tag": 0.0, "w_contrastive": 1.0}
 
 
@@ -49,24 +53,31 @@ def record(out: Path, row: dict) -> None:
 
 # ---------------------------------------------------------------- one job, in its own process
 
-def job_data(out: Path) -> dict:
+def store_for(out: Path, threshold: float) -> Path:
+    """The pseudo-labels' store: one per selection threshold."""
+    return out / "store" if threshold == 0.5 else out / f"store-t{threshold}"
+
+
+def job_data(out: Path, threshold: float = 0.5) -> dict:
     from ttd.parse import ParseConfig, run_parse
+    from ttd.relevancy import ScoreConfig
     from ttd.score import run_score
     from ttd.synth.generate import synthesize
 
     synth = out / "synth"
     if not (synth / "synth.json").exists():
         synthesize(str(synth), train=2000, val=500, eval=500, seed=0)
-    run_parse(str(synth / "train"), str(out / "store"), ParseConfig())
-    summary = run_score(str(synth / "train"), str(out / "store"), workers=0)
+    store = str(store_for(out, threshold))
+    run_parse(str(synth / "train"), store, ParseConfig())
+    summary = run_score(str(synth / "train"), store, ScoreConfig(threshold=threshold), workers=0)
     return {"images": summary["images"], "tags": summary["tags"], "masks": summary["masks"]}
 
 
-def job_distill(out: Path, name: str, seed: int, settings: dict) -> dict:
+def job_distill(out: Path, name: str, seed: int, settings: dict, threshold: float = 0.5) -> dict:
     from ttd.distill import DistillConfig, run_distill
 
-    summary = run_distill(str(out / "synth" / "train"), str(out / "store"), str(out / "runs" / f"{name}-s{seed}"),
-                          DistillConfig(**settings), seed=seed)
+    summary = run_distill(str(out / "synth" / "train"), str(store_for(out, threshold)),
+                          str(out / "runs" / f"{name}-s{seed}"), DistillConfig(**settings), seed=seed)
     return {"seconds": summary.get("seconds"), "final": summary.get("final")}
 
 
@@ -86,9 +97,9 @@ def run_job(out: Path, job: dict) -> None:
     t0 = time.time()
     kind = job["kind"]
     if kind == "data":
-        row = job_data(out)
+        row = job_data(out, job.get("threshold", 0.5))
     elif kind == "distill":
-        row = job_distill(out, job["name"], job["seed"], job["settings"])
+        row = job_distill(out, job["name"], job["seed"], job["settings"], job.get("threshold", 0.5))
     else:
         row = job_evaluate(out, job["split"], job.get("lora"), job.get("threshold", 0.5))
     record(out, {**job, **row, "wall_s": round(time.time() - t0, 1)})
@@ -132,14 +143,25 @@ def evaluate(split: str, name: str | None, seed: int | None = None, threshold: f
             "after": [f"distill-{lora}"] if lora else []}
 
 
-def distill(name: str, seed: int, settings: dict) -> dict:
-    return {"job": f"distill-{name}-s{seed}", "kind": "distill", "name": name, "seed": seed, "settings": settings}
+def distill(name: str, seed: int, settings: dict, threshold: float = 0.5) -> dict:
+    job = {"job": f"distill-{name}-s{seed}", "kind": "distill", "name": name, "seed": seed, "settings": settings}
+    if threshold != 0.5:
+        job.update(threshold=threshold, after=[f"data-t{threshold}"])
+    return job
+
+
+def data(threshold: float = 0.5) -> dict:
+    if threshold == 0.5:
+        return {"job": "data", "kind": "data"}
+    return {"job": f"data-t{threshold}", "kind": "data", "threshold": threshold}
 
 
 def choose_jobs() -> list[dict]:
     jobs = [evaluate("val", None, threshold=t) for t in THRESHOLDS]
+    jobs += [data(t) for t in sorted(set(THRESHOLD.values()))]
     for name, settings in CANDIDATES.items():
-        jobs += [distill(name, 0, settings), evaluate("val", name, 0)]
+        t = THRESHOLD.get(name, 0.5)
+        jobs += [distill(name, 0, settings, t), evaluate("val", name, 0, t)]
     return jobs
 
 
@@ -152,17 +174,19 @@ def score(metrics: dict) -> float:
 def chosen(out: Path) -> tuple[str, float]:
     """The candidate with the best validation score, and the validation's best base threshold."""
     done = results(out)
-    best = max(CANDIDATES, key=lambda n: score(done[evaluate("val", n, 0)["job"]]["metrics"]))
+    best = max(CANDIDATES, key=lambda n: score(done[evaluate("val", n, 0, THRESHOLD.get(n, 0.5))["job"]]["metrics"]))
     threshold = max(THRESHOLDS, key=lambda t: done[evaluate("val", None, threshold=t)["job"]]["metrics"]["pixel"]["f1"])
     return best, threshold
 
 
 def report_jobs(out: Path) -> list[dict]:
     best, _ = chosen(out)
-    jobs = [evaluate("eval", None)]
+    t = THRESHOLD.get(best, 0.5)
+    control = "control" if t == 0.5 else f"control-t{t}"
+    jobs = [evaluate("eval", None, threshold=t)]
     for seed in SEEDS:
-        jobs += [distill(best, seed, CANDIDATES[best]), evaluate("eval", best, seed),
-                 distill("control", seed, CONTROL), evaluate("eval", "control", seed)]
+        jobs += [distill(best, seed, CANDIDATES[best], t), evaluate("eval", best, seed, t),
+                 distill(control, seed, CONTROL, t), evaluate("eval", control, seed, t)]
     return jobs
 
 
@@ -200,17 +224,19 @@ def table(out: Path) -> str:
         if row:
             lines.append(f"| base, threshold {t} | " + " | ".join(_cells([row])) + " |")
     for name in CANDIDATES:
-        row = done.get(evaluate("val", name, 0)["job"])
+        row = done.get(evaluate("val", name, 0, THRESHOLD.get(name, 0.5))["job"])
         if row:
             lines.append(f"| {name} (seed 0) | " + " | ".join(_cells([row])) + f" | score {score(row['metrics']):.2f}")
     lines += ["", "Eval split (reported; mean ± sample std over seeds 0-2):", "", head]
-    base = done.get(evaluate("eval", None)["job"])
-    if base:
-        lines.append("| base model | " + " | ".join(_cells([base])) + " |")
-    for name in ("control", *CANDIDATES):
-        rows = [done[j] for s in SEEDS if (j := evaluate("eval", name, s)["job"]) in done]
-        if rows:
-            lines.append(f"| {name} ({len(rows)} seeds) | " + " | ".join(_cells(rows)) + " |")
+    for t in sorted({0.5, *THRESHOLD.values()}):
+        base = done.get(evaluate("eval", None, threshold=t)["job"])
+        if base:
+            lines.append(f"| base model, threshold {t} | " + " | ".join(_cells([base])) + " |")
+        for name in ("control" if t == 0.5 else f"control-t{t}",
+                     *(n for n in CANDIDATES if THRESHOLD.get(n, 0.5) == t)):
+            rows = [done[j] for s in SEEDS if (j := evaluate("eval", name, s, t)["job"]) in done]
+            if rows:
+                lines.append(f"| {name} ({len(rows)} seeds) | " + " | ".join(_cells(rows)) + " |")
     return "\n".join(lines)
 
 
