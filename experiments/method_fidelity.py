@@ -62,11 +62,13 @@ def job_data(out: Path, threshold: float = 0.5) -> dict:
     from ttd.parse import ParseConfig, run_parse
     from ttd.relevancy import ScoreConfig
     from ttd.score import run_score
-    from ttd.synth.generate import synthesize
+    from ttd.synth.generate import SynthConfig, synthesize
 
     synth = out / "synth"
     if not (synth / "synth.json").exists():
-        synthesize(str(synth), train=2000, val=500, eval=500, seed=0)
+        # the world of the session-7 tables: multi-object captions (the default before the CC3M-calibrated style)
+        synthesize(str(synth), train=2000, val=500, eval=500, seed=0,
+                   config=SynthConfig(train_style="multi_object", eval_style="multi_object"))
     store = str(store_for(out, threshold))
     run_parse(str(synth / "train"), store, ParseConfig())
     summary = run_score(str(synth / "train"), store, ScoreConfig(threshold=threshold), workers=0)

@@ -377,7 +377,7 @@ def test_settings_that_make_a_schedule_recompute_are_named(tmp_path):
     faster = RunConfig.model_validate({**doc, "score": {**doc["score"], "batch_size": 7, "decode_threads": 1}})
     assert lib.recompute_changes(nightly, faster) == []  # speed settings never change a fingerprint
     stricter = RunConfig.model_validate({**doc, "score": {**doc["score"], "threshold": 0.6}})
-    assert lib.recompute_changes(nightly, stricter) == ["score.threshold: 0.5 -> 0.6"]
+    assert lib.recompute_changes(nightly, stricter) == ["score.threshold: 0.4 -> 0.6"]
     assert lib.recompute_changes(nightly, stricter.model_copy(update={"store": str(tmp_path / "other")})) == []
     assert lib.recompute_changes(nightly, stricter.model_copy(update={"corpus_name": "another"})) == []
     parse_only = RunConfig.model_validate({**doc, "score": {**doc["score"], "threshold": 0.6},

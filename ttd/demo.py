@@ -26,7 +26,7 @@ def demo_config(out: str) -> RunConfig:
         "synth": {"out": f"{out}/synth", "train": DEMO_TRAIN, "eval": DEMO_EVAL, "pretrain": 0, "seed": 0,
                   "config": {"shard_size": 200}},
         "parse": {"policy": "words"},
-        "score": {"head": "maskclip", "selection": "pixel", "threshold": 0.5},
+        "score": {"head": "maskclip", "selection": "pixel", "threshold": 0.4},
         "ray": {"workers": 1},
         "evaluate": {},
         "distill": {"enabled": True, "out": f"{out}/ttd-lora", "seed": 0, "config": {"steps": DEMO_DISTILL_STEPS}},

@@ -45,7 +45,8 @@ class ScoreConfig(pydantic.BaseModel):
         100.0, gt=0, description="Inverse temperature of 'softmax': CLIP's logit scale, 100, as in the paper's models "
         "(CLIP, TCL); None: the model's own learned scale (14 for the embedded base model, too flat to select).")
     selection: Literal["pixel", "image", "text"] = "pixel"
-    threshold: float = pydantic.Field(0.5, ge=0.0, le=1.0)
+    threshold: float = pydantic.Field(0.4, ge=0.0, le=1.0, description="Selection threshold on the normalised "
+                                      "score; 0.4 chosen on TagMask-Synth's validation split (docs/BENCHMARKS.md).")
     masks_for: Literal["selected", "all"] = "selected"
     batch_size: int = pydantic.Field(64, ge=1, le=4096)
     decode_threads: int = pydantic.Field(2, ge=1, le=64)

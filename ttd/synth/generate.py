@@ -30,7 +30,7 @@ from pydantic import Field
 from ..corpus.img2dataset_writer import OUTPUT_FORMATS, ShardWriter, make_key
 from ..errors import TTDError
 from ..uri import Location, resolve
-from .captions import ALT_TEXT, MULTI_OBJECT, PRESETS, CaptionMaker, CaptionStyle, Mention, ThingFact
+from .captions import ALT_TEXT, CC3M, MULTI_OBJECT, PRESETS, CaptionMaker, CaptionStyle, Mention, ThingFact
 from .render import Rendered, Renderer, Scene, sample_scene
 from .vocabulary import MAX_STUFF_CLASSES, MAX_THING_CLASSES, Vocabulary, build_vocabulary
 
@@ -70,15 +70,15 @@ class SynthConfig(pydantic.BaseModel):
     n_stuff_max: int = Field(3, ge=1, description="Most stuff regions per image (clamped to n_stuff_classes).")
     noise_std: float = Field(4.0, ge=0, description="Per-pixel Gaussian noise (grey levels).")
     min_visible_pixels: int = Field(64, ge=1, description="A class is visible if it keeps this many pixels.")
-    train_style: CaptionStyle = Field(MULTI_OBJECT, description="Captions of OUT/train (the corpus to label).")
-    eval_style: CaptionStyle = Field(MULTI_OBJECT, description="Captions of OUT/eval and OUT/val.")
+    train_style: CaptionStyle = Field(CC3M, description="Captions of OUT/train (the corpus to label).")
+    eval_style: CaptionStyle = Field(CC3M, description="Captions of OUT/eval and OUT/val.")
     pretrain_style: CaptionStyle = Field(ALT_TEXT, description="Captions of OUT/pretrain (web alt-text).")
 
     @pydantic.field_validator("train_style", "eval_style", "pretrain_style", mode="before")
     @classmethod
     def _style_from_preset(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
         """A preset name, or a partial mapping laid over the split's own preset (not over the class defaults)."""
-        base = "alt_text" if info.field_name == "pretrain_style" else "multi_object"
+        base = "alt_text" if info.field_name == "pretrain_style" else "cc3m"
         if isinstance(value, dict):  # {"preset": name, **fields} or just fields
             value = dict(value)
             name = value.pop("preset", base)
