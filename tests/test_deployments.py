@@ -222,7 +222,7 @@ def test_nightly_deployment_is_scheduled_and_runs_only_new_shards(prefect, tmp_p
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows == ["stage", "parse", "score"], table  # no distill, no evaluation: the nightly's stages were kept
     assert _score_row(table)[0] == 4, table  # a new threshold is a new fingerprint: every shard re-scored
-    assert "scheduled deployment 'ttd-pipeline/nightly-new-shards'" in table and "0.5 -> 0.6" in table, table
+    assert "scheduled deployment 'ttd-pipeline/nightly-new-shards'" in table and "0.4 -> 0.6" in table, table
 
 
 def _healthy(api: str) -> bool:
