@@ -81,7 +81,7 @@ def test_report_numbers_plots_and_samples(store_two_runs, tmp_path):
     s = Store(store)
     for label, run in (("A", run_a), ("B", run_b)):
         m = store_metrics(s, run)
-        part = section(md, f"### Run {label} ({run[:8]})")
+        part = section(md, f"### Run {label} base model ({run[:8]})")  # what the run is, and its id
         rows = {r[0]: r for r in md_table_rows(part, "tag selection")}
         for method, name in (("image", "image-tag"), ("text", "text-tag"), ("pixel", "pixel-tag"),
                              ("noun", "noun parsing")):
@@ -153,6 +153,25 @@ def test_report_numbers_plots_and_samples(store_two_runs, tmp_path):
 
 
 @pytest.mark.slow
+def test_runs_are_labelled_by_what_the_model_is(tmp_path):
+    """The base model, TTD or the contrastive-only control, read from the LoRA artefact the evaluation loaded."""
+    from ttd.models.loading import model_role
+    from ttd.report import EvalRun
+
+    def artefact(name: str, **weights: float) -> str:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "lora.json").write_text(json.dumps({"kind": "lora", "config": weights}))
+        return str(tmp_path / name)
+
+    assert model_role(None) == "base model"
+    assert model_role(artefact("ttd", w_distill=1.0, w_tag=1.0, w_contrastive=0.1)) == "TTD"
+    assert model_role(artefact("control", w_distill=0.0, w_tag=0.0, w_contrastive=1.0)) == \
+        "contrastive-only fine-tune"
+    run = EvalRun(run="0123456789", dataset="tagmask", model_id="m", head=None, committed_at="", metrics={},
+                  label="B", role="TTD")
+    assert run.name == "B TTD (01234567)"
+
+
 def test_run_order_can_be_chosen_and_the_difference_follows(store_two_runs, tmp_path):
     store, run_a, run_b = store_two_runs
     result = build_report(store, tmp_path / "rep", samples=0, runs=[run_b[:6], run_a])

@@ -157,6 +157,8 @@ class EvalRun:
     metrics: dict[str, Any]  # tagmask: method -> metric -> value; segmentation: metric -> value
     samples: int | None = None
     label: str = ""
+    role: str | None = None  # "base model", "TTD", ... as the evaluation recorded it
+
 
     @property
     def is_tagmask(self) -> bool:
@@ -164,10 +166,11 @@ class EvalRun:
 
     @property
     def name(self) -> str:
-        return f"{self.label} ({self.run[:8]})"
+        return f"{self.label} {self.role} ({self.run[:8]})" if self.role else f"{self.label} ({self.run[:8]})"
 
     def as_json(self) -> dict[str, Any]:
-        return {"label": self.label, "run": self.run, "dataset": self.dataset, "model_id": self.model_id,
+        return {"label": self.label, "role": self.role, "run": self.run, "dataset": self.dataset,
+                "model_id": self.model_id,
                 "head": self.head, "committed_at": self.committed_at, "samples": self.samples,
                 "metrics": self.metrics}
 
@@ -240,7 +243,8 @@ def eval_runs(store: Store, con: duckdb.DuckDBPyConnection, manifests: list[dict
             n = int(metrics.pop("images")) if _ok(metrics.get("images")) else None
         runs.append(EvalRun(run=run, dataset=dataset, model_id=rs[0]["model_id"],
                             head=_head(m, None if dataset == TAGMASK else rs[0]["method"]),
-                            committed_at=(m or {}).get("committed_at", ""), metrics=metrics, samples=n))
+                            committed_at=(m or {}).get("committed_at", ""), metrics=metrics, samples=n,
+                            role=((m or {}).get("config") or {}).get("role")))
     if wanted:
         order = _resolve_runs(wanted, sorted(by_run))
         index = {r.run: r for r in runs}

@@ -38,6 +38,7 @@ from .errors import ImageDecodeError, TTDError
 from .metrics_sql import CAPTION_CLASS_ID, SELECTED_UNION_CLASS_ID, tagmask_metrics
 from .models import load_model
 from .models.dense import encode_image_dense
+from .models.loading import model_role
 from .parse import ParseConfig
 from .relevancy import (
     SCORE_PERF_FIELDS,
@@ -305,7 +306,8 @@ def run_tagmask_eval(root: str, store_uri: str, config: TagmaskEvalConfig | None
     metrics_t = schemas.get("metrics").conform(pa.Table.from_pylist(metric_rows))
     store.commit(STAGE, {"run": run}, run, {"eval_predictions": pred_t, "eval_counts": count_t,
                                             "metrics": metrics_t},
-                 stage_version=STAGE_VERSION, config={**result_cfg, "dataset": "tagmask", "root": root},
+                 stage_version=STAGE_VERSION, config={**result_cfg, "dataset": "tagmask", "root": root,
+                                                      "role": model_role(lora)},
                  model_id=bundle.model_id, input_fingerprint=data_fp)
     return {"run": run, "model_id": bundle.model_id, "skipped": False, "samples": n,
             "metrics": metrics_dict(metric_rows), "seconds": round(time.perf_counter() - t0, 2)}

@@ -116,6 +116,16 @@ def read_lora_manifest(path: str | os.PathLike) -> dict:
     return doc
 
 
+def model_role(lora: str | None) -> str:
+    """What a model is, for people: the base model, or what `ttd distill` trained (TTD, or the contrastive-only
+    control: a fine-tune without the TTD losses), read from the LoRA artefact's config."""
+    if not lora:
+        return "base model"
+    cfg = read_lora_manifest(lora).get("config") or {}
+    ttd = (cfg.get("w_distill") or 0) > 0 or (cfg.get("w_tag") or 0) > 0
+    return "TTD" if ttd else "contrastive-only fine-tune"
+
+
 def load_model(name: str | None = None, pretrained: str | None = None, *, device: str | torch.device = "cpu",
                seed: int = 0, lora: str | None = None) -> ClipBundle:
     """Load a CLIP model.
