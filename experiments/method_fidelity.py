@@ -6,12 +6,13 @@ Phases (each idempotent: a job whose row is already in OUT/results.jsonl is skip
           and score the train split with the embedded base model (the pseudo-labels).
   choose  on val: the base model at selection thresholds 0.3-0.7, and TTD (seed 0) with the two L_tag forms: the
           session-3 default (`teacher` targets, trained through sclip with one prompt) and the paper's (`paper`: each
-          tag's own normalised map or zero, through the head and prompts that made the pseudo-labels); and the
-          default form on pseudo-labels selected at the base's best validation threshold (0.4), evaluated there.
+          tag's own normalised map or zero, through the head and prompts that made the pseudo-labels); the
+          default form on pseudo-labels selected at the base's best validation threshold (0.4), evaluated there;
+          and, at 0.4, trained through maskclip instead of sclip.
   report  on eval: the base model, the chosen TTD configuration and the contrastive-only control, 3 seeds each.
   table   the Markdown tables for docs/BENCHMARKS.md, from results.jsonl.
 
-    .venv/bin/python experiments/method_fidelity.py all --out /work/exp15        # about an hour on 2 cores
+    .venv/bin/python experiments/method_fidelity.py all --out /work/exp15        # about 80 minutes on 2 cores
     .venv/bin/python experiments/method_fidelity.py table --out /work/exp15
 
 Jobs run as subprocesses of this script, `--parallel` at a time (one torch thread each).
@@ -35,8 +36,10 @@ CANDIDATES = {
     "ttd-teacher": {"tag_target": "teacher", "head": "sclip"},
     "ttd-paper": {"tag_target": "paper", "head": "scoring", "templates": None},
     "ttd-teacher-t0.4": {"tag_target": "teacher", "head": "sclip"},
+    "ttd-maskclip-t0.4": {"tag_target": "teacher", "head": "maskclip"},  # re-checks session 3's choice of head
 }
-THRESHOLD = {"ttd-teacher-t0.4": 0.4}  # the pseudo-labels' (and the evaluation's) threshold where not 0.5
+# the pseudo-labels' (and the evaluation's) threshold where not 0.5
+THRESHOLD = {"ttd-teacher-t0.4": 0.4, "ttd-maskclip-t0.4": 0.4}
 CONTROL = {"w_distill": 0.0, "w_tag": 0.0, "w_contrastive": 1.0}
 
 
