@@ -37,6 +37,37 @@ def test_same_seed_same_weights_and_artefact_loads(corpus, tmp_path):
     assert (tmp_path / "a" / "train_log.parquet").is_file()
 
 
+def test_a_killed_pretraining_resumes_from_its_checkpoint_to_the_same_weights(corpus, tmp_path):
+    """Killed after step 5 with checkpoints every 2 steps: the re-run continues at step 4 (weights, AdamW moments
+    and the data order restored) and ends with exactly the weights of a straight run, across an epoch boundary
+    (48 pairs, batches of 16); the checkpoint is gone once the artefact is written."""
+    cfg = PretrainConfig(model="ttd-micro", steps=7, batch_size=16, warmup_steps=1, log_every=1, checkpoint_every=2)
+    run_pretrain(corpus, str(tmp_path / "straight"), cfg, seed=3, device="cpu")
+
+    class Kill(Exception):
+        pass
+
+    def kill_at_5(stage, n, loss, seen=[]):  # noqa: B006 - counts the training steps of this one call
+        if stage == "train":
+            seen.append(n)
+            if len(seen) == 5:
+                raise Kill
+
+    with pytest.raises(Kill):
+        run_pretrain(corpus, str(tmp_path / "resumed"), cfg, seed=3, device="cpu", progress=kill_at_5)
+    assert (tmp_path / "resumed" / "checkpoint" / "state.json").exists()
+    summary = run_pretrain(corpus, str(tmp_path / "resumed"), cfg, seed=3, device="cpu")
+    assert summary["resumed_from"] == 4
+    assert digest(tmp_path / "resumed" / "model.safetensors") == digest(tmp_path / "straight" / "model.safetensors")
+    assert not (tmp_path / "resumed" / "checkpoint").exists()
+    # another recipe does not pick up a checkpoint left in its folder: it starts afresh
+    kill_at_5.__defaults__[0].clear()
+    with pytest.raises(Kill):
+        run_pretrain(corpus, str(tmp_path / "other"), cfg, seed=3, device="cpu", progress=kill_at_5)
+    other = PretrainConfig(**{**cfg.model_dump(), "lr": 5e-4})
+    assert run_pretrain(corpus, str(tmp_path / "other"), other, seed=3, device="cpu")["resumed_from"] is None
+
+
 def test_lr_schedule_warms_up_then_decays():
     cfg = PretrainConfig(steps=100, warmup_steps=10, lr=1e-3)
     assert lr_at(0, cfg) == pytest.approx(1e-4)

@@ -350,7 +350,7 @@ def test_bad_run_configs_are_one_clear_line(tmp_path, bad):
 
 
 def test_a_checkpoint_naming_a_file_outside_its_folder_is_refused(tmp_path):
-    from ttd.distill import _load_checkpoint
+    from ttd.checkpoints import load as load_checkpoint
     from ttd.errors import TTDError
 
     weights = {"w": torch.nn.Parameter(torch.zeros(2))}
@@ -358,7 +358,7 @@ def test_a_checkpoint_naming_a_file_outside_its_folder_is_refused(tmp_path):
     (tmp_path / "state.json").write_text(json.dumps({"step": 3, "consumed": 12, "fingerprint": "fp", "params": ["w"],
                                                      "log": [], "tensors": "../../elsewhere.safetensors"}))
     with pytest.raises(TTDError, match="names '../../elsewhere.safetensors'"):
-        _load_checkpoint(tmp_path, "fp", weights, opt)
+        load_checkpoint(tmp_path, "fp", weights, opt)
 
 
 def test_a_claim_whose_create_reply_was_lost_is_still_ours(tmp_path, monkeypatch):

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,11 +39,12 @@ import pydantic
 import torch
 import torch.nn.functional as F
 
-from . import __version__, schemas
+from . import __version__, checkpoints, schemas
+from .checkpoints import CHECKPOINT_DIR
 from .corpus import ReadIssue, open_corpus
 from .errors import ImageDecodeError, TTDError
 from .models.dense import HEADS, encode_image_dense
-from .models.loading import ARTEFACT_CONFIG, LORA_CONFIG, LORA_WEIGHTS, load_model, load_state_dict
+from .models.loading import ARTEFACT_CONFIG, LORA_CONFIG, LORA_WEIGHTS, load_model
 from .models.lora import TARGETS, TOWERS, add_lora, lora_state
 from .pretrain import _geometry_and_norm, _param_groups, lr_at, save_artefact
 from .relevancy import _encode_trimmed, _trimmable
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "distill"
 STAGE_VERSION = 1
-CHECKPOINT_DIR = "checkpoint"
 _PERF_FIELDS = {"checkpoint_every", "log_every", "decode_threads"}
 
 
@@ -401,64 +400,6 @@ def losses(model, batch: Batch, config: DistillConfig, clip_loss) -> dict[str, t
     return out
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def _save_checkpoint(folder: Path, step: int, consumed: int, fp: str, trainable: dict[str, torch.nn.Parameter],
-                     opt: torch.optim.Optimizer, log_rows: list[dict]) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in trainable.items()}
-    names = list(trainable)
-    index = {id(p): i for i, p in enumerate(trainable.values())}
-    for p, st in opt.state.items():
-        i = index[id(p)]
-        for k, v in st.items():
-            tensors[f"opt.{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-    # A kill can land between any two writes: the tensors go to a new step-stamped file that state.json, written
-    # last, names; until then the previous state.json and the file it names are untouched.
-    tensor_file = f"state-{step:08d}.safetensors"
-    tmp = folder / f"{tensor_file}.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(folder / tensor_file)
-    doc = {"step": step, "consumed": consumed, "fingerprint": fp, "params": names, "log": log_rows,
-           "tensors": tensor_file}
-    tmp_json = folder / "state.json.tmp"
-    tmp_json.write_text(json.dumps(doc))
-    tmp_json.replace(folder / "state.json")  # the checkpoint's commit point
-    for old in folder.glob("state*.safetensors*"):  # earlier steps' files, and leftovers of killed writes
-        if old.name != tensor_file:
-            old.unlink(missing_ok=True)
-
-
-def _load_checkpoint(folder: Path, fp: str, trainable: dict[str, torch.nn.Parameter],
-                     opt: torch.optim.Optimizer) -> tuple[int, int, list[dict]] | None:
-    try:
-        doc = json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if doc.get("fingerprint") != fp or doc.get("params") != list(trainable):
-        log.warning("checkpoint in %s belongs to another configuration: starting afresh", folder)
-        return None
-    tensor_file = str(doc.get("tensors", "state.safetensors"))
-    if not re.fullmatch(r"state(-\d{8})?\.safetensors", tensor_file):  # a file in this folder, nothing else
-        raise TTDError(f"checkpoint {folder}/state.json names {tensor_file!r} as its tensors; delete that folder "
-                       "to start afresh")
-    try:
-        state = load_state_dict(folder / tensor_file)
-    except TTDError as exc:
-        raise TTDError(f"checkpoint {folder} is unreadable ({exc}); delete that folder to start afresh") from None
-    with torch.no_grad():
-        for n, p in trainable.items():
-            p.copy_(state[f"param.{n}"])
-    params = list(trainable.values())
-    for key, v in state.items():
-        if key.startswith("opt."):
-            _, i, k = key.split(".", 2)
-            opt.state[params[int(i)]][k] = v.to(params[int(i)].device) if k != "step" else v
-    return doc["step"], doc["consumed"], doc["log"]
-
-
 # ---------------------------------------------------------------- the stage
 
 def _data_fingerprint(store: Store, corpus_name: str) -> tuple[str, list[str]]:
@@ -552,8 +493,8 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
         trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
         groups = _param_groups(net, config.weight_decay)
     opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-    resumed = _load_checkpoint(out / CHECKPOINT_DIR, fp, trainable, opt)
-    start, consumed, log_rows = resumed or (0, 0, [])
+    resumed = checkpoints.load(out / CHECKPOINT_DIR, fp, trainable, opt)
+    start, consumed, log_rows, _ = resumed or (0, 0, [], {})
     if resumed:
         log.info("resuming %s from step %d", out, start)
 
@@ -615,7 +556,7 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
                          log_rows[-1]["samples_per_s"])
                 window_t, window_n = now, 0
             if rank == 0 and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-                _save_checkpoint(out / CHECKPOINT_DIR, step + 1, consumed, fp, trainable, opt, log_rows)
+                checkpoints.save(out / CHECKPOINT_DIR, step + 1, consumed, fp, trainable, opt, log_rows)
             if progress and rank == 0:
                 progress(step + 1, sums)
     finally:
@@ -649,7 +590,7 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
     store.commit(STAGE, {"run": fp}, fp, {"train_log": table}, stage_version=STAGE_VERSION,
                  config={**config.result_config(), "seed": seed, "artefact": str(out)}, model_id=bundle.model_id,
                  input_fingerprint=data_fp)
-    _remove_checkpoint(out / CHECKPOINT_DIR)
+    checkpoints.remove(out / CHECKPOINT_DIR)
     return result
 
 
@@ -666,15 +607,6 @@ def _average_across_ranks(trainable: dict[str, torch.nn.Parameter], sums: dict[s
     values = torch.tensor([sums[k] for k in sums], dtype=torch.float64, device=next(iter(trainable.values())).device)
     dist.all_reduce(values)
     return {k: float(v) / world for k, v in zip(sums, values)}
-
-
-def _remove_checkpoint(folder: Path) -> None:
-    for path in [folder / "state.json", *folder.glob("state*.safetensors*"), *folder.glob("state.json.tmp")]:
-        path.unlink(missing_ok=True)
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
 
 
 

@@ -4,7 +4,9 @@ This makes the embedded default base model: no pretrained CLIP weights can be do
 trains its own on TagMask-Synth. Deterministic for a seed on a given machine and thread count: data order, weight
 initialisation and every random draw come from the seed. The corpus is decoded once into memory as uint8 tensors
 at the model's input size (20,000 images of 96 px are 550 MB), since many epochs would otherwise decode every JPEG
-again each time.
+again each time. A checkpoint every `checkpoint_every` steps (`OUT/checkpoint/`, `ttd.checkpoints`): a killed run,
+re-run with the same inputs, continues from it bit for bit, so a recipe longer than one sitting can be trained in
+several.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import pydantic
 import torch
 from torchvision import transforms as T
 
-from . import __version__, schemas
+from . import __version__, checkpoints, schemas
+from .checkpoints import CHECKPOINT_DIR
 from .corpus import ReadIssue, open_corpus
 from .errors import ImageDecodeError, TTDError
 from .models.loading import ARTEFACT_CONFIG, ARTEFACT_WEIGHTS, load_model
@@ -45,7 +48,11 @@ class PretrainConfig(pydantic.BaseModel):
     warmup_steps: int = pydantic.Field(200, ge=0)
     max_samples: int | None = pydantic.Field(None, ge=2)
     log_every: int = pydantic.Field(50, ge=1)
+    checkpoint_every: int = pydantic.Field(200, ge=1, description="Steps between checkpoints (resume after a kill).")
     fp16_weights: bool = False  # store weights in fp16 (halves the artefact; the shipped default model uses it)
+
+
+_PERF_FIELDS = {"log_every", "checkpoint_every"}  # leave the weights as they are: not part of a run's identity
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -148,7 +155,8 @@ def run_pretrain(corpus_uri: str, out_dir: str, config: PretrainConfig | None = 
     """Train and write `out_dir/model.safetensors`, `model.json` and `train_log.parquet`; returns a summary."""
     config = config or PretrainConfig()
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / ARTEFACT_CONFIG).exists():
+    if out.exists() and any(out.iterdir()) and not (out / ARTEFACT_CONFIG).exists() \
+            and not (out / CHECKPOINT_DIR).exists():
         raise TTDError(f"--out {out_dir!r} exists and is not a ttd model artefact: give an empty or new folder")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
@@ -164,11 +172,22 @@ def run_pretrain(corpus_uri: str, out_dir: str, config: PretrainConfig | None = 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.ClipLoss()
+    data_fp = fingerprint([s.fingerprint for s in open_corpus(corpus_uri).shards()], n)
+    fp = fingerprint("pretrain", config.model_dump(exclude=_PERF_FIELDS), seed, data_fp)
+    trainable = dict(model.named_parameters())
+    resumed = checkpoints.load(out / CHECKPOINT_DIR, fp, trainable, opt)
+    start, _, log_rows, extra = resumed or (0, 0, [], {})
+    if resumed:
+        log.info("resuming pre-training from its checkpoint at step %d", start)
     model.train()
     order = torch.randperm(n, generator=gen)
-    cursor, log_rows, window_t, window_n = 0, [], time.perf_counter(), 0
+    cursor, window_t, window_n = 0, time.perf_counter(), 0
+    for _ in range(start):  # the data order so far, replayed without computing: the same draws as a straight run
+        if cursor + batch > n:
+            order, cursor = torch.randperm(n, generator=gen), 0
+        cursor += batch
     t0 = time.perf_counter()
-    for step in range(config.steps):
+    for step in range(start, config.steps):
         if cursor + batch > n:
             order, cursor = torch.randperm(n, generator=gen), 0
         idx = order[cursor:cursor + batch]
@@ -193,15 +212,19 @@ def run_pretrain(corpus_uri: str, out_dir: str, config: PretrainConfig | None = 
                              "lr": lr_at(step, config), "samples_per_s": window_n / max(now - window_t, 1e-9)})
             window_t, window_n = now, 0
             log.debug("step %d loss %.4f", step + 1, loss.item())
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            checkpoints.save(out / CHECKPOINT_DIR, step + 1, (step + 1) * batch, fp, trainable, opt, log_rows,
+                             {"seconds": extra.get("seconds", 0.0) + time.perf_counter() - t0})
         if progress:
             progress("train", 1, loss.item())
     model.eval()
-    seconds = time.perf_counter() - t0
-    data_fp = fingerprint([s.fingerprint for s in open_corpus(corpus_uri).shards()], n)
+    seconds = extra.get("seconds", 0.0) + time.perf_counter() - t0
     meta = {"kind": "pretrain", "config": config.model_dump(), "seed": seed, "corpus": corpus_uri,
             "data_fingerprint": data_fp, "pairs": n, "ttd_version": __version__, "train_seconds": round(seconds, 1)}
     save_artefact(out, bundle, meta, fp16=config.fp16_weights)
     table = pa.Table.from_pylist(log_rows, schema=schemas.get("train_log").arrow)
     pq.write_table(schemas.get("train_log").conform(table), out / "train_log.parquet")
+    checkpoints.remove(out / CHECKPOINT_DIR)  # the artefact is written: nothing to resume
     return {"out": str(out), "pairs": n, "steps": config.steps, "seconds": round(seconds, 1),
-            "final_loss": log_rows[-1]["loss"], "samples_per_s": round(config.steps * batch / seconds, 1)}
+            "final_loss": log_rows[-1]["loss"], "samples_per_s": round(config.steps * batch / seconds, 1),
+            "resumed_from": start or None}
