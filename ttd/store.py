@@ -235,7 +235,7 @@ class Store:
         known = self.corpus(name)
         if known == doc:
             return
-        self.check_corpus(name, uri)
+        _refuse_another_corpus(name, known, uri)
         path = self.root.join("corpora", f"{name}.json")
         self._atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode())
 
@@ -248,10 +248,7 @@ class Store:
 
     def check_corpus(self, name: str, uri: str) -> None:
         """Refuse a corpus whose name this store already gives to another URI."""
-        known = self.corpus(name)
-        if known is not None and known["uri"] != uri:
-            raise TTDError(f"the store already holds a corpus named {name!r}, from {known['uri']}; {uri} is another "
-                           "corpus: give it its own name (--corpus-name), or use another store")
+        _refuse_another_corpus(name, self.corpus(name), uri)
 
     def corpora(self) -> dict[str, dict]:
         fs = self.root.fs
@@ -262,3 +259,9 @@ class Store:
             return {}
         docs = [json.loads(fs.cat_file(p)) for p in sorted(paths)]
         return {d["name"]: d for d in docs}
+
+
+def _refuse_another_corpus(name: str, known: dict | None, uri: str) -> None:
+    if known is not None and known["uri"] != uri:
+        raise TTDError(f"the store already holds a corpus named {name!r}, from {known['uri']}; {uri} is another "
+                       "corpus: give it its own name (--corpus-name), or use another store")

@@ -184,14 +184,12 @@ def protocol_caption_heatmap(bundle, image: Any, caption_emb: torch.Tensor, size
                              proto: CaptionProtocol) -> np.ndarray:
     """The caption heatmap under a multi-scale protocol: windows at every scale (and flipped) averaged by the
     segmentation evaluator's `multiscale_logits`, min-max normalised, PAMR-refined, at the mask's size."""
-    from .segeval.infer import OPENAI_MEAN, OPENAI_STD, multiscale_logits, pamr, resize, short_side_size
+    from .segeval.infer import image_tensor, mean_std, multiscale_logits, pamr, resize, short_side_size
 
     dev = caption_emb.device
-    raw = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).to(dev).permute(2, 0, 1).float() / 255
+    raw = image_tensor(image, dev)
     base = resize(raw, short_side_size(*raw.shape[-2:], proto.short_side), antialias=True)
-    cfg = getattr(bundle.model.visual, "preprocess_cfg", None) or {}
-    mean = torch.tensor(cfg.get("mean", OPENAI_MEAN), device=dev).view(3, 1, 1)
-    std = torch.tensor(cfg.get("std", OPENAI_STD), device=dev).view(3, 1, 1)
+    mean, std = mean_std(bundle, dev)
     cap = caption_emb.float()
 
     def dense_fn(crops: torch.Tensor) -> torch.Tensor:

@@ -313,6 +313,19 @@ def decide(probs: torch.Tensor, has_background: bool, threshold: float | None) -
     return pred
 
 
+def mean_std(bundle, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's normalisation, [3, 1, 1] each (OpenAI CLIP's when the model does not say)."""
+    cfg = getattr(bundle.model.visual, "preprocess_cfg", None) or {}
+    return (torch.tensor(cfg.get("mean", OPENAI_MEAN), device=device).view(3, 1, 1),
+            torch.tensor(cfg.get("std", OPENAI_STD), device=device).view(3, 1, 1))
+
+
+def image_tensor(image, device: torch.device) -> torch.Tensor:
+    """A PIL image as floats [3, H, W] in [0, 1] on `device`."""
+    arr = np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy: torch refuses read-only arrays
+    return torch.from_numpy(arr).to(device).permute(2, 0, 1).float().div_(255)
+
+
 # ---- the segmenter ---------------------------------------------------------------------------------------------------
 class Segmenter:
     """A model + class list + protocol: streams images in, class-id maps out."""
@@ -324,9 +337,7 @@ class Segmenter:
         self.has_background = has_background
         names = list(class_names[1:] if has_background else class_names)  # background is the threshold's job
         self.classify = TextClassifier.from_names(bundle, names, config.templates)
-        cfg = getattr(bundle.model.visual, "preprocess_cfg", None) or {}
-        self.mean = torch.tensor(cfg.get("mean", OPENAI_MEAN), device=self.device).view(3, 1, 1)
-        self.std = torch.tensor(cfg.get("std", OPENAI_STD), device=self.device).view(3, 1, 1)
+        self.mean, self.std = mean_std(bundle, self.device)
         self.amp = config.amp and self.device.type == "cuda"
 
     @torch.inference_mode()
@@ -336,8 +347,7 @@ class Segmenter:
         return dense.float()
 
     def _to_tensor(self, image) -> torch.Tensor:
-        arr = np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy: torch refuses read-only arrays
-        return torch.from_numpy(arr).to(self.device).permute(2, 0, 1).float().div_(255)
+        return image_tensor(image, self.device)
 
     @torch.inference_mode()
     def logits(self, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
