@@ -1,0 +1,150 @@
+"""Issue 16's base model: the pre-training recipe behind the embedded model, and what each stage of it gives.
+
+Phases (each resumable: the pre-training continues from its checkpoint, an evaluation already in
+OUT/results.jsonl is skipped):
+
+  data      `ttd synth` train 2000 / val 500 / eval 500 / pretrain 100000 (seed 0, the default CC3M-like world).
+  pretrain  `ttd pretrain --preset embedded` on the pretrain split (4,000 steps of 128, about 5 epochs), keeping a
+            snapshot of the weights every SNAPSHOT_EVERY steps (OUT/snapshots/), so the epochs lever is measured
+            on one run.
+  evaluate  every snapshot on val with the product's default evaluation (the epochs lever); the final model on val
+            at the selection thresholds THRESHOLDS (the default threshold is chosen there), then on eval.
+  table     the Markdown rows for docs/BENCHMARKS.md, from results.jsonl.
+
+    .venv/bin/python experiments/base_model.py all --out /work/exp16        # about 2 h 15 min on 2 cores
+    .venv/bin/python experiments/base_model.py table --out /work/exp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+SNAPSHOT_EVERY = 400
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
+SYNTH = {"train": 2000, "val": 500, "eval": 500, "pretrain": 100_000, "seed": 0}
+
+
+def results(out: Path) -> dict[str, dict]:
+    path = out / "results.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return {r["job"]: r for r in rows}
+
+
+def record(out: Path, row: dict) -> None:
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def data(out: Path) -> None:
+    from ttd.synth.generate import synthesize
+
+    if not (out / "synth" / "synth.json").exists():
+        synthesize(str(out / "synth"), **SYNTH)
+
+
+def pretrain(out: Path) -> dict:
+    """The embedded preset on the pretrain split; a snapshot of the weights every SNAPSHOT_EVERY steps."""
+    from ttd.pretrain import preset, run_pretrain
+
+    base, snaps = out / "base", out / "snapshots"
+    snaps.mkdir(parents=True, exist_ok=True)
+    state = base / "checkpoint" / "state.json"
+    seen = {"mtime": None}
+
+    def keep_snapshot(kind: str, n: int, loss: float) -> None:
+        # run_pretrain writes a checkpoint every checkpoint_every steps before reporting the step: copy the
+        # checkpoint's tensors when its step is a snapshot step
+        if kind != "train" or not state.exists() or state.stat().st_mtime == seen["mtime"]:
+            return
+        seen["mtime"] = state.stat().st_mtime
+        doc = json.loads(state.read_text())
+        if doc["step"] % SNAPSHOT_EVERY == 0 and not (snaps / f"step-{doc['step']:05d}.safetensors").exists():
+            shutil.copy(base / "checkpoint" / doc["tensors"], snaps / f"step-{doc['step']:05d}.safetensors")
+
+    if (base / "model.json").exists():
+        return json.loads((base / "model.json").read_text())
+    summary = run_pretrain(str(out / "synth" / "pretrain"), str(base), preset("embedded"), seed=0,
+                           progress=keep_snapshot)
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def snapshot_model(out: Path, snapshot: Path) -> Path:
+    """A snapshot's weights as a model artefact (fp16, like the shipped model)."""
+    import torch
+
+    from ttd.models.loading import load_model, load_state_dict
+    from ttd.pretrain import save_artefact
+
+    dest = out / "snapshot-models" / snapshot.stem
+    if (dest / "model.json").exists():
+        return dest
+    bundle = load_model("ttd-tiny", device=torch.device("cpu"), seed=0)
+    state = load_state_dict(snapshot)
+    with torch.no_grad():
+        for name, p in bundle.model.named_parameters():
+            p.copy_(state[f"param.{name}"])
+    save_artefact(dest, bundle, {"kind": "pretrain-snapshot", "snapshot": snapshot.name}, fp16=True)
+    return dest
+
+
+def evaluate(out: Path, model_dir: Path, split: str, label: str, thresholds=THRESHOLDS) -> None:
+    from ttd.relevancy import ScoreConfig
+    from ttd.tagmask_eval import TagmaskEvalConfig, run_tagmask_eval
+
+    for t in thresholds if split == "val" else (None,):
+        job = f"{label}-{split}-t{t}"
+        if job in results(out):
+            continue
+        config = TagmaskEvalConfig(score=ScoreConfig(threshold=t)) if t is not None else TagmaskEvalConfig()
+        t0 = time.time()
+        summary = run_tagmask_eval(str(out / "synth" / split), str(out / "evalstore"), config,
+                                   pretrained=str(model_dir))
+        record(out, {"job": job, "model": label, "split": split, "threshold": t, "metrics": summary["metrics"],
+                     "wall_s": round(time.time() - t0, 1)})
+        print(job, json.dumps({m: summary["metrics"].get(m) for m in ("pixel", "noun")}), flush=True)
+
+
+def evaluate_all(out: Path) -> None:
+    for snap in sorted((out / "snapshots").glob("step-*.safetensors")):
+        evaluate(out, snapshot_model(out, snap), "val", snap.stem, thresholds=(0.4,))  # the epochs lever
+    if (out / "base" / "model.json").exists():
+        evaluate(out, out / "base", "val", "final")
+        evaluate(out, out / "base", "eval", "final")
+
+
+def table(out: Path) -> None:
+    rows = sorted(results(out).values(), key=lambda r: r["job"])
+    print("| model | split | threshold | image F1 | text F1 | pixel P | pixel R | pixel F1 | noun F1 | caption mIoU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        m = r["metrics"]
+        cells = [m.get("image", {}).get("f1"), m.get("text", {}).get("f1"), m["pixel"]["precision"],
+                 m["pixel"]["recall"], m["pixel"]["f1"], m.get("noun", {}).get("f1"),
+                 m.get("caption", {}).get("caption_miou")]
+        print(f"| {r['model']} | {r['split']} | {r['threshold'] or 'default'} | "
+              + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["all", "data", "pretrain", "evaluate", "table"])
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.phase in ("all", "data"):
+        data(args.out)
+    if args.phase in ("all", "pretrain"):
+        pretrain(args.out)
+    if args.phase in ("all", "evaluate"):
+        evaluate_all(args.out)
+    if args.phase in ("all", "table"):
+        table(args.out)
+
+
+if __name__ == "__main__":
+    main()

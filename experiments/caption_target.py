@@ -1,0 +1,140 @@
+"""Session 5's diagnostics of L_distill (docs/BENCHMARKS.md, "TTD on a stronger base model"): can the caption
+heatmap reach its target, and does a fine-tune lower L_distill?
+
+  oracle   For N eval captions: optimise only the caption's embedding (the image's dense features fixed) on
+           L_distill against the union of its selected tags' maps, and report caption mIoU before and after, with
+           the union's own mIoU beside. `--loss` mse | l1 (the two distances), binary (the union binarised at the
+           caption threshold), ce (cross-entropy between the softmax-normalised maps).
+  losses   Mean L_distill / L_tag / L_contrastive of the base model or a fine-tune (`--lora`) on 256 pairs of a scored
+           corpus: `ttd.distill.validation_losses`.
+
+    python experiments/caption_target.py oracle --root OUT/synth/eval --pretrained OUT/base [--captions 60] \\
+        [--steps 150] [--loss mse]
+    python experiments/caption_target.py losses --corpus OUT/synth/train --store OUT/store --pretrained OUT/base \\
+        [--lora OUT/runs/RUN]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ttd.corpus import ReadIssue, open_corpus
+from ttd.distill import DistillConfig, distill_loss, validation_losses
+from ttd.metrics_sql import CAPTION_CLASS_ID, SELECTED_UNION_CLASS_ID
+from ttd.models.loading import load_model
+from ttd.parse import ParseConfig
+from ttd.relevancy import ScoreConfig, dense_features, encode_tags, encode_texts, normalise, normalisations, \
+    raw_scores
+from ttd.tagmask_eval import caption_counts, caption_heatmap, load_ground_truth, read_mask, selected_union
+
+
+def _iou(rows: list[dict], class_id: int) -> float | None:
+    row = next((r for r in rows if r["class_id"] == class_id and r["target"] > 0), None)
+    return None if row is None or not row["union"] else row["intersection"] / row["union"]
+
+
+def _map_loss(caption_map: torch.Tensor, target: torch.Tensor, form: str, scale: float) -> torch.Tensor:
+    if form == "ce":
+        return -(F.softmax(target.flatten() * scale, 0) * F.log_softmax(caption_map.flatten() * scale * 10, 0)).sum()
+    has = torch.ones(1, dtype=torch.bool)
+    return distill_loss(caption_map[None], target[None], has, scale=scale, form="l1" if form == "l1" else "mse")
+
+
+def oracle(root: str, pretrained: str, captions: int, steps: int, form: str, lr: float, threshold: float,
+           bg_threshold: float, scale: float) -> dict:
+    torch.manual_seed(0)
+    bundle = load_model(None, pretrained, device=torch.device("cpu"))
+    cfg = ScoreConfig(threshold=threshold)
+    norms = normalisations(cfg, bundle.model)
+    words = ParseConfig(policy="words").parser()
+    mentions, loc = load_ground_truth(root)
+    corpus = open_corpus(root)
+    before, after, union_iou, losses = [], [], [], []
+    for shard in corpus.shards():
+        for item in corpus.read_shard(shard):
+            if len(before) >= captions:
+                break
+            if isinstance(item, ReadIssue) or item.key not in mentions or not item.caption:
+                continue
+            parsed = words.parse([item.caption])[0]
+            if isinstance(parsed, Exception) or parsed is None or not len(parsed):
+                continue
+            with torch.no_grad():
+                image = bundle.preprocess(item.image())[None]
+                global_emb, dense = dense_features(bundle.model, image, cfg.head)
+                cap = encode_texts(bundle, [item.caption])[0]
+                tags = encode_tags(bundle, list(parsed.lower), cfg.templates)
+                *raw, maps = raw_scores(global_emb[0], dense[0], cap, tags)
+            selected = normalise(raw[-1].numpy(), *norms["pixel"]) >= threshold
+            if not selected.any():
+                continue
+            class_map = read_mask(loc, item.key)
+            size = class_map.shape[:2]
+            ms = mentions[item.key]
+            grid_target = torch.from_numpy(selected_union(maps, selected, maps.shape[1:])).float()
+            if form == "binary":
+                grid_target = (grid_target >= bg_threshold).float()
+            union = selected_union(maps, selected, size)
+            first = caption_counts(item.key, caption_heatmap(dense[0], cap, size), class_map, ms, bg_threshold,
+                                   union)
+            emb = torch.nn.Parameter(cap.clone())
+            opt = torch.optim.Adam([emb], lr=lr)
+            feats = F.normalize(dense[0].float(), dim=-1)
+            for _ in range(steps):
+                caption_map = torch.einsum("hwd,d->hw", feats, F.normalize(emb, dim=-1))
+                loss = _map_loss(caption_map, grid_target, form, scale)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                last = caption_counts(item.key, caption_heatmap(dense[0], F.normalize(emb, dim=-1), size),
+                                      class_map, ms, bg_threshold)
+            if (b := _iou(first, CAPTION_CLASS_ID)) is None:
+                continue
+            before.append(b)
+            after.append(_iou(last, CAPTION_CLASS_ID))
+            union_iou.append(_iou(first, SELECTED_UNION_CLASS_ID))
+            losses.append(float(loss))
+    return {"captions": len(before), "loss": form, "steps": steps,
+            "caption_miou_before": round(100 * float(np.mean(before)), 1),
+            "caption_miou_after": round(100 * float(np.mean(after)), 1),
+            "selected_union_miou": round(100 * float(np.mean(union_iou)), 1),
+            "final_loss": round(float(np.mean(losses)), 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("oracle")
+    o.add_argument("--root", required=True)
+    o.add_argument("--pretrained", required=True)
+    o.add_argument("--captions", type=int, default=60)
+    o.add_argument("--steps", type=int, default=150)
+    o.add_argument("--loss", choices=["mse", "l1", "binary", "ce"], default="mse")
+    o.add_argument("--lr", type=float, default=1e-2)
+    o.add_argument("--threshold", type=float, default=0.5, help="selection threshold (session 5: 0.5)")
+    o.add_argument("--bg-threshold", type=float, default=0.4)
+    lo = sub.add_parser("losses")
+    lo.add_argument("--corpus", required=True)
+    lo.add_argument("--store", required=True)
+    lo.add_argument("--pretrained", required=True)
+    lo.add_argument("--lora")
+    lo.add_argument("--max-samples", type=int, default=256)
+    args = ap.parse_args()
+    if args.cmd == "oracle":
+        scale = DistillConfig().heatmap_scale
+        result = oracle(args.root, args.pretrained, args.captions, args.steps, args.loss, args.lr, args.threshold,
+                        args.bg_threshold, scale)
+    else:
+        result = validation_losses(args.corpus, args.store, pretrained=args.pretrained, lora=args.lora,
+                                   max_samples=args.max_samples)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
