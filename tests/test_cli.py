@@ -139,3 +139,14 @@ def test_score_synth_corpus_then_answer_the_acceptance_questions(synth_pair, tmp
 def test_an_unknown_flag_is_one_usage_line_not_a_traceback():
     proc = subprocess.run([*TTD, "sql", "--bogus"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "No such option: --bogus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_version_short_help_and_usage_errors_in_one_line():
+    from ttd import __version__
+
+    assert ttd("--version").stdout.strip() == f"ttd {__version__}"
+    assert "Usage:" in ttd("score", "-h").stdout and "--corpus" in ttd("score", "-h").stdout
+    proc = ttd("score", "--store", "x", check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: Missing option '--corpus'") and "score -h" in lines[0]

@@ -29,6 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 err = Console(stderr=True)
 out = Console()
@@ -43,8 +44,16 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("ttd").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"ttd {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False) -> None:
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False,
+          _version: Annotated[bool, typer.Option("--version", help="Print the ttd version and exit.",
+                                                 callback=_print_version, is_eager=True)] = False) -> None:
     _setup_logging(verbose)
 
 
@@ -592,7 +601,10 @@ def _main() -> None:
         sys.exit(130)
     except Exception as exc:  # click usage errors carry their own exit code and message
         if isinstance(exc, _click_exceptions()):
-            exc.show()
+            # one line, the form of every other error; where to look for the right usage after it
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} -h`)" if ctx is not None else ""
+            err.print(f"[bold red]error:[/] {exc.format_message()}{hint}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         raise
 
