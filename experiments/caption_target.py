@@ -28,8 +28,7 @@ from ttd.distill import DistillConfig, distill_loss, validation_losses
 from ttd.metrics_sql import CAPTION_CLASS_ID, SELECTED_UNION_CLASS_ID
 from ttd.models.loading import load_model
 from ttd.parse import ParseConfig
-from ttd.relevancy import ScoreConfig, dense_features, encode_tags, encode_texts, normalise, normalisations, \
-    raw_scores
+from ttd.relevancy import ScoreConfig, dense_features, encode_tags, encode_texts, normalisations, normalise, raw_scores
 from ttd.tagmask_eval import caption_counts, caption_heatmap, load_ground_truth, read_mask, selected_union
 
 

@@ -12,8 +12,8 @@ Phases (each idempotent: a job whose row is already in OUT/results.jsonl is skip
   report  on eval: the base model, the chosen TTD configuration and the contrastive-only control, 3 seeds each.
   table   the Markdown tables for docs/BENCHMARKS.md, from results.jsonl.
 
-    .venv/bin/python experiments/method_fidelity.py all --out /work/exp15        # about 80 minutes on 2 cores
-    .venv/bin/python experiments/method_fidelity.py table --out /work/exp15
+    .venv/bin/python experiments/method_fidelity.py all --out OUT        # about 80 minutes on 2 cores
+    .venv/bin/python experiments/method_fidelity.py table --out OUT
 
 Jobs run as subprocesses of this script, `--parallel` at a time (one torch thread each).
 """
@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from jobs import cells, results, run_all, run_one, table_head  # experiments/jobs.py, beside this script
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 SEEDS = (0, 1, 2)
@@ -41,17 +39,6 @@ CANDIDATES = {
 # the pseudo-labels' (and the evaluation's) threshold where not 0.5
 THRESHOLD = {"ttd-teacher-t0.4": 0.4, "ttd-maskclip-t0.4": 0.4}
 CONTROL = {"w_distill": 0.0, "w_tag": 0.0, "w_contrastive": 1.0}
-
-
-def results(out: Path) -> dict[str, dict]:
-    path = out / "results.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return {r["job"]: r for r in rows}
-
-
-def record(out: Path, row: dict) -> None:
-    with open(out / "results.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 # ---------------------------------------------------------------- one job, in its own process
@@ -96,50 +83,16 @@ def job_evaluate(out: Path, split: str, lora: str | None, threshold: float) -> d
     return {"metrics": summary["metrics"]}
 
 
-def run_job(out: Path, job: dict) -> None:
-    if job["job"] in results(out):
-        return
-    t0 = time.time()
+def work(out: Path, job: dict) -> dict:
     kind = job["kind"]
     if kind == "data":
-        row = job_data(out, job.get("threshold", 0.5))
-    elif kind == "distill":
-        row = job_distill(out, job["name"], job["seed"], job["settings"], job.get("threshold", 0.5))
-    else:
-        row = job_evaluate(out, job["split"], job.get("lora"), job.get("threshold", 0.5))
-    record(out, {**job, **row, "wall_s": round(time.time() - t0, 1)})
+        return job_data(out, job.get("threshold", 0.5))
+    if kind == "distill":
+        return job_distill(out, job["name"], job["seed"], job["settings"], job.get("threshold", 0.5))
+    return job_evaluate(out, job["split"], job.get("lora"), job.get("threshold", 0.5))
 
 
 # ---------------------------------------------------------------- the phases
-
-def run_all(out: Path, jobs: list[dict], parallel: int) -> None:
-    """Run jobs not yet in results.jsonl, `parallel` at a time, each in a subprocess of this script; a job with
-    `after` waits for those jobs."""
-    todo = [j for j in jobs if j["job"] not in results(out)]
-    running: list[tuple[subprocess.Popen, dict]] = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TTD_TORCH_THREADS": "1"}
-    while todo or running:
-        done = results(out)
-        ready = [j for j in todo if all(a in done for a in j.get("after", []))]
-        while ready and len(running) < parallel:
-            job = ready.pop(0)
-            todo.remove(job)
-            print(f"{time.strftime('%H:%M:%S')} start {job['job']}", flush=True)
-            log = open(out / "logs" / f"{job['job']}.log", "w")
-            proc = subprocess.Popen([sys.executable, __file__, "one", "--out", str(out), "--job", json.dumps(job)],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env)
-            running.append((proc, job))
-        if not running:
-            raise SystemExit(f"jobs wait for jobs that are not planned: {[j['job'] for j in todo]}")
-        time.sleep(2)
-        for proc, job in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, job))
-                state = "done" if proc.returncode == 0 else f"FAILED ({proc.returncode}, see logs/{job['job']}.log)"
-                print(f"{time.strftime('%H:%M:%S')} {state} {job['job']}", flush=True)
-                if proc.returncode:
-                    raise SystemExit(1)
-
 
 def evaluate(split: str, name: str | None, seed: int | None = None, threshold: float = 0.5) -> dict:
     lora = f"{name}-s{seed}" if name else None
@@ -197,80 +150,54 @@ def report_jobs(out: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- the tables
 
-COLUMNS = (("pixel", "precision", "pixel P"), ("pixel", "recall", "pixel R"), ("pixel", "f1", "**pixel F1**"),
-           ("image", "f1", "image F1"), ("text", "f1", "text F1"), ("noun", "f1", "noun F1"),
-           ("pixel", "single_tag_share", "<= 1 tag"), ("caption", "caption_miou", "**caption mIoU**"),
-           ("caption", "caption_mfpr", "mFPR"), ("caption", "caption_mfnr", "mFNR"),
-           ("caption", "coverage_second", "cover 2nd"))
-
-
-def _cells(rows: list[dict]) -> list[str]:
-    import statistics
-
-    out = []
-    for method, metric, _ in COLUMNS:
-        values = [r["metrics"].get(method, {}).get(metric) for r in rows]
-        values = [v for v in values if v is not None]
-        if not values:
-            out.append("-")
-        elif len(values) == 1:
-            out.append(f"{values[0]:.1f}")
-        else:
-            out.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
-    return out
-
-
 def table(out: Path) -> str:
     done = results(out)
-    head = "| model | " + " | ".join(c[2] for c in COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS)
+    head = table_head()
     lines = ["Validation split (choices):", "", head]
     for t in THRESHOLDS:
         row = done.get(evaluate("val", None, threshold=t)["job"])
         if row:
-            lines.append(f"| base, threshold {t} | " + " | ".join(_cells([row])) + " |")
+            lines.append(f"| base, threshold {t} | " + " | ".join(cells([row])) + " |")
     for name in CANDIDATES:
         row = done.get(evaluate("val", name, 0, THRESHOLD.get(name, 0.5))["job"])
         if row:
-            lines.append(f"| {name} (seed 0) | " + " | ".join(_cells([row])) + f" | score {score(row['metrics']):.2f}")
+            lines.append(f"| {name} (seed 0) | " + " | ".join(cells([row])) + f" | score {score(row['metrics']):.2f}")
     lines += ["", "Eval split (reported; mean ± sample std over seeds 0-2):", "", head]
     for t in sorted({0.5, *THRESHOLD.values()}):
         base = done.get(evaluate("eval", None, threshold=t)["job"])
         if base:
-            lines.append(f"| base model, threshold {t} | " + " | ".join(_cells([base])) + " |")
+            lines.append(f"| base model, threshold {t} | " + " | ".join(cells([base])) + " |")
         for name in ("control" if t == 0.5 else f"control-t{t}",
                      *(n for n in CANDIDATES if THRESHOLD.get(n, 0.5) == t)):
             rows = [done[j] for s in SEEDS if (j := evaluate("eval", name, s, t)["job"]) in done]
             if rows:
-                lines.append(f"| {name} ({len(rows)} seeds) | " + " | ".join(_cells(rows)) + " |")
+                lines.append(f"| {name} ({len(rows)} seeds) | " + " | ".join(cells(rows)) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=["data", "choose", "report", "all", "table", "one"])
-    ap.add_argument("--out", type=Path, default=Path("/work/exp15"))
+    ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--job", help="(internal) one job as JSON")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "logs").mkdir(exist_ok=True)
     if args.phase == "one":
-        import torch
-
-        torch.set_num_threads(int(os.environ.get("TTD_TORCH_THREADS", "1")))
-        run_job(args.out, json.loads(args.job))
+        run_one(args.out, json.loads(args.job), lambda job: work(args.out, job))
         return
     if args.phase == "table":
         print(table(args.out))
         return
     if args.phase in ("data", "all"):
-        run_all(args.out, [{"job": "data", "kind": "data"}], 1)
+        run_all(__file__, args.out, [{"job": "data", "kind": "data"}], 1)
     if args.phase in ("choose", "all"):
-        run_all(args.out, choose_jobs(), args.parallel)
+        run_all(__file__, args.out, choose_jobs(), args.parallel)
         best, threshold = chosen(args.out)
         print(f"chosen on val: {best}; best base threshold {threshold}", flush=True)
     if args.phase in ("report", "all"):
-        run_all(args.out, report_jobs(args.out), args.parallel)
+        run_all(__file__, args.out, report_jobs(args.out), args.parallel)
     print(table(args.out))
 
 

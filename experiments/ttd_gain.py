@@ -1,0 +1,173 @@
+"""Issue 16's TTD table: TTD on the base model that `base_model.py` trains, against the base and a
+contrastive-only control, in the default (CC3M-like) world; every choice made on val, figures reported on eval.
+
+Phases (each job a subprocess, `--parallel` at a time, one torch thread each; a job already in OUT/results.jsonl
+is skipped, so a killed run resumes; OUT is base_model.py's folder, which holds the world and the base model):
+
+  data     the pseudo-labels: `ttd parse` and `ttd score` (product defaults) of OUT/synth/train (2,000 images) and of
+           a larger corpus, OUT/synth-20k/train (20,000 images, seed 1), with OUT/base.
+  choose   on val, seed 0: every candidate in CANDIDATES (the distillation settings and the corpus they train on).
+  report   on eval: the base model, the candidate with the best val score (mean of pixel-tag F1 and caption mIoU)
+           and the contrastive-only control on the same corpus and schedule, seeds 0-2.
+  table    the Markdown tables for docs/BENCHMARKS.md.
+
+    .venv/bin/python experiments/base_model.py all --out OUT      # first: the world and the base model
+    .venv/bin/python experiments/ttd_gain.py all --out OUT
+    .venv/bin/python experiments/ttd_gain.py table --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from jobs import cells, results, run_all, run_one, table_head  # experiments/jobs.py, beside this script
+
+SEEDS = (0, 1, 2)
+CORPORA = {"2k": "synth/train", "20k": "synth-20k/train"}
+# name -> the corpus the pseudo-labels come from and the DistillConfig fields that differ from the defaults
+CANDIDATES = {
+    "ttd-2k": {"corpus": "2k", "settings": {}},
+    "ttd-20k-600": {"corpus": "20k", "settings": {"steps": 600}},
+    "ttd-20k-text64": {"corpus": "20k", "settings": {"steps": 600, "lr": 5e-4, "lora_towers": ["text"],
+                                                     "lora_rank": 64, "lora_alpha": 128.0}},
+}
+CONTROL = {"w_distill": 0.0, "w_tag": 0.0, "w_contrastive": 1.0}
+
+
+def store_for(out: Path, corpus: str) -> Path:
+    return out / f"store-{corpus}"
+
+
+# ---------------------------------------------------------------- one job, in its own process
+
+def job_data(out: Path, corpus: str) -> dict:
+    from ttd.parse import ParseConfig, run_parse
+    from ttd.relevancy import ScoreConfig
+    from ttd.score import run_score
+    from ttd.synth.generate import synthesize
+
+    if corpus == "20k" and not (out / "synth-20k" / "synth.json").exists():
+        synthesize(str(out / "synth-20k"), train=20_000, val=0, eval=0, seed=1)
+    root, store = str(out / CORPORA[corpus]), str(store_for(out, corpus))
+    run_parse(root, store, ParseConfig())
+    summary = run_score(root, store, ScoreConfig(), pretrained=str(out / "base"), workers=0)
+    return {"images": summary["images"], "tags": summary["tags"], "masks": summary["masks"]}
+
+
+def job_distill(out: Path, job: dict) -> dict:
+    from ttd.distill import DistillConfig, run_distill
+
+    summary = run_distill(str(out / CORPORA[job["corpus"]]), str(store_for(out, job["corpus"])),
+                          str(out / "runs" / job["run"]), DistillConfig(**job["settings"]), seed=job["seed"],
+                          pretrained=str(out / "base"))
+    return {"seconds": summary.get("seconds"), "final": summary.get("final")}
+
+
+def job_evaluate(out: Path, job: dict) -> dict:
+    from ttd.tagmask_eval import run_tagmask_eval
+
+    lora = str(out / "runs" / job["run"]) if job.get("run") else None
+    summary = run_tagmask_eval(str(out / "synth" / job["split"]), str(out / "evalstore"), pretrained=str(out / "base"),
+                               lora=lora)
+    return {"metrics": summary["metrics"]}
+
+
+def work(out: Path, job: dict) -> dict:
+    if job["kind"] == "data":
+        return job_data(out, job["corpus"])
+    return job_distill(out, job) if job["kind"] == "distill" else job_evaluate(out, job)
+
+
+# ---------------------------------------------------------------- the phases
+
+def evaluate(split: str, run: str | None = None) -> dict:
+    return {"job": f"eval-{split}-{run or 'base'}", "kind": "evaluate", "split": split, "run": run,
+            "after": [f"distill-{run}"] if run else []}
+
+
+def distill(name: str, seed: int, corpus: str, settings: dict) -> dict:
+    return {"job": f"distill-{name}-s{seed}", "kind": "distill", "run": f"{name}-s{seed}", "seed": seed,
+            "corpus": corpus, "settings": settings, "after": [f"data-{corpus}"]}
+
+
+def data_jobs() -> list[dict]:
+    return [{"job": f"data-{c}", "kind": "data", "corpus": c} for c in CORPORA]
+
+
+def choose_jobs() -> list[dict]:
+    jobs = data_jobs() + [evaluate("val")]
+    for name, c in CANDIDATES.items():
+        jobs += [distill(name, 0, c["corpus"], c["settings"]), evaluate("val", f"{name}-s0")]
+    return jobs
+
+
+def score(metrics: dict) -> float:
+    """What the choice on val maximises: the mean of pixel-tag F1 and caption mIoU."""
+    return (metrics["pixel"]["f1"] + metrics["caption"]["caption_miou"]) / 2
+
+
+def chosen(out: Path) -> str:
+    done = results(out)
+    return max(CANDIDATES, key=lambda n: score(done[evaluate("val", f"{n}-s0")["job"]]["metrics"]))
+
+
+def control_of(name: str) -> tuple[str, dict]:
+    c = CANDIDATES[name]
+    return f"control-{name}", {**c["settings"], **CONTROL}
+
+
+def report_jobs(out: Path) -> list[dict]:
+    best = chosen(out)
+    control, settings = control_of(best)
+    corpus = CANDIDATES[best]["corpus"]
+    jobs = data_jobs() + [evaluate("eval")]
+    for seed in SEEDS:
+        jobs += [distill(best, seed, corpus, CANDIDATES[best]["settings"]), evaluate("eval", f"{best}-s{seed}"),
+                 distill(control, seed, corpus, settings), evaluate("eval", f"{control}-s{seed}")]
+    return jobs
+
+
+def table(out: Path) -> str:
+    done = results(out)
+    lines = ["Validation split (choices, seed 0):", "", table_head()]
+    if (row := done.get(evaluate("val")["job"])):
+        lines.append("| base model | " + " | ".join(cells([row])) + " |")
+    for name in CANDIDATES:
+        if (row := done.get(evaluate("val", f"{name}-s0")["job"])):
+            lines.append(f"| {name} | " + " | ".join(cells([row])) + f" | score {score(row['metrics']):.2f}")
+    lines += ["", "Eval split (reported; mean ± sample std over seeds 0-2):", "", table_head()]
+    if (row := done.get(evaluate("eval")["job"])):
+        lines.append("| base model | " + " | ".join(cells([row])) + " |")
+    for name in (*CANDIDATES, *(control_of(n)[0] for n in CANDIDATES)):
+        rows = [done[j] for s in SEEDS if (j := evaluate("eval", f"{name}-s{s}")["job"]) in done]
+        if rows:
+            lines.append(f"| {name} ({len(rows)} seeds) | " + " | ".join(cells(rows)) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["data", "choose", "report", "all", "table", "one"])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--job", help="(internal) one job as JSON")
+    args = ap.parse_args()
+    if args.phase == "one":
+        run_one(args.out, json.loads(args.job), lambda job: work(args.out, job))
+        return
+    if args.phase != "table" and not (args.out / "base" / "model.json").exists():
+        raise SystemExit(f"{args.out}/base is not trained yet: run experiments/base_model.py all --out {args.out}")
+    if args.phase in ("data", "all"):
+        run_all(__file__, args.out, data_jobs(), args.parallel)
+    if args.phase in ("choose", "all"):
+        run_all(__file__, args.out, choose_jobs(), args.parallel)
+        print(f"chosen on val: {chosen(args.out)}", flush=True)
+    if args.phase in ("report", "all"):
+        run_all(__file__, args.out, report_jobs(args.out), args.parallel)
+    print(table(args.out))
+
+
+if __name__ == "__main__":
+    main()
