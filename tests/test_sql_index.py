@@ -145,3 +145,43 @@ def test_sql_over_s3(s3_bucket, monkeypatch, mode):
     with pytest.raises(UnsafeQueryError):
         query(store, f"SELECT * FROM read_parquet('{s3_bucket}/elsewhere/x.parquet')")
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(query(store, "SELECT * FROM manifests").to_pylist())
+
+
+def test_sql_accepts_the_read_statements_a_reader_needs(tmp_path):
+    corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
+    build_corpus(corpus, shards=2, per_shard=2)
+    run_index(corpus, store)
+    pivot = query(store, "-- samples per shard and status\nPIVOT samples_all ON status USING count(*) GROUP BY shard")
+    assert pivot.num_rows == 2 and "success" in pivot.column_names
+    assert query(store, "SUMMARIZE samples_all").num_rows > 0
+    assert "column_name" in query(store, "DESCRIBE manifests").column_names
+    assert query(store, "WITH s AS (SELECT * FROM samples) SELECT count(*) AS n FROM s").to_pylist() == [{"n": 4}]
+    for smuggled in ("PIVOT samples_all ON status USING count(*); CREATE TABLE t AS SELECT 1; SELECT 1",
+                     "PIVOT samples_all ON status USING count(*); SELECT 1"):
+        with pytest.raises(UnsafeQueryError):
+            query(store, smuggled)
+
+
+def test_sql_results_render_like_duckdb_and_write_with_its_writers(tmp_path):
+    import duckdb
+
+    from ttd.sql import plain, render, write
+
+    table = pa.table({"key": ["a", "b", "c"], "score": pa.array([0.338, 0.5, 1 / 3], pa.float32()),
+                      "heatmap": pa.array([b"\x00C,E2H", b"", None])})
+    text = render(table, max_rows=None, max_width=120)
+    assert "<6 bytes>" in text and "0.338" in text and "NULL" in text and "0.33799" not in text
+    many = render(pa.table({"i": list(range(100))}), max_rows=10, max_width=120)
+    assert "100 rows" in many and "(10 shown)" in many and " 99 │" in many and " 50 │" not in many
+    assert plain(table).to_pylist()[0] == {"key": "a", "score": 0.338, "heatmap": "00432c453248"}
+    corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
+    build_corpus(corpus, shards=1, per_shard=1)
+    run_index(corpus, store)
+    for suffix in (".parquet", ".csv", ".json"):
+        path = write(table, str(tmp_path / f"result{suffix}"), store)
+        reader = {".parquet": "read_parquet", ".csv": "read_csv", ".json": "read_json"}[suffix]
+        assert duckdb.sql(f"SELECT count(*) FROM {reader}('{path}')").fetchone()[0] == 3
+    with pytest.raises(UnsafeQueryError, match="inside the store"):
+        write(table, f"{store}/tags/x.parquet", store)
+    with pytest.raises(TTDError, match="must end in"):
+        write(table, str(tmp_path / "result.txt"), store)

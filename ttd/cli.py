@@ -427,33 +427,40 @@ def parse(
 
 @app.command()
 def sql(
-    query: Annotated[str, typer.Argument(help="One SELECT statement over the store's views.")],
+    query: Annotated[str, typer.Argument(help="One read-only statement over the store's views: SELECT, WITH, "
+                                              "PIVOT, SUMMARIZE, DESCRIBE, EXPLAIN.")],
     store: Annotated[str, typer.Option(help="Store URI.")],
-    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    fmt: Annotated[str, typer.Option("--format", help="table (DuckDB's rendering), csv or json (BLOBs as hex).")]
+    = "table",
+    max_rows: Annotated[int, typer.Option(help="Rows a table shows (first and last ones; the footer says how many "
+                                               "there are).", min=1)] = 40,
+    show_all: Annotated[bool, typer.Option("--all", help="Show every row in the table format.")] = False,
+    out_file: Annotated[str | None, typer.Option("--out", help="Write the result to FILE.parquet, .csv or .json "
+                                                               "(DuckDB's writers) instead of printing it.")] = None,
     corpus: Annotated[list[str] | None, typer.Option(help="Extra corpus URI for the `samples` view "
                                                         "(repeatable); corpora the stages read are included.")]
     = None,
 ) -> None:
     """Query the store with DuckDB, read-only. Views: one per table (tags, relevancy, masks, errors, ...),
     `manifests`, `samples` (successful corpus rows) and `samples_all`."""
-    from .sql import query as run_query
+    from .sql import plain, query as run_query, render, write
 
     if fmt not in ("table", "csv", "json"):
         raise TTDError(f"--format must be table, csv or json, not {fmt!r}")
     result = run_query(store, query, corpus or [])
-    if fmt == "json":
-        _emit_json(result.to_pylist())
+    if out_file:
+        err.print(f"wrote {result.num_rows} rows to {write(result, out_file, store)}", highlight=False)
+    elif fmt == "json":
+        _emit_json(plain(result).to_pylist())
     elif fmt == "csv":
         import pyarrow.csv as pacsv
 
         sink = sys.stdout.buffer
-        pacsv.write_csv(result, sink)
+        pacsv.write_csv(plain(result), sink)
         sink.flush()
     else:
-        table = Table(*result.column_names)
-        for row in result.to_pylist():
-            table.add_row(*("" if v is None else str(v) for v in row.values()))
-        out.print(table)
+        width = out.width if out.is_terminal else 160
+        sys.stdout.write(render(result, None if show_all else max_rows, width) + "\n")
 
 
 @app.command()

@@ -37,14 +37,27 @@ def _list(paths: Iterable[str]) -> str:
     return "[" + ", ".join(_quote(p) for p in paths) + "]"
 
 
+def _single_pivot(sql: str) -> bool:
+    """One PIVOT/UNPIVOT statement (DuckDB's tokenizer: comments skipped, no `;` before the last token)."""
+    tokens = duckdb.tokenize(sql)
+    if not tokens or sql[tokens[0][0]:].split(None, 1)[0].upper() not in ("PIVOT", "UNPIVOT"):
+        return False
+    return not any(sql[pos] == ";" for pos, kind in tokens[:-1] if kind == duckdb.token_type.operator)
+
+
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as exc:
         raise TTDError(f"SQL does not parse: {str(exc).splitlines()[0]}") from None
+    kinds = [st.type.name for st in statements]
+    # DuckDB plans a PIVOT without an IN list as CREATE TYPE ... AS ENUM (its distinct values) then the SELECT:
+    # an in-memory type of this throw-away connection, nothing written
+    if kinds[-1:] == ["SELECT"] and set(kinds[:-1]) <= {"CREATE"} and _single_pivot(sql):
+        return
     if len(statements) != 1:
         raise UnsafeQueryError(f"give exactly one SELECT statement (got {len(statements)})")
-    kind = statements[0].type.name
+    kind = kinds[0]
     if kind not in ALLOWED_STATEMENTS:
         raise UnsafeQueryError(f"ttd sql is read-only: {kind} statements are refused; use SELECT")
 
@@ -175,6 +188,67 @@ def connect(store_uri: str, corpora: Iterable[str] = ()) -> duckdb.DuckDBPyConne
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
+
+
+def plain(table: pa.Table) -> pa.Table:
+    """The result as text formats should show it: BLOBs as hex, FLOATs (float32) at their shortest decimal
+    (0.338, not the float64 0.33799999952316284 they widen to)."""
+    import pyarrow.compute as pc
+
+    columns = []
+    for col in table.columns:
+        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            col = pa.array([None if v is None else v.hex() for v in col.to_pylist()], pa.string())
+        elif pa.types.is_float32(col.type) or pa.types.is_float16(col.type):
+            col = pc.cast(pc.cast(col, pa.string()), pa.float64())
+        columns.append(col)
+    return pa.table(columns, names=table.column_names)
+
+
+def render(table: pa.Table, max_rows: int | None, max_width: int) -> str:
+    """DuckDB's own box rendering (numbers as DuckDB prints them, a footer saying how many rows and columns are
+    shown), BLOBs as their size."""
+    import contextlib
+    import io
+
+    import pyarrow.compute as pc
+
+    columns = [pc.binary_join_element_wise("<", pc.cast(pc.binary_length(c), pa.string()), " bytes>", "")
+               if pa.types.is_binary(c.type) or pa.types.is_large_binary(c.type) else c for c in table.columns]
+    shown = pa.table(columns, names=table.column_names)
+    con = duckdb.connect()
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        con.from_arrow(shown).show(max_rows=max_rows if max_rows is not None else max(1, table.num_rows),
+                                   max_width=max_width)
+    con.close()
+    return text.getvalue().rstrip("\n")
+
+
+WRITERS = {".parquet": "FORMAT parquet", ".csv": "FORMAT csv, HEADER true", ".json": "FORMAT json"}
+
+
+def write(table: pa.Table, path: str, store_uri: str) -> str:
+    """Write a result with DuckDB's own writer (Parquet, CSV or newline-delimited JSON, by the file's suffix) to a
+    local file outside the store; returns the absolute path."""
+    from pathlib import Path
+
+    suffix = Path(path).suffix.lower()
+    if "://" in path:
+        raise TTDError(f"--out {path!r}: give a local file path")
+    if suffix not in WRITERS:
+        raise TTDError(f"--out {path!r}: the file name must end in {', '.join(WRITERS)}")
+    target = Path(path).resolve()
+    store = Store(store_uri).root
+    if store.protocol == "file" and (target == Path(store.path).resolve()
+                                     or Path(store.path).resolve() in target.parents):
+        raise UnsafeQueryError(f"--out {path!r} is inside the store: ttd sql never writes into a store")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    con.register("result", table)
+    con.execute(f"COPY result TO {_quote(str(target))} ({WRITERS[suffix]})")
+    con.close()
+    return str(target)
 
 
 def query(store_uri: str, sql: str, corpora: Iterable[str] = ()) -> pa.Table:
