@@ -150,3 +150,22 @@ def test_version_short_help_and_usage_errors_in_one_line():
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: Missing option '--corpus'") and "score -h" in lines[0]
+
+
+@pytest.mark.parametrize("env", [
+    {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},  # dead
+    {"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",  # no credentials anywhere
+     "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
+], ids=["dead-endpoint", "no-credentials"])
+def test_s3_problems_are_one_error_line_within_seconds(env):
+    import os
+    import time
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    t0 = time.perf_counter()
+    proc = subprocess.run([*TTD, "sql", "--store", "s3://missing-bucket/store", "SELECT 1"], capture_output=True,
+                          text=True, timeout=120, env={**clean, **env})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert ("credentials" in lines[0]) if "AWS_ACCESS_KEY_ID" not in env else ("endpoint" in lines[0])
+    assert time.perf_counter() - t0 < 30  # about 2 s on an idle machine; botocore's retries alone took 10-20 s

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .errors import TTDError
+from .errors import TTDError, storage_problem
 from .redact import RedactingFilter
 
 app = typer.Typer(
@@ -607,6 +607,9 @@ def _main() -> None:
         err.print("aborted")
         sys.exit(130)
     except Exception as exc:  # click usage errors carry their own exit code and message
+        if (problem := storage_problem(exc)) is not None:
+            err.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+            sys.exit(2)
         if isinstance(exc, _click_exceptions()):
             # one line, the form of every other error; where to look for the right usage after it
             ctx = getattr(exc, "ctx", None)

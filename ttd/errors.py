@@ -19,3 +19,25 @@ class ImageDecodeError(Exception):
     def __init__(self, error_type: str, message: str):
         super().__init__(message)
         self.error_type = error_type
+
+
+def storage_problem(exc: BaseException) -> str | None:
+    """One line for an object-store failure (missing credentials, an unreachable endpoint, a refused request),
+    read from botocore's exception classes by name so nothing is imported; None for anything else."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        kind = type(exc).__name__
+        if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs"):
+            if kind in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+                return (f"no usable S3 credentials ({exc}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                        "AWS_PROFILE, or run where an instance role applies")
+            if kind in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
+                        "ReadTimeoutError"):
+                return f"cannot reach the S3 endpoint ({exc}): check AWS_ENDPOINT_URL and the network"
+            if kind == "ClientError":
+                error = getattr(exc, "response", {}).get("Error", {})
+                return f"S3 refused the request ({error.get('Code', '?')}): {error.get('Message') or exc}"
+            return f"S3: {kind}: {exc}"
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -41,6 +41,8 @@ class PretrainConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str = "ttd-tiny"
+    pretrained: str | None = pydantic.Field(None, description="Start from these weights (a ttd model artefact "
+                                            "folder or a weights file for `model`) instead of random ones.")
     steps: int = pydantic.Field(4000, ge=1)
     batch_size: int = pydantic.Field(128, ge=2)
     lr: float = pydantic.Field(1e-3, gt=0)
@@ -161,7 +163,7 @@ def run_pretrain(corpus_uri: str, out_dir: str, config: PretrainConfig | None = 
         raise TTDError(f"--out {out_dir!r} exists and is not a ttd model artefact: give an empty or new folder")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
-    bundle = load_model(config.model, device=dev, seed=seed)
+    bundle = load_model(config.model, config.pretrained, device=dev, seed=seed)
     model = bundle.model
     _, mean, std = _geometry_and_norm(bundle.preprocess)
     images, tokens, _ = load_pairs(corpus_uri, bundle, config.max_samples,

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from . import __version__, schemas
 from .errors import SchemaError, TTDError
-from .uri import Location, resolve
+from .uri import Location, check_reachable, resolve
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class Store:
     def __init__(self, uri: str, *, create: bool = False):
         self.uri = uri
         self.root: Location = resolve(uri, what="store")
+        check_reachable(self.root, "store")
         fs = self.root.fs
         marker = self.root.join(MARKER)
         if fs.exists(marker):

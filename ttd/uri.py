@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from .errors import TTDError
+from .errors import TTDError, storage_problem
 
 
 @dataclass(frozen=True)
@@ -66,3 +66,29 @@ def resolve(uri: str, *, must_exist: bool = False, what: str = "path") -> Locati
         if not ok:
             raise TTDError(f"{what} {uri!r} does not exist: check the path or URL")
     return loc
+
+
+_UNREACHABLE = ("NoCredentialsError", "PartialCredentialsError", "EndpointConnectionError", "ConnectTimeoutError")
+
+
+def check_reachable(loc: Location, what: str = "path") -> None:
+    """Fail in seconds, in one line, when an S3 store cannot be reached at all or has no credentials: one request
+    without retries first, since botocore and s3fs retry such failures for tens of seconds before giving up.
+    Anything else (a throttled or failed request) is left to the filesystem and its retries."""
+    if loc.protocol != "s3":
+        return
+    import s3fs
+
+    options = dict(loc.fs.storage_options)
+    config = {**options.get("config_kwargs", {}), "connect_timeout": 5, "retries": {"max_attempts": 1}}
+    quick = s3fs.S3FileSystem(**{**options, "config_kwargs": config, "skip_instance_cache": True})
+    quick.retries = 1  # s3fs's own retry loop, around botocore's
+    try:
+        quick.exists(loc.path)
+    except Exception as exc:
+        cause, seen = exc, set()
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
+            if type(cause).__name__ in _UNREACHABLE:
+                raise TTDError(f"{what} {loc.uri()!r}: {storage_problem(cause)}") from None
+            cause = cause.__cause__ or cause.__context__
