@@ -9,6 +9,9 @@ OUT/results.jsonl is skipped):
             on one run.
   evaluate  every snapshot on val with the product's default evaluation (the epochs lever); the final model on val
             at the selection thresholds THRESHOLDS (the default threshold is chosen there), then on eval.
+  levers    resolution and patch size at the quick scale (300 steps of 64 on the first 20,000 pretrain pairs, the
+            session-4 lever protocol): ttd-tiny (96 px, patch 8: a 12x12 map) against patch 12 and 16 at 96 px and
+            patch 8 at 64 px, each evaluated on val at the default threshold.
   table     the Markdown rows for docs/BENCHMARKS.md, from results.jsonl.
 
     .venv/bin/python experiments/base_model.py all --out /work/exp16        # about 2 h 15 min on 2 cores
@@ -117,6 +120,30 @@ def evaluate_all(out: Path) -> None:
         evaluate(out, out / "base", "eval", "final")
 
 
+# name -> changes to ttd-tiny's vision tower (its text tower and widths are kept)
+LEVERS = {"tiny-96-p8": {}, "tiny-96-p12": {"patch_size": 12}, "tiny-96-p16": {"patch_size": 16},
+          "tiny-64-p8": {"image_size": 64}}
+
+
+def levers(out: Path) -> None:
+    import open_clip
+
+    from ttd.models.loading import CONFIG_DIR
+    from ttd.pretrain import preset, run_pretrain
+
+    base_cfg = json.loads((CONFIG_DIR / "ttd-tiny.json").read_text())
+    for name, vision in LEVERS.items():
+        path = out / "lever-configs" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**base_cfg, "vision_cfg": {**base_cfg["vision_cfg"], **vision}}))
+        open_clip.add_model_config(path)
+        dest = out / "levers" / name
+        if not (dest / "model.json").exists():
+            run_pretrain(str(out / "synth" / "pretrain"), str(dest), preset("quick", model=name, max_samples=20_000),
+                         seed=0)
+        evaluate(out, dest, "val", f"lever-{name}", thresholds=(0.4,))
+
+
 def table(out: Path) -> None:
     rows = sorted(results(out).values(), key=lambda r: r["job"])
     print("| model | split | threshold | image F1 | text F1 | pixel P | pixel R | pixel F1 | noun F1 | caption mIoU |")
@@ -132,7 +159,7 @@ def table(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["all", "data", "pretrain", "evaluate", "table"])
+    ap.add_argument("phase", choices=["all", "data", "pretrain", "evaluate", "levers", "table"])
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -142,6 +169,8 @@ def main() -> None:
         pretrain(args.out)
     if args.phase in ("all", "evaluate"):
         evaluate_all(args.out)
+    if args.phase in ("all", "levers"):
+        levers(args.out)
     if args.phase in ("all", "table"):
         table(args.out)
 

@@ -30,7 +30,17 @@ from pydantic import Field
 from ..corpus.img2dataset_writer import OUTPUT_FORMATS, ShardWriter, make_key
 from ..errors import TTDError
 from ..uri import Location, resolve
-from .captions import ALT_TEXT, CC3M, MULTI_OBJECT, PRESETS, CaptionMaker, CaptionStyle, Mention, ThingFact
+from .captions import (
+    ALT_TEXT,
+    CC3M,
+    CC3M_ALT_TEXT,
+    MULTI_OBJECT,
+    PRESETS,
+    CaptionMaker,
+    CaptionStyle,
+    Mention,
+    ThingFact,
+)
 from .render import Rendered, Renderer, Scene, sample_scene
 from .vocabulary import MAX_STUFF_CLASSES, MAX_THING_CLASSES, Vocabulary, build_vocabulary
 
@@ -72,13 +82,13 @@ class SynthConfig(pydantic.BaseModel):
     min_visible_pixels: int = Field(64, ge=1, description="A class is visible if it keeps this many pixels.")
     train_style: CaptionStyle = Field(CC3M, description="Captions of OUT/train (the corpus to label).")
     eval_style: CaptionStyle = Field(CC3M, description="Captions of OUT/eval and OUT/val.")
-    pretrain_style: CaptionStyle = Field(ALT_TEXT, description="Captions of OUT/pretrain (web alt-text).")
+    pretrain_style: CaptionStyle = Field(CC3M_ALT_TEXT, description="Captions of OUT/pretrain (web alt-text).")
 
     @pydantic.field_validator("train_style", "eval_style", "pretrain_style", mode="before")
     @classmethod
     def _style_from_preset(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
         """A preset name, or a partial mapping laid over the split's own preset (not over the class defaults)."""
-        base = "alt_text" if info.field_name == "pretrain_style" else "cc3m"
+        base = "cc3m_alt_text" if info.field_name == "pretrain_style" else "cc3m"
         if isinstance(value, dict):  # {"preset": name, **fields} or just fields
             value = dict(value)
             name = value.pop("preset", base)
