@@ -117,6 +117,9 @@ def test_parse_user_errors_are_one_line(tmp_path):
 def test_score_synth_corpus_then_answer_the_acceptance_questions(synth_pair, tmp_path):
     store = str(tmp_path / "store")
     corpus = str(synth_pair / "a" / "train")
+    unparsed = ttd("score", "--corpus", corpus, "--store", store, "--model", "ttd-micro", "--workers", "0",
+                   check=False)  # a user mistake: says what to run first, and fails
+    assert unparsed.returncode == 2 and "run `ttd parse" in unparsed.stderr
     ttd("parse", "--corpus", corpus, "--store", store, "--json")
     first = json.loads(ttd("score", "--corpus", corpus, "--store", store, "--model", "ttd-micro", "--workers", "0",
                            "--json").stdout)

@@ -198,6 +198,9 @@ def score(
 
         summary = run_score(corpus, store, cfg, model=model, pretrained=pretrained, lora=lora, ray_address=ray_address,
                             workers=workers, device=device, fmt=corpus_format, name=corpus_name, progress=step)
+    if summary["shards"] and len(summary["unparsed"]) == summary["shards"]:
+        raise TTDError(f"none of the {summary['shards']} shard(s) of {corpus!r} has tags in {store!r} yet: run "
+                       f"`ttd parse --corpus {corpus} --store {store}` first")
     if as_json:
         _emit_json(summary)
     else:
