@@ -256,11 +256,26 @@ def _flow_run_name() -> str:
     return "-".join([*parts, _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")])
 
 
+# Prefect's loggers (console and API handlers) and ours: their handlers mask credentials. Done when this module is
+# imported too, since the engine logs the flow run's start before the flow's body runs.
+MASKED_LOGGERS = ("prefect", "prefect.flow_runs", "prefect.task_runs", "ttd", "")
+
+
+def _mask_prefect_handlers() -> None:
+    from ttd.redact import mask_handlers
+
+    mask_handlers(*(logging.getLogger(name) for name in MASKED_LOGGERS))
+
+
 @contextmanager
 def _library_logs_in_prefect() -> Iterator[None]:
     """ttd's INFO lines into the flow run's logs (Prefect sends its own loggers only; the `ttd` logger sits at
-    WARNING in a worker's process). PREFECT_LOGGING_EXTRA_LOGGERS=ttd, where set, already added the handler."""
+    WARNING in a worker's process). PREFECT_LOGGING_EXTRA_LOGGERS=ttd, where set, already added the handler.
+    Every handler of Prefect's loggers and ours masks credentials, as the CLI's does: what reaches the console,
+    the worker's log and the Prefect server is the same masked line."""
     from prefect.logging.handlers import APILogHandler
+
+    from ttd.redact import mask_handlers
 
     logger = logging.getLogger("ttd")
     level, added = logger.level, None
@@ -269,9 +284,12 @@ def _library_logs_in_prefect() -> Iterator[None]:
         logger.addHandler(added)
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
+    masked = mask_handlers(*(logging.getLogger(name) for name in MASKED_LOGGERS))
     try:
         yield
     finally:
+        for undo in reversed(masked):
+            undo()
         logger.setLevel(level)
         if added is not None:
             logger.removeHandler(added)
@@ -308,6 +326,9 @@ def _publish(summary: dict[str, Any], deployment_name: str | None) -> None:
 
 
 # ---------------------------------------------------------------- the flow
+
+_mask_prefect_handlers()
+
 
 @flow(name="ttd-pipeline", flow_run_name=_flow_run_name, log_prints=False)
 def ttd_pipeline(config: dict[str, Any] | None = None, config_path: str | None = None,

@@ -189,6 +189,32 @@ def test_new_shards_are_the_only_work_of_the_next_run(prefect_api, synth, tmp_pa
         assert [o["state"] for o in report["outcomes"]] == ["Cached", "Cached", "Completed"]
 
 
+def test_credentials_are_masked_in_prefect_logs(prefect_api, synth, tmp_path, monkeypatch, capfd):
+    """A credential in a logged value (here the corpus path) is masked by Prefect's own handlers too: on the
+    console and in the logs the Prefect server stores."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    secret = "Zq9distinctiveSecretValue"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    cfg = make_config(tmp_path)
+    cfg.corpus = str(tmp_path / f"corpus-{secret}")
+    add_shards(synth, Path(cfg.corpus), ["00000"])
+    summary = run(cfg)
+    captured = capfd.readouterr()
+    assert secret not in captured.out + captured.err and "corpus-***" in captured.out + captured.err
+    deadline = time.monotonic() + 20
+    with get_client(sync_client=True) as client:
+        while True:  # logs reach the server in batches
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+                any_=[UUID(summary["flow_run_id"])])))
+            if any("corpus-***" in entry.message for entry in logs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert logs and not any(secret in entry.message for entry in logs)
+    assert any("corpus-***" in entry.message for entry in logs)
+
+
 @pytest.mark.slow
 def test_a_flow_killed_mid_stage_resumes_to_the_same_tables(first_run, synth, tmp_path, prefect_api):
     """SIGKILL the flow's process after its first score commit; the re-run completes with the reference tables."""

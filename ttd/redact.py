@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 
 SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
                "PREFECT_API_KEY", "RAY_AUTH_TOKEN")
@@ -43,3 +44,33 @@ class RedactingFilter(logging.Filter):
         if record.exc_info and not record.exc_text:
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return True
+
+
+class RedactingFormatter(logging.Formatter):
+    """Masks what another formatter writes: handlers whose format adds record fields to the message (Prefect's
+    console handler prints the flow run's name before it)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))
+
+
+def mask_handlers(*loggers: logging.Logger) -> list[Callable[[], None]]:
+    """Mask credentials in every handler of these loggers (another library's too, e.g. Prefect's console and API
+    handlers): the masking filter on the record, and a masking formatter around the handler's own. Returns one
+    undo per change, so a caller can take them off again."""
+    undo: list[Callable[[], None]] = []
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                masking = RedactingFilter()
+                handler.addFilter(masking)
+                undo.append(lambda h=handler, f=masking: h.removeFilter(f))
+            if not isinstance(handler.formatter, RedactingFormatter):
+                old = handler.formatter
+                handler.setFormatter(RedactingFormatter(old))
+                undo.append(lambda h=handler, f=old: h.setFormatter(f))
+    return undo
