@@ -26,20 +26,11 @@ import shutil
 import time
 from pathlib import Path
 
+from jobs import record, results  # experiments/jobs.py, beside this script
+
 SNAPSHOT_EVERY = 400
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
 SYNTH = {"train": 2000, "val": 500, "eval": 500, "pretrain": 100_000, "seed": 0}
-
-
-def results(out: Path) -> dict[str, dict]:
-    path = out / "results.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return {r["job"]: r for r in rows}
-
-
-def record(out: Path, row: dict) -> None:
-    with open(out / "results.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def data(out: Path) -> None:

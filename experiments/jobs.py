@@ -4,6 +4,7 @@ so a killed sweep resumes where it stopped. Used by method_fidelity.py and ttd_g
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -51,6 +52,22 @@ def run_all(script: str, out: Path, jobs: list[dict], parallel: int) -> None:
                 print(f"{time.strftime('%H:%M:%S')} {state} {job['job']}", flush=True)
                 if proc.returncode:
                     raise SystemExit(1)
+
+
+def parse_phases(doc: str, work) -> argparse.Namespace | None:
+    """The command line of a job-runner script: PHASE --out OUT [--parallel N]; the internal `one` phase runs one
+    job (`work(out, job)`) here and returns None."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["data", "choose", "report", "all", "table", "one"])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--job", help="(internal) one job as JSON")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.phase == "one":
+        run_one(args.out, json.loads(args.job), lambda job: work(args.out, job))
+        return None
+    return args
 
 
 def run_one(out: Path, job: dict, work) -> None:

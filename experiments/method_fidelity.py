@@ -20,11 +20,9 @@ Jobs run as subprocesses of this script, `--parallel` at a time (one torch threa
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
-from jobs import cells, results, run_all, run_one, table_head  # experiments/jobs.py, beside this script
+from jobs import cells, parse_phases, results, run_all, table_head  # experiments/jobs.py, beside this script
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 SEEDS = (0, 1, 2)
@@ -176,16 +174,8 @@ def table(out: Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["data", "choose", "report", "all", "table", "one"])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--job", help="(internal) one job as JSON")
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "logs").mkdir(exist_ok=True)
-    if args.phase == "one":
-        run_one(args.out, json.loads(args.job), lambda job: work(args.out, job))
+    args = parse_phases(__doc__, work)
+    if args is None:
         return
     if args.phase == "table":
         print(table(args.out))

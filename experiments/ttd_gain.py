@@ -18,11 +18,9 @@ is skipped, so a killed run resumes; OUT is base_model.py's folder, which holds 
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
-from jobs import cells, results, run_all, run_one, table_head  # experiments/jobs.py, beside this script
+from jobs import cells, parse_phases, results, run_all, table_head  # experiments/jobs.py, beside this script
 
 SEEDS = (0, 1, 2)
 CORPORA = {"2k": "synth/train", "20k": "synth-20k/train"}
@@ -148,14 +146,8 @@ def table(out: Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["data", "choose", "report", "all", "table", "one"])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--job", help="(internal) one job as JSON")
-    args = ap.parse_args()
-    if args.phase == "one":
-        run_one(args.out, json.loads(args.job), lambda job: work(args.out, job))
+    args = parse_phases(__doc__, work)
+    if args is None:
         return
     if args.phase != "table" and not (args.out / "base" / "model.json").exists():
         raise SystemExit(f"{args.out}/base is not trained yet: run experiments/base_model.py all --out {args.out}")
