@@ -38,9 +38,10 @@ import torch
 
 from ttd import schemas
 from ttd.corpus import Sample, open_corpus
+from ttd.heatmap import quantise
 from ttd.models import load_model
 from ttd.models.dense import encode_image_dense
-from ttd.relevancy import ScoreConfig, encode_tags, encode_texts, normalisations, normalise, quantise, raw_scores
+from ttd.relevancy import ScoreConfig, encode_tags, encode_texts, normalisations, normalise, raw_scores
 from ttd.score import ShardScorer, plan_shards, run_score
 from ttd.score_batch import Candidates, batch_tables, compute, to_host
 from ttd.store import Store

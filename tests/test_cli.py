@@ -172,3 +172,10 @@ def test_s3_problems_are_one_error_line_within_seconds(env):
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert ("credentials" in lines[0]) if "AWS_ACCESS_KEY_ID" not in env else ("endpoint" in lines[0])
     assert time.perf_counter() - t0 < 30  # about 2 s on an idle machine; botocore's retries alone took 10-20 s
+
+
+def test_readers_of_the_store_do_not_import_torch():
+    """`ttd show`, `ttd report` and `ttd sql` read Parquet and draw: torch and open_clip cost seconds to import."""
+    code = "import sys, ttd.show, ttd.report, ttd.sql; print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stdout.strip() == "[]"

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from ttd.relevancy import normalise, quantise, raw_scores
+from ttd.heatmap import quantise
+from ttd.relevancy import normalise, raw_scores
 from ttd.score_batch import Candidates, DeviceMismatch, ShardCandidates, batch_tables, compute, to_host
 
 NORMS = {"pixel": ("minmax", 100.0), "image": ("softmax", 100.0), "text": ("softmax", 50.0)}

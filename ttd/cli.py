@@ -17,7 +17,6 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from . import __version__
 from .errors import TTDError, storage_problem
@@ -446,7 +445,8 @@ def sql(
 ) -> None:
     """Query the store with DuckDB, read-only. Views: one per table (tags, relevancy, masks, errors, ...),
     `manifests`, `samples` (successful corpus rows) and `samples_all`."""
-    from .sql import plain, query as run_query, render, write
+    from .sql import plain, render, write
+    from .sql import query as run_query
 
     if fmt not in ("table", "csv", "json"):
         raise TTDError(f"--format must be table, csv or json, not {fmt!r}")

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .corpus import Sample, open_corpus
 from .errors import TTDError
-from .relevancy import dequantise
+from .heatmap import dequantise
 from .store import Store
 
 TILE = 192
