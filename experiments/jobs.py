@@ -106,3 +106,9 @@ def cells(rows: list[dict]) -> list[str]:
         else:
             out.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
     return out
+
+
+def seed_rows(done: dict[str, dict], name: str, jobs: list[str]) -> list[str]:
+    """One table line for a model run with several seeds (the finished ones of `jobs`), or none."""
+    rows = [done[j] for j in jobs if j in done]
+    return [f"| {name} ({len(rows)} seeds) | " + " | ".join(cells(rows)) + " |"] if rows else []

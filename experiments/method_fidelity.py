@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs import cells, parse_phases, results, run_all, table_head  # experiments/jobs.py, beside this script
+from jobs import cells, parse_phases, results, run_all, seed_rows, table_head  # experiments/jobs.py, beside this script
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 SEEDS = (0, 1, 2)
@@ -167,9 +167,7 @@ def table(out: Path) -> str:
             lines.append(f"| base model, threshold {t} | " + " | ".join(cells([base])) + " |")
         for name in ("control" if t == 0.5 else f"control-t{t}",
                      *(n for n in CANDIDATES if THRESHOLD.get(n, 0.5) == t)):
-            rows = [done[j] for s in SEEDS if (j := evaluate("eval", name, s, t)["job"]) in done]
-            if rows:
-                lines.append(f"| {name} ({len(rows)} seeds) | " + " | ".join(cells(rows)) + " |")
+            lines += seed_rows(done, name, [evaluate("eval", name, s, t)["job"] for s in SEEDS])
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs import cells, parse_phases, results, run_all, table_head  # experiments/jobs.py, beside this script
+from jobs import cells, parse_phases, results, run_all, seed_rows, table_head  # experiments/jobs.py, beside this script
 
 SEEDS = (0, 1, 2)
 CORPORA = {"2k": "synth/train", "20k": "synth-20k/train"}
@@ -139,9 +139,7 @@ def table(out: Path) -> str:
     if (row := done.get(evaluate("eval")["job"])):
         lines.append("| base model | " + " | ".join(cells([row])) + " |")
     for name in (*CANDIDATES, *(control_of(n)[0] for n in CANDIDATES)):
-        rows = [done[j] for s in SEEDS if (j := evaluate("eval", f"{name}-s{s}")["job"]) in done]
-        if rows:
-            lines.append(f"| {name} ({len(rows)} seeds) | " + " | ".join(cells(rows)) + " |")
+        lines += seed_rows(done, name, [evaluate("eval", f"{name}-s{s}")["job"] for s in SEEDS])
     return "\n".join(lines)
 
 
