@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from .errors import TTDError, storage_problem
+from .errors import TTDError, exception_chain, storage_problem
 
 
 @dataclass(frozen=True)
@@ -69,13 +69,14 @@ def resolve(uri: str, *, must_exist: bool = False, what: str = "path") -> Locati
 
 
 _UNREACHABLE = ("NoCredentialsError", "PartialCredentialsError", "EndpointConnectionError", "ConnectTimeoutError")
+_REACHED: set[str] = set()  # S3 locations this process has already reached: checked once, not per Store
 
 
 def check_reachable(loc: Location, what: str = "path") -> None:
     """Fail in seconds, in one line, when an S3 store cannot be reached at all or has no credentials: one request
     without retries first, since botocore and s3fs retry such failures for tens of seconds before giving up.
     Anything else (a throttled or failed request) is left to the filesystem and its retries."""
-    if loc.protocol != "s3":
+    if loc.protocol != "s3" or loc.uri() in _REACHED:
         return
     import s3fs
 
@@ -86,9 +87,7 @@ def check_reachable(loc: Location, what: str = "path") -> None:
     try:
         quick.exists(loc.path)
     except Exception as exc:
-        cause, seen = exc, set()
-        while cause is not None and id(cause) not in seen:
-            seen.add(id(cause))
-            if type(cause).__name__ in _UNREACHABLE:
-                raise TTDError(f"{what} {loc.uri()!r}: {storage_problem(cause)}") from None
-            cause = cause.__cause__ or cause.__context__
+        if any(type(cause).__name__ in _UNREACHABLE for cause in exception_chain(exc)):
+            raise TTDError(f"{what} {loc.uri()!r}: {storage_problem(exc)}") from None
+        return  # something else: the real filesystem, with its retries, decides
+    _REACHED.add(loc.uri())
