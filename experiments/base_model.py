@@ -12,6 +12,9 @@ OUT/results.jsonl is skipped):
   levers    resolution and patch size at the quick scale (300 steps of 64 on the first 20,000 pretrain pairs, the
             session-4 lever protocol): ttd-tiny (96 px, patch 8: a 12x12 map) against patch 12 and 16 at 96 px and
             patch 8 at 64 px, each evaluated on val at the default threshold.
+  anneal    (a probe) a snapshot trained on for --steps at a peak lr of --lr decaying to zero (20,000 pairs, batch
+            128), then evaluated on val: does the learning rate, not the data, spoil the patch features?
+  heads     (a probe) a snapshot evaluated on val with the other training-free heads (sclip, clearclip, naclip).
   table     the Markdown rows for docs/BENCHMARKS.md, from results.jsonl.
 
     .venv/bin/python experiments/base_model.py all --out /work/exp16        # about 2 h 15 min on 2 cores
@@ -135,6 +138,32 @@ def levers(out: Path) -> None:
         evaluate(out, dest, "val", f"lever-{name}", thresholds=(0.4,))
 
 
+def anneal(out: Path, snapshot: str, steps: int, lr: float) -> None:
+    from ttd.pretrain import PretrainConfig, run_pretrain
+
+    start = snapshot_model(out, out / "snapshots" / f"{snapshot}.safetensors")
+    dest = out / "anneal" / f"{snapshot}-{steps}-{lr}"
+    if not (dest / "model.json").exists():
+        run_pretrain(str(out / "synth" / "pretrain"), str(dest),
+                     PretrainConfig(pretrained=str(start), steps=steps, lr=lr, warmup_steps=0, batch_size=128,
+                                    max_samples=20_000), seed=0)
+    evaluate(out, dest, "val", f"anneal-{snapshot}-{steps}-{lr}", thresholds=(0.4,))
+
+
+def heads(out: Path, snapshot: str) -> None:
+    from ttd.relevancy import ScoreConfig
+    from ttd.tagmask_eval import TagmaskEvalConfig, run_tagmask_eval
+
+    model = snapshot_model(out, out / "snapshots" / f"{snapshot}.safetensors")
+    for head in ("sclip", "clearclip", "naclip"):
+        job = f"{snapshot}-val-{head}"
+        if job not in results(out):
+            summary = run_tagmask_eval(str(out / "synth" / "val"), str(out / "evalstore"),
+                                       TagmaskEvalConfig(score=ScoreConfig(head=head)), pretrained=str(model))
+            record(out, {"job": job, "model": f"{snapshot} ({head})", "split": "val", "threshold": 0.4,
+                         "metrics": summary["metrics"]})
+
+
 def table(out: Path) -> None:
     rows = sorted(results(out).values(), key=lambda r: r["job"])
     print("| model | split | threshold | image F1 | text F1 | pixel P | pixel R | pixel F1 | noun F1 | caption mIoU |")
@@ -150,8 +179,11 @@ def table(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["all", "data", "pretrain", "evaluate", "levers", "table"])
+    ap.add_argument("phase", choices=["all", "data", "pretrain", "evaluate", "levers", "anneal", "heads", "table"])
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--snapshot", help="anneal, heads: the snapshot, e.g. step-01200")
+    ap.add_argument("--steps", type=int, default=150, help="anneal: steps")
+    ap.add_argument("--lr", type=float, default=3e-4, help="anneal: peak learning rate")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.phase in ("all", "data"):
@@ -162,6 +194,10 @@ def main() -> None:
         evaluate_all(args.out)
     if args.phase in ("all", "levers"):
         levers(args.out)
+    if args.phase == "anneal":
+        anneal(args.out, args.snapshot, args.steps, args.lr)
+    if args.phase == "heads":
+        heads(args.out, args.snapshot)
     if args.phase in ("all", "table"):
         table(args.out)
 

@@ -37,3 +37,11 @@ def test_gpu_distill_smoke_on_cpu():
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1].replace("NaN", "null"))
     assert result["naive"]["samples_per_s"] > 0 and result["ours"]["samples_per_s"] > 0 and result["ratio"] > 0
+
+
+def test_pretrain_benchmark_smoke():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/pretrain.py"), "--smoke", "--threads", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])["runs"]
+    assert [r["batch"] for r in runs] == [4, 8] and all(r["fp32"] > 0 and r["bf16"] > 0 for r in runs)
