@@ -4,7 +4,7 @@ Phases (each resumable: the pre-training continues from its checkpoint, an evalu
 OUT/results.jsonl is skipped):
 
   data      `ttd synth` train 2000 / val 500 / eval 500 / pretrain 100000 (seed 0, the default CC3M-like world).
-  pretrain  `ttd pretrain --preset embedded` on the pretrain split (4,000 steps of 128, about 5 epochs), keeping a
+  pretrain  `ttd pretrain --preset embedded` on the pretrain split (2,000 steps of 128, about 2.6 epochs), keeping a
             snapshot of the weights every SNAPSHOT_EVERY steps (OUT/snapshots/), so the epochs lever is measured
             on one run.
   evaluate  every snapshot on val with the product's default evaluation (the epochs lever); the final model on val
@@ -16,8 +16,10 @@ OUT/results.jsonl is skipped):
             128), then evaluated on val: does the learning rate, not the data, spoil the patch features?
   heads     (a probe) a snapshot evaluated on val with the other training-free heads (sclip, clearclip, naclip).
   table     the Markdown rows for docs/BENCHMARKS.md, from results.jsonl.
+  ship      (not part of `all`) copy OUT/base into the package as the embedded model
+            (ttd/models/embedded/ttd-tiny-tagmask), its model.json naming the corpus and the command that rebuilds it.
 
-    .venv/bin/python experiments/base_model.py all --out /work/exp16        # about 2 h 15 min on 2 cores
+    .venv/bin/python experiments/base_model.py all --out /work/exp16        # about 1 h 30 min on 2 idle cores
     .venv/bin/python experiments/base_model.py table --out /work/exp16
 """
 
@@ -177,9 +179,24 @@ def table(out: Path) -> None:
               + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
 
 
+EMBEDDED = Path(__file__).resolve().parent.parent / "ttd" / "models" / "embedded" / "ttd-tiny-tagmask"
+REPRODUCE = ("ttd synth OUT --train {train} --val {val} --eval {eval} --pretrain {pretrain} --seed {seed} && "
+             "OMP_NUM_THREADS=2 ttd pretrain --corpus OUT/pretrain --out BASE --preset embedded --seed 0")
+
+
+def ship(out: Path) -> None:
+    doc = json.loads((out / "base" / "model.json").read_text())
+    doc["corpus"] = "TagMask-Synth pretrain split ({pretrain} pairs, seed {seed}, the default caption style)".format(
+        **SYNTH)
+    doc["reproduce"] = REPRODUCE.format(**SYNTH)
+    shutil.copy(out / "base" / "model.safetensors", EMBEDDED / "model.safetensors")
+    (EMBEDDED / "model.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    print(f"shipped {out / 'base'} -> {EMBEDDED} ({(EMBEDDED / 'model.safetensors').stat().st_size / 1e6:.1f} MB)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["all", "data", "pretrain", "evaluate", "levers", "anneal", "heads", "table"])
+    ap.add_argument("phase", choices=["all", "data", "pretrain", "evaluate", "levers", "anneal", "heads", "table", "ship"])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--snapshot", help="anneal, heads: the snapshot, e.g. step-01200")
     ap.add_argument("--steps", type=int, default=150, help="anneal: steps")
@@ -200,6 +217,8 @@ def main() -> None:
         heads(args.out, args.snapshot)
     if args.phase in ("all", "table"):
         table(args.out)
+    if args.phase == "ship":
+        ship(args.out)
 
 
 if __name__ == "__main__":

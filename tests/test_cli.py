@@ -179,3 +179,24 @@ def test_readers_of_the_store_do_not_import_torch():
     code = "import sys, ttd.show, ttd.report, ttd.sql; print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_hub_weights_that_cannot_be_fetched_fail_fast_in_one_line(synth_pair, tmp_path):
+    """`--pretrained openai` with no cached weights and no reachable hub: one `error:` line in seconds, before the
+    model is built (offline it used to retry for about a minute and end in a traceback)."""
+    import os
+    import time
+
+    store, corpus = str(tmp_path / "store"), str(synth_pair / "a" / "train")
+    ttd("parse", "--corpus", corpus, "--store", store, "--json")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens
+    t0 = time.monotonic()
+    proc = subprocess.run([*TTD, "score", "--corpus", corpus, "--store", store, "--model", "ViT-B-16", "--pretrained",
+                           "openai", "--workers", "0"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 60
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: cannot download weights for ViT-B-16/openai: 127.0.0.1:9 is unreachable")
+    assert "Traceback" not in proc.stderr and "--pretrained /path/to/weights.safetensors" in lines[-1]
+    unknown = subprocess.run([*TTD, "score", "--corpus", corpus, "--store", store, "--model", "ViT-B-16",
+                              "--pretrained", "nosuch", "--workers", "0"], capture_output=True, text=True, timeout=300)
+    assert unknown.returncode != 0 and "has no pretrained tag 'nosuch' (its tags: openai" in unknown.stderr

@@ -7,6 +7,7 @@ ever read from safetensors, or from a torch file with `weights_only=True`: nothi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ import open_clip
 import torch
 
 from ..errors import TTDError
+from .hub import weights_available
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +168,14 @@ def load_model(name: str | None = None, pretrained: str | None = None, *, device
         raise TTDError(f"unknown model {name!r}: use an open_clip model name (e.g. ViT-B-16), one of the shipped "
                        f"configs ({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))}) or --pretrained "
                        "pointing at a ttd artefact")
+    # a tag's weights: found in the cache or downloadable, checked before the model is built
+    download = weights_available(name, pretrained) if pretrained else contextlib.nullcontext()
     torch.manual_seed(seed)  # random weights are reproducible, so their model_id means something
     quiet = _DropRandomInitWarning()  # we load our own weights next, or say so ourselves
     logging.getLogger().addFilter(quiet)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        with download:
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
     except RuntimeError as exc:
         raise TTDError(f"cannot load model {name!r} with pretrained={pretrained!r}: {exc}") from None
     finally:
