@@ -63,6 +63,19 @@ def test_score_fills_relevancy_and_masks_and_is_incremental(tmp_path):
     assert {round(t, 4) for t in Store(store).read("relevancy")["threshold"].to_pylist()} == {0.9}
 
 
+def test_a_run_with_nothing_to_do_loads_no_model(tmp_path, monkeypatch):
+    import ttd.score
+
+    corpus, store, _ = scored(tmp_path)
+    loads = []
+    real = ttd.score.load_model
+    monkeypatch.setattr(ttd.score, "load_model", lambda *a, **kw: loads.append(a) or real(*a, **kw))
+    again = run_score(corpus, store, model=MODEL, workers=0)
+    assert again["skipped_done"] == 2 and loads == []  # planned from the model's identity alone
+    changed = run_score(corpus, store, ScoreConfig(threshold=0.7), model=MODEL, workers=0)
+    assert changed["done"] == 2 and len(loads) == 1
+
+
 def test_acceptance_queries(tmp_path):
     _, store, _ = scored(tmp_path)
     top = query(store, "SELECT text, count(*) AS n FROM relevancy WHERE selected GROUP BY 1 ORDER BY 2 DESC, 1 "

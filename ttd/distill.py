@@ -44,7 +44,7 @@ from .checkpoints import CHECKPOINT_DIR
 from .corpus import ReadIssue, open_corpus
 from .errors import ImageDecodeError, TTDError
 from .models.dense import HEADS, encode_image_dense
-from .models.loading import ARTEFACT_CONFIG, LORA_CONFIG, LORA_WEIGHTS, load_model
+from .models.loading import ARTEFACT_CONFIG, LORA_CONFIG, LORA_WEIGHTS, load_model, model_identity
 from .models.lora import TARGETS, TOWERS, add_lora, lora_state
 from .pretrain import _geometry_and_norm, _param_groups, lr_at, save_artefact
 from .relevancy import _encode_trimmed, _trimmable
@@ -471,16 +471,17 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
     shards = [s for s in corpus.shards() if s.name in set(shard_names)]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
-    bundle = load_model(model, pretrained, device=dev)
+    model_id = model_identity(model, pretrained)  # planning needs the identity only: the model loads if there is work
     # as given (None, None: the embedded base model), so `--lora OUT` alone reloads exactly this base
     base = {"name": model, "pretrained": str(Path(pretrained).resolve()) if pretrained and
-            Path(pretrained).exists() else pretrained, "model_id": bundle.model_id}
-    fp = fingerprint(STAGE, STAGE_VERSION, config.result_config(), bundle.model_id, data_fp, seed)
+            Path(pretrained).exists() else pretrained, "model_id": model_id}
+    fp = fingerprint(STAGE, STAGE_VERSION, config.result_config(), model_id, data_fp, seed)
     if _artefact_fingerprint(out) == fp:
         return {"artefact": str(out), "skipped": True, "fingerprint": fp, "seconds": round(time.perf_counter() - t0, 2)}
     if out.exists() and any(out.iterdir()) and _artefact_fingerprint(out) is None \
             and not (out / CHECKPOINT_DIR).exists():
         raise TTDError(f"--out {out_uri!r} exists and is not a ttd distill artefact: give an empty or new folder")
+    bundle = load_model(model, pretrained, device=dev)
 
     net = bundle.model
     if config.lora:

@@ -112,9 +112,9 @@ def run_parse_batch(cfg: RunConfig, shards: list[str]) -> dict[str, Any]:
 
 def model_id(cfg: RunConfig) -> str:
     """The scoring model's identity (name + weights digest), as every stage fingerprints it."""
-    from .models import load_model
+    from .models import model_identity
 
-    return load_model(cfg.model.name, cfg.model.pretrained, device="cpu").model_id
+    return model_identity(cfg.model.name, cfg.model.pretrained)
 
 
 def plan_score(cfg: RunConfig, mid: str) -> list[Batch]:

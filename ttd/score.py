@@ -24,7 +24,7 @@ from . import schemas, score_pipeline
 from .claims import claim, clear_stale
 from .corpus import Corpus, ReadIssue, Sample, ShardRef, open_corpus
 from .corpus.base import select_planned
-from .models import load_model
+from .models import load_model, model_identity
 from .ray_local import ensure_ray
 from .relevancy import SCORE_PERF_FIELDS, ScoreConfig, dense_features, encode_tags, encode_texts, normalisations
 from .score_batch import Candidates, ShardCandidates, batch_tables, compute, to_host
@@ -351,13 +351,11 @@ def run_score(
     store.register_corpus(corpus.name, corpus.uri, corpus.format)
     corpus_spec = {"uri": corpus.uri, "format": corpus.format, "name": corpus.name}
     model_spec = {"name": model, "pretrained": pretrained, "lora": lora}
-    local = ShardScorer(corpus_spec, store_uri, model_spec, config.model_dump(mode="json"), device) \
-        if workers == 0 else None
-    # the driver loads the model once too (on CPU) to fail early with a clear error and to know its identity
-    model_id = local.model_id if local else load_model(model, pretrained, device="cpu", lora=lora).model_id
+    # the model's identity (part of every fingerprint) without building it: a run with nothing to do loads nothing
+    model_id = model_identity(model, pretrained, lora=lora)
     model_spec["model_id"] = model_id
     # 'auto' decoder and precision decided for where the shards will be scored: they are part of the fingerprint
-    config = local.config if local else config.resolved(scoring_device_type(ray_address, workers, device))
+    config = config.resolved(scoring_device_type(ray_address, workers, device))
     summary: dict[str, Any] = {"corpus": corpus.name, "model_id": model_id, "shards": 0, "done": 0,
                                "skipped_done": 0, "claimed_elsewhere": [], "waiting": [], "unparsed": [], "images": 0,
                                "tags": 0, "masks": 0, "errors": 0}
@@ -391,13 +389,16 @@ def run_score(
         if progress:
             progress(result)
 
-    if todo and local is not None:
+    if todo and workers == 0:
+        local = ShardScorer(corpus_spec, store_uri, model_spec, config.model_dump(mode="json"), device)
         try:
             local.score_shards(todo, on_result=account)  # one pipeline: the next shard is read while one computes
         finally:
             local.close()
     elif todo:
         from .score_ray import score_on_ray
+
+        load_model(model, pretrained, device="cpu", lora=lora)  # bad weights: one clear error here, not per actor
 
         summary["workers"] = score_on_ray(todo, (corpus_spec, store_uri, model_spec, config.model_dump(mode="json"),
                                                  device), ray_address=ray_address, workers=workers, device=device,

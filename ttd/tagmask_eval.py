@@ -36,7 +36,7 @@ from . import schemas
 from .corpus import ReadIssue, open_corpus
 from .errors import ImageDecodeError, TTDError
 from .metrics_sql import CAPTION_CLASS_ID, SELECTED_UNION_CLASS_ID, tagmask_metrics
-from .models import load_model
+from .models import load_model, model_identity
 from .models.dense import encode_image_dense
 from .models.loading import model_role
 from .parse import ParseConfig
@@ -220,14 +220,15 @@ def run_tagmask_eval(root: str, store_uri: str, config: TagmaskEvalConfig | None
     mentions, loc = load_ground_truth(root)
     corpus = open_corpus(root)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bundle = load_model(model, pretrained, device=dev, lora=lora)
+    model_id = model_identity(model, pretrained, lora=lora)  # a finished run is answered without loading the model
     result_cfg = config.model_dump(mode="json", exclude={"score": set(SCORE_PERF_FIELDS)})
     data_fp = fingerprint([s.fingerprint for s in corpus.shards()])
-    run = fingerprint("tagmask", STAGE_VERSION, bundle.model_id, data_fp, result_cfg)
+    run = fingerprint("tagmask", STAGE_VERSION, model_id, data_fp, result_cfg)
     store = Store(store_uri, create=True)
     if store.is_done(STAGE, {"run": run}, run):
-        return {"run": run, "model_id": bundle.model_id, "skipped": True,
+        return {"run": run, "model_id": model_id, "skipped": True,
                 "metrics": store_metrics(store, run), "seconds": round(time.perf_counter() - t0, 2)}
+    bundle = load_model(model, pretrained, device=dev, lora=lora)
     words, nouns = ParseConfig(policy="words").parser(), ParseConfig(policy="nouns").parser()
     emb_cache: dict[str, torch.Tensor] = {}
     norms = normalisations(cfg, bundle.model)

@@ -20,7 +20,7 @@ import open_clip
 import torch
 
 from ..errors import TTDError
-from .hub import weights_available
+from .hub import pretrained_source, weights_available
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,60 @@ def model_role(lora: str | None) -> str:
     return "TTD" if ttd else "contrastive-only fine-tune"
 
 
+@dataclass
+class ModelSource:
+    """Where a model's architecture and weights come from, known without building it."""
+
+    name: str
+    tag: str | None  # an open_clip pretrained tag (downloaded or cached by open_clip)
+    weights: Path | None  # a local weights file
+    model_id: str  # NAME@WEIGHTS: what fingerprints and manifests record
+
+
+def resolve_model(name: str | None = None, pretrained: str | None = None, seed: int = 0) -> ModelSource:
+    """Name and weights of a model as `load_model` would build it; reads at most a small config and hashes the
+    weights file. An artefact's own architecture is registered with open_clip here."""
+    if name is None and pretrained is None and (EMBEDDED_MODEL / ARTEFACT_WEIGHTS).exists():
+        pretrained = str(EMBEDDED_MODEL)
+    register_shipped_configs()
+    model_cfg, weights, tag = None, None, None
+    if pretrained and Path(pretrained).is_dir():
+        art = read_artefact_config(Path(pretrained))
+        name = name or art.get("model")
+        model_cfg = art.get("model_cfg")
+        weights = Path(pretrained) / ARTEFACT_WEIGHTS
+    elif pretrained and Path(pretrained).is_file():
+        weights = Path(pretrained)
+    elif pretrained and ("/" in pretrained or pretrained.endswith((".safetensors", ".pt", ".bin"))):
+        raise TTDError(f"--pretrained {pretrained!r} does not exist: give a ttd artefact folder, a weights file, "
+                       "or an open_clip pretrained tag")
+    else:
+        tag = pretrained
+    name = name or DEFAULT_MODEL
+    if model_cfg is not None and name not in open_clip.list_models():
+        open_clip.factory._MODEL_CONFIGS[name] = model_cfg  # an artefact carries its own architecture
+    if name not in open_clip.list_models():
+        raise TTDError(f"unknown model {name!r}: use an open_clip model name (e.g. ViT-B-16), one of the shipped "
+                       f"configs ({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))}) or --pretrained "
+                       "pointing at a ttd artefact")
+    if tag:
+        pretrained_source(name, tag)  # an unknown tag fails here, before anything is built or fetched
+    weights_id = _file_digest(weights) if weights else f"pretrained-{tag}" if tag else f"random-seed{seed}"
+    return ModelSource(name, tag, weights, f"{name}@{weights_id}")
+
+
+def model_identity(name: str | None = None, pretrained: str | None = None, *, seed: int = 0,
+                   lora: str | None = None) -> str:
+    """The model_id `load_model` would give, without building the model or fetching weights: lets a stage plan
+    (and find it has nothing to do) before anything heavy is loaded."""
+    if not lora:
+        return resolve_model(name, pretrained, seed).model_id
+    base, weights = _lora_base(name, pretrained, lora)
+    base_id = resolve_model(base[0], base[1], seed).model_id
+    _check_lora_base(lora, base_id)
+    return f"{base_id}+lora-{_file_digest(weights)}"
+
+
 def load_model(name: str | None = None, pretrained: str | None = None, *, device: str | torch.device = "cpu",
                seed: int = 0, lora: str | None = None) -> ClipBundle:
     """Load a CLIP model.
@@ -141,33 +195,10 @@ def load_model(name: str | None = None, pretrained: str | None = None, *, device
     """
     if lora:
         return _load_with_lora(name, pretrained, device, seed, lora)
-    if name is None and pretrained is None and (EMBEDDED_MODEL / ARTEFACT_WEIGHTS).exists():
-        pretrained = str(EMBEDDED_MODEL)
-    register_shipped_configs()
+    src = resolve_model(name, pretrained, seed)
+    name, pretrained = src.name, src.tag
     device = torch.device(device)
-    state = None
-    model_cfg = None
-    weights_id = None
-    if pretrained and Path(pretrained).is_dir():
-        art = read_artefact_config(Path(pretrained))
-        name = name or art.get("model")
-        model_cfg = art.get("model_cfg")
-        wpath = Path(pretrained) / ARTEFACT_WEIGHTS
-        state, weights_id = load_state_dict(wpath), _file_digest(wpath)
-        pretrained = None
-    elif pretrained and Path(pretrained).is_file():
-        state, weights_id = load_state_dict(pretrained), _file_digest(Path(pretrained))
-        pretrained = None
-    elif pretrained and ("/" in pretrained or pretrained.endswith((".safetensors", ".pt", ".bin"))):
-        raise TTDError(f"--pretrained {pretrained!r} does not exist: give a ttd artefact folder, a weights file, "
-                       "or an open_clip pretrained tag")
-    name = name or DEFAULT_MODEL
-    if model_cfg is not None and name not in open_clip.list_models():
-        open_clip.factory._MODEL_CONFIGS[name] = model_cfg  # an artefact carries its own architecture
-    if name not in open_clip.list_models():
-        raise TTDError(f"unknown model {name!r}: use an open_clip model name (e.g. ViT-B-16), one of the shipped "
-                       f"configs ({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))}) or --pretrained "
-                       "pointing at a ttd artefact")
+    state = load_state_dict(src.weights) if src.weights else None
     # a tag's weights: found in the cache or downloadable, checked before the model is built
     download = weights_available(name, pretrained) if pretrained else contextlib.nullcontext()
     torch.manual_seed(seed)  # random weights are reproducible, so their model_id means something
@@ -185,10 +216,8 @@ def load_model(name: str | None = None, pretrained: str | None = None, *, device
         if missing or unexpected:
             raise TTDError(f"weights do not fit model {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.to(device)
-    if weights_id is None:
-        weights_id = f"pretrained-{pretrained}" if pretrained else f"random-seed{seed}"
-        if not pretrained:
-            log.warning("model %s has random weights (no --pretrained given)", name)
+    if src.weights is None and not pretrained:
+        log.warning("model %s has random weights (no --pretrained given)", name)
     model.eval()
     visual = model.visual
     if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
@@ -196,25 +225,34 @@ def load_model(name: str | None = None, pretrained: str | None = None, *, device
     patch = visual.conv1.kernel_size[0]
     image_size = visual.image_size[0] if isinstance(visual.image_size, tuple) else int(visual.image_size)
     tokenizer = open_clip.get_tokenizer(name)
-    return ClipBundle(model, preprocess, tokenizer, name, f"{name}@{weights_id}", image_size, patch,
+    return ClipBundle(model, preprocess, tokenizer, name, src.model_id, image_size, patch,
                       int(model.context_length), device)
+
+
+def _lora_base(name: str | None, pretrained: str | None, lora: str) -> tuple[tuple[str | None, str | None], Path]:
+    """The base model a LoRA artefact goes on (the one asked for, else the one its manifest names) and its weights."""
+    if name is None and pretrained is None:
+        base = read_lora_manifest(lora).get("base", {})
+        name, pretrained = base.get("name"), base.get("pretrained")
+    return (name, pretrained), Path(lora) / LORA_WEIGHTS
+
+
+def _check_lora_base(lora: str, base_id: str) -> None:
+    trained_on = read_lora_manifest(lora).get("base", {}).get("model_id")
+    if trained_on and base_id != trained_on:
+        raise TTDError(f"--lora {lora!r} was trained on base model {trained_on}, not {base_id}: give "
+                       "that base with --model/--pretrained, or omit both to use the one its manifest names")
 
 
 def _load_with_lora(name: str | None, pretrained: str | None, device, seed: int, lora: str) -> ClipBundle:
     from .lora import add_lora, load_lora_state, merge_lora
 
-    doc = read_lora_manifest(lora)
-    base = doc.get("base", {})
-    if name is None and pretrained is None:
-        name, pretrained = base.get("name"), base.get("pretrained")
+    (name, pretrained), wpath = _lora_base(name, pretrained, lora)
     bundle = load_model(name, pretrained, device=device, seed=seed)
-    if base.get("model_id") and bundle.model_id != base["model_id"]:
-        raise TTDError(f"--lora {lora!r} was trained on base model {base['model_id']}, not {bundle.model_id}: give "
-                       "that base with --model/--pretrained, or omit both to use the one its manifest names")
-    spec = doc["lora"]
+    _check_lora_base(lora, bundle.model_id)
+    spec = read_lora_manifest(lora)["lora"]
     deltas = add_lora(bundle.model, rank=spec["rank"], alpha=spec["alpha"], towers=spec["towers"],
                       targets=spec["targets"], last_blocks=spec.get("last_blocks"))
-    wpath = Path(lora) / LORA_WEIGHTS
     try:
         load_lora_state(deltas, load_state_dict(wpath))
     except ValueError as exc:
