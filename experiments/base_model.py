@@ -196,7 +196,8 @@ def ship(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["all", "data", "pretrain", "evaluate", "levers", "anneal", "heads", "table", "ship"])
+    ap.add_argument("phase", choices=["all", "data", "pretrain", "evaluate", "levers", "anneal", "heads", "table",
+                                      "ship"])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--snapshot", help="anneal, heads: the snapshot, e.g. step-01200")
     ap.add_argument("--steps", type=int, default=150, help="anneal: steps")

@@ -200,3 +200,15 @@ def test_hub_weights_that_cannot_be_fetched_fail_fast_in_one_line(synth_pair, tm
     unknown = subprocess.run([*TTD, "score", "--corpus", corpus, "--store", store, "--model", "ViT-B-16",
                               "--pretrained", "nosuch", "--workers", "0"], capture_output=True, text=True, timeout=300)
     assert unknown.returncode != 0 and "has no pretrained tag 'nosuch' (its tags: openai" in unknown.stderr
+
+
+def test_progress_is_one_line_per_stage_off_a_terminal(synth_pair, tmp_path):
+    """Not on a terminal (a log, CI), each stage's bar ends as one line: shards done of the shards to do, the rate
+    in the user's unit measured once the parser is loaded, and the ETA."""
+    store, corpus = str(tmp_path / "store"), str(synth_pair / "a" / "train")
+    line = [ln for ln in ttd("parse", "--corpus", corpus, "--store", store).stderr.splitlines()
+            if ln.startswith("parse (shards)")]
+    assert len(line) == 1 and " 3/3 " in line[0] and "captions/s" in line[0] and " eta " in line[0]
+    again = [ln for ln in ttd("parse", "--corpus", corpus, "--store", store).stderr.splitlines()
+             if ln.startswith("parse (shards)")]
+    assert len(again) == 1 and " 0/0 " in again[0]  # nothing left to do: the total says so

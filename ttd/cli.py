@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import __version__
 from .errors import TTDError, storage_problem
@@ -58,8 +58,27 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
 
 def _progress(enabled: bool) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err, disable=not enabled,
-                    transient=False)
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), console=err, disable=not enabled, transient=False)
+
+
+class ShardProgress:
+    """A per-shard stage's bar: shards done of the shards to do (the total set when the stage has planned), the
+    rate in the user's unit (images, captions, samples), measured from when work starts, so loading a model or a
+    parser is not counted; the ETA follows from the shards' pace."""
+
+    def __init__(self, bar: Progress, name: str, unit: str):
+        self.bar, self.unit, self.items = bar, unit, 0
+        self.task = bar.add_task(f"{name} (shards)", total=None, rate="")
+
+    def start(self, shards: int) -> None:
+        self.items = 0
+        self.bar.reset(self.task, total=shards, rate="")
+
+    def shard(self, items: int) -> None:
+        self.items += items
+        elapsed = self.bar.tasks[self.task].elapsed or 1e-9
+        self.bar.update(self.task, advance=1, rate=f"{self.items / elapsed:,.1f} {self.unit}/s")
 
 
 def _emit_json(doc: Any) -> None:
@@ -131,16 +150,10 @@ def index(
     from .index import run_index
 
     with _progress(not as_json) as bar:
-        task = bar.add_task("index", total=None, rate="")
-        seen = {"samples": 0}
-
-        def step(shard, stats):
-            seen["samples"] += stats.samples if stats else 0
-            rate = bar.tasks[0].elapsed or 1e-9
-            bar.update(task, advance=1, rate=f"{seen['samples'] / rate:,.0f} samples/s")
-
+        shards = ShardProgress(bar, "index", "samples")
         summary = run_index(corpus, store, fmt=corpus_format, name=corpus_name, decode=decode,
-                            include_incomplete=include_incomplete, progress=step)
+                            include_incomplete=include_incomplete, on_start=shards.start,
+                            progress=lambda shard, stats: shards.shard(stats.samples if stats else 0))
     if as_json:
         _emit_json(summary)
     else:
@@ -187,16 +200,10 @@ def score(
     if workers is not None and workers < 0:
         raise TTDError("--workers must be >= 0")
     with _progress(not as_json) as bar:
-        task = bar.add_task("score", total=None, rate="")
-        seen = {"images": 0}
-
-        def step(result):
-            seen["images"] += result["images"]
-            rate = bar.tasks[0].elapsed or 1e-9
-            bar.update(task, advance=1, rate=f"{seen['images'] / rate:,.1f} images/s")
-
+        shards = ShardProgress(bar, "score", "images")
         summary = run_score(corpus, store, cfg, model=model, pretrained=pretrained, lora=lora, ray_address=ray_address,
-                            workers=workers, device=device, fmt=corpus_format, name=corpus_name, progress=step)
+                            workers=workers, device=device, fmt=corpus_format, name=corpus_name,
+                            on_start=shards.start, progress=lambda result: shards.shard(result["images"]))
     if summary["shards"] and len(summary["unparsed"]) == summary["shards"]:
         raise TTDError(f"none of the {summary['shards']} shard(s) of {corpus!r} has tags in {store!r} yet: run "
                        f"`ttd parse --corpus {corpus} --store {store}` first")
@@ -403,16 +410,10 @@ def parse(
                                    "max_caption_chars": max_caption_chars}.items() if v is not None}
     cfg = load_yaml(ParseConfig, config, overrides)
     with _progress(not as_json) as bar:
-        task = bar.add_task("parse", total=None, rate="")
-        seen = {"captions": 0}
-
-        def step(shard, counts):
-            seen["captions"] += counts["captions"] if counts else 0
-            elapsed = bar.tasks[0].elapsed or 1e-9
-            bar.update(task, advance=1, rate=f"{seen['captions'] / elapsed:,.0f} captions/s")
-
+        shards = ShardProgress(bar, "parse", "captions")
         summary = run_parse(corpus, store, cfg, fmt=corpus_format, name=corpus_name,
-                            include_incomplete=include_incomplete, progress=step)
+                            include_incomplete=include_incomplete, on_start=shards.start,
+                            progress=lambda shard, counts: shards.shard(counts["captions"] if counts else 0))
     if as_json:
         _emit_json(summary)
     else:

@@ -55,8 +55,10 @@ def run_index(
     decode: bool = True,
     include_incomplete: bool = False,
     progress: Callable[[ShardRef, ShardStats | None], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Index every shard not yet done under this config; returns a summary of what was done and skipped."""
+    """Index every shard not yet done under this config; returns a summary of what was done and skipped.
+    `on_start(n)` once planned (n shards to index), `progress(shard, stats)` after each."""
     t0 = time.perf_counter()
     corpus = open_corpus(corpus_uri, fmt=fmt, name=name)
     store = Store(store_uri, create=True)
@@ -65,21 +67,22 @@ def run_index(
     summary: dict[str, Any] = {"corpus": corpus.name, "format": corpus.format, "shards": 0, "done": 0,
                                "skipped_done": 0, "waiting": [], "samples": 0, "errors": 0, "warnings": 0,
                                "skipped_status": {}}
-    for shard in corpus.shards():
+    todo = []
+    for shard in corpus.shards():  # planning reads manifests only
         summary["shards"] += 1
         if not shard.complete and not include_incomplete:
             log.warning("shard %s/%s has no _stats.json yet (still downloading?): left for a later run",
                         corpus.name, shard.name)
             summary["waiting"].append(shard.name)
-            if progress:
-                progress(shard, None)
             continue
         fp = fingerprint(STAGE, STAGE_VERSION, config, shard.fingerprint)
         if store.is_done(STAGE, shard.partition, fp):
             summary["skipped_done"] += 1
-            if progress:
-                progress(shard, None)
             continue
+        todo.append((shard, fp))
+    if on_start:
+        on_start(len(todo))
+    for shard, fp in todo:
         rows, stats = index_shard(corpus, shard, decode=decode)
         store.commit(STAGE, shard.partition, fp, {"errors": errors_table(rows)}, stage_version=STAGE_VERSION,
                      config={**config, "stats": stats.as_dict()}, input_fingerprint=shard.fingerprint)

@@ -297,10 +297,11 @@ Outcome = Callable[[ShardRef, "dict[str, Any] | BaseException"], None]
 
 
 def _run_pool(todo: list[tuple[ShardRef, str]], corpus: Corpus, store_uri: str, config: ParseConfig,
-              model_id: str, outcome: Outcome) -> None:
+              model_id: str, outcome: Outcome, on_start: Callable[[int], None]) -> None:
     init = (config.model_dump(), corpus.uri, corpus.format, corpus.name, store_uri, model_id)
     with ProcessPoolExecutor(min(config.workers, len(todo)), mp_context=_process_context(),
                              initializer=_init_worker, initargs=init) as pool:
+        on_start(len(todo))
         pending = {pool.submit(_work, shard, fp): shard for shard, fp in todo}
         try:
             while pending:
@@ -322,8 +323,9 @@ def _run_pool(todo: list[tuple[ShardRef, str]], corpus: Corpus, store_uri: str, 
 
 
 def _run_here(todo: list[tuple[ShardRef, str]], corpus: Corpus, store: Store, config: ParseConfig, model_id: str,
-              outcome: Outcome) -> None:
+              outcome: Outcome, on_start: Callable[[int], None]) -> None:
     parser = config.parser()
+    on_start(len(todo))  # after the parser has loaded: the rate a user sees is parsing's
     for shard, fp in todo:
         try:
             counts: dict[str, Any] | BaseException = _process(corpus, store, shard, fp, parser, config, model_id)
@@ -335,6 +337,10 @@ def _run_here(todo: list[tuple[ShardRef, str]], corpus: Corpus, store: Store, co
 
 
 # ---------------------------------------------------------------- the stage
+
+def _ignore(_: int) -> None:
+    pass
+
 
 _SUMMED = ("samples", "captions", "parsed", "tags", "errors", "warnings", "empty", "truncated", "normalised",
            "not_english", "parse_failed")
@@ -350,11 +356,13 @@ def run_parse(
     include_incomplete: bool = False,
     shards: Collection[str] | None = None,
     progress: Callable[[ShardRef, dict[str, Any] | None], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Parse every shard not yet done under this config; returns a summary of what was done and skipped.
     `shards` limits the run to those shard names (a batch of the Prefect flow); the others are not counted.
 
-    `progress(shard, counts)` is called once per shard: counts is None for a skipped, waiting or failed shard.
+    `progress(shard, counts)` is called once per shard: counts is None for a skipped, waiting or failed shard;
+    `on_start(n)` once the parser is loaded and n shards are to be parsed.
     A shard that fails as a whole (an unreadable file, a failed write) is listed in `failed` and left uncommitted
     for the next run; the other shards go on."""
     t0 = time.perf_counter()
@@ -392,9 +400,11 @@ def run_parse(
             progress(shard, counts)
 
     if todo and config.workers > 1 and len(todo) > 1:
-        _run_pool(todo, corpus, store_uri, config, model_id, outcome)
+        _run_pool(todo, corpus, store_uri, config, model_id, outcome, on_start or _ignore)
     elif todo:
-        _run_here(todo, corpus, store, config, model_id, outcome)
+        _run_here(todo, corpus, store, config, model_id, outcome, on_start or _ignore)
+    elif on_start:
+        on_start(0)
     clear_stale(store, STAGE)  # a run killed between commit and release left its claim on a done shard
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["captions_per_s"] = round(summary["captions"] / summary["seconds"], 1) if summary["seconds"] else 0.0

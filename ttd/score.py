@@ -341,9 +341,11 @@ def run_score(
     include_incomplete: bool = False,
     shards: Collection[str] | None = None,
     progress: Callable[[dict], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Score every parsed shard not yet scored under this config and model. `workers=0`: no Ray. `shards` limits
-    the run to those shard names (a batch of the Prefect flow); the others are not counted."""
+    the run to those shard names (a batch of the Prefect flow); the others are not counted. `progress(result)`
+    after each shard scored here; `on_start(n)` when the model is loaded and n shards are to be scored."""
     t0 = time.perf_counter()
     config = config or ScoreConfig()
     corpus = open_corpus(corpus_uri, fmt=fmt, name=name)
@@ -391,6 +393,8 @@ def run_score(
 
     if todo and workers == 0:
         local = ShardScorer(corpus_spec, store_uri, model_spec, config.model_dump(mode="json"), device)
+        if on_start:
+            on_start(len(todo))
         try:
             local.score_shards(todo, on_result=account)  # one pipeline: the next shard is read while one computes
         finally:
@@ -399,10 +403,13 @@ def run_score(
         from .score_ray import score_on_ray
 
         load_model(model, pretrained, device="cpu", lora=lora)  # bad weights: one clear error here, not per actor
-
+        if on_start:
+            on_start(len(todo))
         summary["workers"] = score_on_ray(todo, (corpus_spec, store_uri, model_spec, config.model_dump(mode="json"),
                                                  device), ray_address=ray_address, workers=workers, device=device,
                                           config=config, account=account)
+    elif on_start:
+        on_start(0)
     clear_stale(store, STAGE)  # a run killed between commit and release left its claim on a done shard
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     summary["images_per_s"] = round(summary["images"] / max(summary["seconds"], 1e-9), 2)
