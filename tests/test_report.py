@@ -230,3 +230,29 @@ def test_cli_report_json_and_missing_store(store_two_runs, tmp_path):
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert len(lines) == 1 and lines[0].startswith("error:") and "does not exist" in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_show_draws_every_candidate_one_scale_and_says_what_it_left_out():
+    """`ttd show`'s figure: every candidate in the table, selected maps on one colour scale with a colour bar, and
+    a visible "+N more" past max_tiles."""
+    import io
+
+    from ttd.corpus import Sample
+    from ttd.show import draw_figure
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "white").save(buf, format="PNG")
+    sample = Sample("c", "00000", "000000001", "a strawberry and a duck", buf.getvalue())
+    words = ["a", "strawberry", "and", "a", "duck"]
+    rel = [{"tag_index": i, "text": w, "pixel_score": s, "image_score": 0.1, "text_score": 0.2, "selected": s > 0.4}
+           for i, (w, s) in enumerate(zip(words, [0.1, 1.0, 0.0, 0.5, 0.9]))]
+    maps = [(r, np.full((4, 4), 0.1 * (i + 1), np.float32)) for i, r in enumerate(rel) if r["selected"]]
+    fig = draw_figure(sample, rel, maps, max_tiles=2)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts] + [t.get_text() for t in fig.texts]
+    assert "+1 more\nselected" in texts
+    tables = [ax.tables[0] for ax in fig.axes if ax.tables]
+    cells = {c.get_text().get_text() for c in tables[0].get_celld().values()}
+    assert set(words) <= cells and "selected" in cells
+    layers = [im for ax in fig.axes for im in ax.images if im.get_alpha() is not None]
+    assert len(layers) == 2 and len({im.get_clim() for im in layers}) == 1  # one scale for every map
+    assert any(ax.get_title() == "heat" for ax in fig.axes)  # the colour bar

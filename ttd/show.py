@@ -1,4 +1,10 @@
-"""`ttd show`: one sample's image, caption, candidate tags with their scores, and the stored heatmaps, as a PNG."""
+"""`ttd show`: one sample's image, caption, every candidate tag with its scores, and the stored heatmaps, as a PNG
+drawn with matplotlib (proportional text that does not run words together, a real table, one colour scale).
+
+The heatmaps of a sample share one scale and a colour bar: a stop word's weak map looks weak beside a strong one
+instead of being stretched to the same contrast. Every selected tag's map is drawn up to `max_tiles`; past that a
+tile says how many more there are.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +12,17 @@ import textwrap
 
 import numpy as np
 import pyarrow.dataset as ds
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from .corpus import Sample, open_corpus
 from .errors import TTDError
 from .heatmap import dequantise
 from .store import Store
 
-TILE = 192
-
-
-def colormap(values: np.ndarray) -> np.ndarray:
-    """[H, W] in [0, 1] -> [H, W, 3] uint8, dark blue to yellow (a perceptually ordered ramp)."""
-    v = np.clip(values, 0, 1)[..., None]
-    stops = np.array([[48, 18, 59], [40, 120, 220], [30, 200, 140], [200, 220, 40], [250, 250, 90]], np.float32)
-    pos = v * (len(stops) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
-    frac = pos - lo
-    return (stops[lo[..., 0]] * (1 - frac) + stops[lo[..., 0] + 1] * frac).astype(np.uint8)
-
-
-def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.55) -> Image.Image:
-    h = Image.fromarray(heat.astype(np.float32), mode="F").resize(image.size, Image.BILINEAR)
-    arr = np.asarray(h)
-    arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-8)
-    colour = Image.fromarray(colormap(arr))
-    return Image.blend(image.convert("RGB"), colour, alpha)
+TILE_IN = 2.0  # inches per image tile
+DPI = 100
+CMAP = "viridis"
 
 
 def find_sample(store: Store, key: str) -> tuple[Sample, str, str]:
@@ -56,34 +47,60 @@ def render(store_uri: str, key: str, out: str, max_tiles: int = 8) -> str:
     where = (ds.field("key") == key) & (ds.field("corpus") == corpus_name) & (ds.field("shard") == shard_name)
     rel = sorted(store.read("relevancy", filter=where).to_pylist(), key=lambda r: r["tag_index"])
     masks = {m["tag_index"]: m for m in store.read("masks", filter=where).to_pylist()}
-    image = sample.image().resize((TILE, TILE), Image.BICUBIC)
-    tiles = [(f"{r['text']} {r['pixel_score']:.2f}", overlay(image, dequantise(
-        masks[r["tag_index"]]["heatmap"], masks[r["tag_index"]]["height"], masks[r["tag_index"]]["width"],
-        masks[r["tag_index"]]["vmin"], masks[r["tag_index"]]["vmax"]))) for r in rel if r["tag_index"] in masks]
-    tiles = tiles[:max_tiles]
-    font = ImageFont.load_default()
-    lines = textwrap.wrap(sample.caption or "(no caption)", 90)
-    table = [f"{'tag':20s} {'pixel':>6s} {'image':>6s} {'text':>6s}  sel"] + [
-        f"{r['text'][:20]:20s} {r['pixel_score']:6.2f} {r['image_score']:6.2f} {r['text_score']:6.2f}  "
-        f"{'yes' if r['selected'] else ''}" for r in rel]
-    cols = 1 + len(tiles)
-    width = max(TILE * cols + 10 * (cols + 1), 640)
-    text_h = 14 * (len(lines) + len(table) + 3)
-    canvas = Image.new("RGB", (width, TILE + 40 + text_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    canvas.paste(image, (10, 24))
-    draw.text((10, 6), f"{key}  (image)", fill="black", font=font)
-    for i, (label, tile) in enumerate(tiles):
-        x = 10 + (i + 1) * (TILE + 10)
-        canvas.paste(tile, (x, 24))
-        draw.text((x, 6), label, fill="black", font=font)
-    y = TILE + 34
-    for line in lines:
-        draw.text((10, y), line, fill="black", font=font)
-        y += 14
-    y += 14
-    for line in table:
-        draw.text((10, y), line, fill="black", font=font)
-        y += 14
-    canvas.save(out)
+    maps = [(r, dequantise(m["heatmap"], m["height"], m["width"], m["vmin"], m["vmax"]))
+            for r in rel if (m := masks.get(r["tag_index"]))]
+    draw_figure(sample, rel, maps, max_tiles).savefig(out, dpi=DPI)
     return out
+
+
+def draw_figure(sample: Sample, rel: list[dict], maps: list[tuple[dict, np.ndarray]], max_tiles: int) -> Figure:
+    image = np.asarray(sample.image().convert("RGB"))
+    shown, hidden = maps[:max_tiles], len(maps) - max_tiles
+    cols = 1 + len(shown) + (hidden > 0)
+    caption = textwrap.fill(sample.caption or "(no caption)", width=int(22 * max(cols, 3)))
+    table_h = 0.24 * (len(rel) + 1)
+    text_h = 0.22 * (caption.count("\n") + 1) + 0.3
+    fig = Figure(figsize=(max(TILE_IN * cols + 0.8, 7.0), TILE_IN + 0.5 + text_h + table_h), dpi=DPI)
+    FigureCanvasAgg(fig)
+    top = 1 - (TILE_IN + 0.5) / fig.get_figheight()
+    grid = fig.add_gridspec(1, cols, left=0.02, right=0.9 if shown else 0.98, top=0.94, bottom=top + 0.02,
+                            wspace=0.05)
+    ax = fig.add_subplot(grid[0, 0])
+    ax.imshow(image)
+    ax.set_title(sample.key, fontsize=9)
+    ax.axis("off")
+    if shown:
+        lo = min(float(h.min()) for _, h in shown)
+        hi = max(float(h.max()) for _, h in shown)
+        for i, (r, heat) in enumerate(shown, start=1):
+            ax = fig.add_subplot(grid[0, i])
+            ax.imshow(image)
+            layer = ax.imshow(heat, cmap=CMAP, vmin=lo, vmax=max(hi, lo + 1e-6), alpha=0.6, interpolation="bilinear",
+                              extent=(0, image.shape[1], image.shape[0], 0))
+            ax.set_title(f"{r['text']}  {r['pixel_score']:.2f}", fontsize=9)
+            ax.axis("off")
+        bar = fig.add_axes((0.92, top + 0.04, 0.015, 0.94 - top - 0.06))
+        fig.colorbar(layer, cax=bar).ax.tick_params(labelsize=7)
+        bar.set_title("heat", fontsize=7)
+    if hidden > 0:
+        ax = fig.add_subplot(grid[0, cols - 1])
+        ax.text(0.5, 0.5, f"+{hidden} more\nselected", ha="center", va="center", fontsize=11)
+        ax.axis("off")
+    fig.text(0.02, top - 0.01, caption, va="top", fontsize=10)
+    rows = [[r["text"], f"{r['pixel_score']:.2f}", f"{r['image_score']:.2f}", f"{r['text_score']:.2f}",
+             "yes" if r["selected"] else ""] for r in rel]
+    if rows:
+        height = table_h / fig.get_figheight()
+        ax = fig.add_axes((0.02, 0.01, 0.6, height))
+        ax.axis("off")
+        table = ax.table(cellText=rows, colLabels=["tag", "pixel", "image", "text", "selected"], loc="upper left",
+                         cellLoc="right", colLoc="right", colWidths=[0.4, 0.15, 0.15, 0.15, 0.15], bbox=(0, 0, 1, 1))
+        table.auto_set_font_size(False)
+        table.set_fontsize(9)
+        for (row, col), cell in table.get_celld().items():
+            cell.set_edgecolor("#dddddd")
+            if col == 0:
+                cell.set_text_props(ha="left")
+            if row > 0 and rel[row - 1]["selected"]:
+                cell.set_facecolor("#eef6ee")
+    return fig
