@@ -14,6 +14,7 @@ from PIL import Image
 
 from ttd import schemas
 from ttd.report import MAX_CURVE_POINTS, _connect, build_report, training_curves
+from ttd.sql import query
 from ttd.store import Store
 from ttd.tagmask_eval import TagmaskEvalConfig, run_tagmask_eval, store_metrics
 
@@ -138,13 +139,27 @@ def test_report_numbers_plots_and_samples(store_two_runs, tmp_path):
     assert len(curves["lora-2"]["step"]) == MAX_CURVE_POINTS and curves["lora-2"]["step"][-1] < 1200
     assert curves["lora-2"]["loss"][0] == pytest.approx(5.0 - 1.5 / 1000, abs=1e-3)  # a bucket averages 2-3 steps
 
-    # charts and samples: real PNGs of a useful size, referenced relatively from both files
+    # tags and pseudo-labels, from the tables parse and score wrote (no eval split needed)
+    tags = section(md, "## Tags and pseudo-labels")
+    n_tags = query(store, "SELECT count(*) AS n FROM tags").to_pylist()[0]["n"]
+    assert f"{n_tags:,} candidate tags" in tags
+    by_pos = md_table_rows(tags, "part of speech")
+    assert sum(int(r[2].replace(",", "")) for r in by_pos) == n_tags
+    rates = query(store, "SELECT t.pos, t.is_stop, 100 * avg(r.selected::INT) AS rate FROM tags t JOIN relevancy r "
+                         "USING (corpus, shard, key, tag_index) GROUP BY 1, 2").to_pylist()
+    shown = {(r[0], r[1]): r[3] for r in by_pos}
+    for r in rates:
+        assert float(shown[(r["pos"] or "-", "yes" if r["is_stop"] else "no")]) == pytest.approx(r["rate"], abs=0.006)
+    assert md_table_rows(tags, "lemma") and "masks for" in tags
+
+    # charts and samples: real PNGs of a useful size, referenced relatively from report.md and embedded in the page
     names = {p.rsplit("/", 1)[1] for p in result["plots"]}
-    assert names == {"f1.png", "coverage.png", "training.png"}
+    assert names == {"f1.png", "coverage.png", "training.png", "pixel_scores.png"}
     assert len(result["samples"]) == 3
+    assert page.count('src="data:image/png;base64,') == len(result["plots"]) + 3  # one file holds every image
     for path in result["plots"] + result["samples"]:
         rel = Path(path).relative_to(tmp_path / "rep").as_posix()
-        assert f"]({rel})" in md and f'src="{rel}"' in page
+        assert f"]({rel})" in md and f'src="{rel}"' not in page
         with Image.open(path) as im:
             assert im.format == "PNG" and im.width >= 400 and im.height >= 200
             assert len(np.unique(np.asarray(im.convert("L")))) > 10  # something was drawn

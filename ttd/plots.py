@@ -72,3 +72,18 @@ def loss_curves(path: str | Path, curves: Mapping[str, Mapping[str, Sequence[flo
     ax.legend(fontsize=8, loc="best")
     fig.savefig(path)
     return str(path)
+
+
+def histogram(path: str | Path, edges: Sequence[float], counts: Mapping[str, Sequence[int]], *, title: str,
+              xlabel: str, ylabel: str) -> str:
+    """Counts already binned (by the query that read them) as side-by-side steps, one colour per series."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, (label, values) in enumerate(counts.items()):
+        ax.stairs(values, edges, label=f"{label} ({sum(values):,})", color=_colour(i), linewidth=1.8)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(frameon=False)
+    fig.savefig(path)
+    return str(path)

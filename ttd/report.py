@@ -13,6 +13,7 @@ and as HTML, so the two files always say the same thing.
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import html
 import logging
@@ -110,7 +111,16 @@ img { max-width: 100%; border: 1px solid #ddd; margin: 0.3em 0 1em; }
 """
 
 
-def to_html(blocks: Sequence[Block], title: str) -> str:
+def _embedded(src: str, base: Path | None) -> str:
+    """A PNG as a data: URI, so report.html is one file that can be sent on its own; the path when it is missing."""
+    path = base / src if base is not None else None
+    if path is None or not path.is_file():
+        return src
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def to_html(blocks: Sequence[Block], title: str, base: Path | None = None) -> str:
+    """The page; with `base` (the folder the PNGs were written to) every image is embedded in it."""
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            f"<title>{html.escape(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>"]
     for b in blocks:
@@ -128,7 +138,8 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
                     for i, c in enumerate(row)) + "</tr>")
             out.append("</table>")
         elif isinstance(b, ImageBlock):
-            out.append(f'<p><img src="{html.escape(b.src, quote=True)}" alt="{html.escape(b.alt, quote=True)}"></p>')
+            src = _embedded(b.src, base)
+            out.append(f'<p><img src="{html.escape(src, quote=True)}" alt="{html.escape(b.alt, quote=True)}"></p>')
     out += ["</body>", "</html>", ""]
     return "\n".join(out)
 
@@ -144,6 +155,62 @@ def fmt(v: float | None) -> str:
 
 def fmt_diff(b: float | None, a: float | None) -> str:
     return f"{b - a:+.2f}" if _ok(a) and _ok(b) else "-"
+
+
+# ---- tags and pseudo-labels -------------------------------------------------------------------------------------
+TOP_CANDIDATES = 15
+
+
+def _tuples(con: duckdb.DuckDBPyConnection, sql: str) -> list[tuple]:
+    return con.execute(sql).fetchall()
+
+
+def tag_blocks(con: duckdb.DuckDBPyConnection, out: Path) -> tuple[list[Block], list[str]]:
+    """The corpus as parse and score saw it: the most frequent candidates and how often each was selected, the
+    selection rate by part of speech and for stop words, the pixel-score distribution of selected and rejected
+    candidates, and masks per sample. Reads `tags`, `relevancy` and `masks` only (no eval split needed)."""
+    from . import plots
+
+    blocks: list[Block] = [Heading(2, "Tags and pseudo-labels")]
+    (n_tags, n_captions), = _tuples(con, "SELECT count(*), count(DISTINCT (corpus, shard, key)) FROM tags")
+    if not n_tags:
+        blocks.append(Para("No tags in this store yet (`ttd parse` writes them)."))
+        return blocks, []
+    scored = _tuples(con, "SELECT count(*) FROM relevancy")[0][0] > 0
+    join = ("FROM tags t LEFT JOIN relevancy r USING (corpus, shard, key, tag_index)" if scored else "FROM tags t")
+    sel = "100.0 * avg(r.selected::INT)" if scored else "NULL"
+    blocks.append(Para(f"{n_tags:,} candidate tags in {n_captions:,} captions ({n_tags / n_captions:.1f} per "
+                       "caption)" + ("; selection rates are pixel-tag scoring's (`relevancy.selected`)." if scored
+                                     else "; not scored yet (`ttd score` adds selection rates).")))
+    top = _tuples(con, f"SELECT lower(t.lemma) AS w, count(*) AS n, {sel} AS rate, bool_or(t.is_stop) {join} "
+                     f"GROUP BY 1 ORDER BY n DESC, w LIMIT {TOP_CANDIDATES}")
+    blocks.append(Heading(3, f"The {TOP_CANDIDATES} most frequent candidates"))
+    blocks.append(TableBlock(["lemma", "candidates", "selected (%)", "stop word"],
+                             [[w, f"{n:,}", fmt(rate), "yes" if stop else ""] for w, n, rate, stop in top],
+                             [False, True, True, False]))
+    by_pos = _tuples(con, f"SELECT t.pos, t.is_stop, count(*) AS n, {sel} {join} GROUP BY 1, 2 ORDER BY n DESC")
+    blocks.append(Heading(3, "Selection by part of speech and stop word"))
+    blocks.append(TableBlock(["part of speech", "stop word", "candidates", "selected (%)"],
+                             [[pos or "-", "yes" if stop else "no", f"{n:,}", fmt(rate)]
+                              for pos, stop, n, rate in by_pos],
+                             [False, False, True, True]))
+    if not scored:
+        return blocks, []
+    (n_masks, n_samples, bytes_per), = _tuples(
+        con, "SELECT count(*), count(DISTINCT (corpus, shard, key)), avg(octet_length(heatmap)) FROM masks")
+    (n_scored,), = _tuples(con, "SELECT count(DISTINCT (corpus, shard, key)) FROM relevancy")
+    blocks.append(Para(f"Pseudo-labels: {n_masks:,} masks for {n_scored:,} scored samples "
+                       f"({n_masks / max(n_scored, 1):.2f} per sample; {n_scored - n_samples:,} samples with none), "
+                       f"{(bytes_per or 0):.0f} bytes per mask."))
+    edges = [i / 20 for i in range(21)]
+    counts = {label: [0] * 20 for label in ("selected", "rejected")}
+    for chosen, b, n in _tuples(con, "SELECT selected, least(floor(pixel_score * 20), 19)::INT AS b, count(*) "
+                                   "FROM relevancy WHERE pixel_score IS NOT NULL GROUP BY 1, 2"):
+        counts["selected" if chosen else "rejected"][b] += n
+    png = plots.histogram(out / "pixel_scores.png", edges, counts, title="Pixel-tag score of every candidate",
+                          xlabel="normalised pixel score", ylabel="candidates")
+    blocks.append(ImageBlock("pixel_scores.png", "pixel-tag score distribution, selected and rejected candidates"))
+    return blocks, [png]
 
 
 # ---- what the store holds ---------------------------------------------------------------------------------------
@@ -406,7 +473,7 @@ def build_report(store_uri: str, out_dir: str | Path = DEFAULT_OUT, *, samples: 
     from .show import render
 
     manifests = store.manifests()
-    con = _connect(store, ("errors", "eval_predictions", "train_log"))
+    con = _connect(store, ("errors", "eval_predictions", "train_log", "tags", "relevancy", "masks"))
     generated = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     pngs: list[str] = []
 
@@ -429,6 +496,11 @@ def build_report(store_uri: str, out_dir: str | Path = DEFAULT_OUT, *, samples: 
                                   for e in erows], [False, False, False, True, True]))
     else:
         blocks.append(Para("No errors recorded."))
+
+    # tags and pseudo-labels: what parse and score made of the corpus, with or without an eval split
+    tag_section, tag_png = tag_blocks(con, out)
+    blocks += tag_section
+    pngs += tag_png
 
     # evaluation runs
     all_runs = eval_runs(store, con, manifests, runs)
@@ -520,7 +592,7 @@ def build_report(store_uri: str, out_dir: str | Path = DEFAULT_OUT, *, samples: 
 
     md, page = out / "report.md", out / "report.html"
     md.write_text(to_markdown(blocks), encoding="utf-8")
-    page.write_text(to_html(blocks, f"TTD report: {store_uri}"), encoding="utf-8")
+    page.write_text(to_html(blocks, f"TTD report: {store_uri}", base=out), encoding="utf-8")
     return {"markdown": str(md), "html": str(page), "out": str(out), "generated": generated,
             "plots": pngs, "samples": sample_pngs, "runs": [r.as_json() for r in all_runs],
             "stages": [row[0] for row in srows], "errors": sum(e["n"] for e in erows)}
