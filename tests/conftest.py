@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import socket
+import subprocess
+import sys
 import uuid
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -105,3 +110,28 @@ def write_simple_tags(store_uri: str, corpus_uri: str, fingerprint: str = "simpl
                              "caption_truncated": False})
         table = pa.Table.from_pylist(rows, schema=schemas.get("tags").arrow)
         store.commit("parse", shard.partition, fingerprint, {"tags": table})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def ray_node(*args: str, env: dict[str, str] | None = None):
+    """`ray start ... --block` in its own session, as on a cloud cluster's node; stopped by signalling that session
+    only (`ray stop` would stop every Ray on the machine, a developer's running pipeline included). `env`: more
+    variables for the node (and so for the jobs it runs)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    node = subprocess.Popen([ray_bin, "start", *args, "--disable-usage-stats", "--block"], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield node
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        try:
+            node.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)

@@ -1,19 +1,16 @@
 import io
 import os
 import signal
-import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import build_corpus, jpeg, write_simple_tags
+from conftest import build_corpus, free_port, jpeg, ray_node, write_simple_tags
 from PIL import Image
 
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key
@@ -178,35 +175,11 @@ def test_long_tag_is_scored_not_fatal(tmp_path):
     assert Store(store).read("relevancy").num_rows == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def ray_node(*args: str):
-    """`ray start ... --block` in its own session, as on a cloud cluster's node; stopped by signalling that session
-    only (`ray stop` would stop every Ray on the machine, a developer's running pipeline included)."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    node = subprocess.Popen([ray_bin, "start", *args, "--disable-usage-stats", "--block"], env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield node
-    finally:
-        os.killpg(node.pid, signal.SIGTERM)
-        try:
-            node.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, signal.SIGKILL)
-
-
 def _head(*resources: str):
     """A head node on a free port; yields (address, pid) once a driver can join it and it offers its CPUs."""
     import ray
 
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     with ray_node("--head", f"--port={port}", "--include-dashboard=false", *resources) as head:
         try:
