@@ -45,7 +45,7 @@ def data(out: Path) -> None:
         synthesize(str(out / "synth"), **SYNTH)
 
 
-def pretrain(out: Path) -> dict:
+def pretrain(out: Path, steps: int | None = None) -> dict:
     """The embedded preset on the pretrain split; a snapshot of the weights every SNAPSHOT_EVERY steps."""
     from ttd.pretrain import preset, run_pretrain
 
@@ -66,8 +66,8 @@ def pretrain(out: Path) -> dict:
 
     if (base / "model.json").exists():
         return json.loads((base / "model.json").read_text())
-    summary = run_pretrain(str(out / "synth" / "pretrain"), str(base), preset("embedded"), seed=0,
-                           progress=keep_snapshot)
+    config = preset("embedded", **({"steps": steps} if steps else {}))
+    summary = run_pretrain(str(out / "synth" / "pretrain"), str(base), config, seed=0, progress=keep_snapshot)
     print(json.dumps(summary), flush=True)
     return summary
 
@@ -108,12 +108,38 @@ def evaluate(out: Path, model_dir: Path, split: str, label: str, thresholds=THRE
         print(job, json.dumps({m: summary["metrics"].get(m) for m in ("pixel", "noun")}), flush=True)
 
 
+# README's query: how often pixel-tag scoring selected a spaCy stop word (and every other candidate)
+STOP_WORDS_SQL = ("SELECT t.is_stop, avg(r.selected::INT) AS selection_rate, count(*) AS n FROM relevancy r "
+                  "JOIN tags t USING (corpus, shard, key, tag_index) GROUP BY 1 ORDER BY 1")
+
+
+def stop_words(out: Path, split: str) -> None:
+    """`ttd parse` and `ttd score` (product defaults) of a labelled split, then README's stop-word query."""
+    from ttd.parse import ParseConfig, run_parse
+    from ttd.relevancy import ScoreConfig
+    from ttd.score import run_score
+    from ttd.sql import query
+
+    job = f"stopwords-{split}"
+    if job in results(out):
+        return
+    root, store = str(out / "synth" / split), str(out / f"store-{split}")
+    run_parse(root, store, ParseConfig())
+    run_score(root, store, ScoreConfig(), pretrained=str(out / "base"), workers=0)
+    rows = {r["is_stop"]: r for r in query(store, STOP_WORDS_SQL).to_pylist()}
+    record(out, {"job": job, "split": split, "stop_word_rate": 100 * rows[True]["selection_rate"],
+                 "stop_word_candidates": rows[True]["n"], "other_rate": 100 * rows[False]["selection_rate"],
+                 "other_candidates": rows[False]["n"]})
+
+
 def evaluate_all(out: Path) -> None:
     for snap in sorted((out / "snapshots").glob("step-*.safetensors")):
         evaluate(out, snapshot_model(out, snap), "val", snap.stem, thresholds=(0.4,))  # the epochs lever
     if (out / "base" / "model.json").exists():
         evaluate(out, out / "base", "val", "final")
         evaluate(out, out / "base", "eval", "final")
+        for split in ("val", "eval"):
+            stop_words(out, split)
 
 
 # name -> changes to ttd-tiny's vision tower (its text tower and widths are kept)
@@ -166,8 +192,16 @@ def heads(out: Path, snapshot: str) -> None:
                          "metrics": summary["metrics"]})
 
 
+def stop_word_lines(out: Path) -> list[str]:
+    return [f"{r['split']}: stop words selected {r['stop_word_rate']:.1f}% of {r['stop_word_candidates']}, other "
+            f"candidates {r['other_rate']:.1f}% of {r['other_candidates']}"
+            for r in results(out).values() if r["job"].startswith("stopwords-")]
+
+
 def table(out: Path) -> None:
-    rows = sorted(results(out).values(), key=lambda r: r["job"])
+    print("\n".join(stop_word_lines(out)))
+    # OUT/results.jsonl is shared with ttd_gain.py: only this script's evaluations (they name a model)
+    rows = sorted((r for r in results(out).values() if "metrics" in r and "model" in r), key=lambda r: r["job"])
     print("| model | split | threshold | image F1 | text F1 | pixel P | pixel R | pixel F1 | noun F1 | caption mIoU |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -199,6 +233,8 @@ def main() -> None:
     ap.add_argument("phase", choices=["all", "data", "pretrain", "evaluate", "levers", "anneal", "heads", "table",
                                       "ship"])
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--pretrain-steps", type=int, help="pretrain: steps instead of the embedded preset's (session 8's "
+                    "second run: 4000)")
     ap.add_argument("--snapshot", help="anneal, heads: the snapshot, e.g. step-01200")
     ap.add_argument("--steps", type=int, default=150, help="anneal: steps")
     ap.add_argument("--lr", type=float, default=3e-4, help="anneal: peak learning rate")
@@ -207,7 +243,7 @@ def main() -> None:
     if args.phase in ("all", "data"):
         data(args.out)
     if args.phase in ("all", "pretrain"):
-        pretrain(args.out)
+        pretrain(args.out, args.pretrain_steps)
     if args.phase in ("all", "evaluate"):
         evaluate_all(args.out)
     if args.phase in ("all", "levers"):
