@@ -124,6 +124,10 @@ def test_report_numbers_plots_and_samples(store_two_runs, tmp_path):
         assert float(bias[key][3]) == pytest.approx(mb["caption"][metric] - ma["caption"][metric], abs=0.006)
     assert float(bias["single-tag share, pixel-tag"][1]) == pytest.approx(ma["pixel"]["single_tag_share"], abs=0.006)
 
+    # the runs table says what each model is as well as its id
+    listed = md_table_rows(section(md, "## Evaluation runs"), "run")
+    assert [r[:3] for r in listed] == [["A", "base model", run_a], ["B", "base model", run_b]]
+
     # header: stages and errors, aggregated
     stages = {r[0]: r for r in md_table_rows(md, "stage")}
     assert {"parse", "score", "evaluate", "distill", "index"} <= set(stages)

@@ -511,10 +511,10 @@ def build_report(store_uri: str, out_dir: str | Path = DEFAULT_OUT, *, samples: 
         blocks.append(Para("There are no metrics in this store yet: run `ttd evaluate --dataset tagmask --root EVAL "
                            f"--store {store_uri}` (or a segmentation benchmark) to add an evaluation run."))
     else:
-        blocks.append(TableBlock(["run", "id", "dataset", "model", "head", "samples", "evaluated"],
-                                 [[r.label, r.run, r.dataset, r.model_id, r.head or "-", str(r.samples or "-"),
-                                   _when(r.committed_at)] for r in all_runs],
-                                 [False, False, False, False, False, True, False]))
+        blocks.append(TableBlock(["run", "what", "id", "dataset", "model", "head", "samples", "evaluated"],
+                                 [[r.label, r.role or "-", r.run, r.dataset, r.model_id, r.head or "-",
+                                   str(r.samples or "-"), _when(r.committed_at)] for r in all_runs],
+                                 [False, False, False, False, False, False, True, False]))
     if tag_runs:
         blocks.append(Heading(2, "TagMask: tag selection and caption segmentation"))
         blocks.append(Para("Percentages. Tag selection is micro-averaged over every candidate word; mAP ranks each "
