@@ -62,6 +62,8 @@ def parse_phases(doc: str, work) -> argparse.Namespace | None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--job", help="(internal) one job as JSON")
+    ap.add_argument("--candidate", help="report: this candidate instead of the one chosen on val; choose: only these "
+                    "(comma-separated)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.phase == "one":
