@@ -139,12 +139,9 @@ def report_jobs(out: Path, candidate: str | None = None) -> list[dict]:
     return jobs
 
 
-# README's query: how often pixel-tag scoring selected a spaCy stop word, and every other candidate
-STOP_WORDS_SQL = ("SELECT t.is_stop, avg(r.selected::INT) AS selection_rate, count(*) AS n FROM relevancy r "
-                  "JOIN tags t USING (corpus, shard, key, tag_index) GROUP BY 1 ORDER BY 1")
-
-
 def stop_word_lines(out: Path) -> list[str]:
+    from base_model import STOP_WORDS_SQL  # README's stop-word query, beside this script
+
     from ttd.sql import query
 
     lines = []
