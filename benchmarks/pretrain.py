@@ -1,7 +1,7 @@
 """`ttd pretrain`'s training step on this machine: pairs/s of the embedded recipe's step (ttd-tiny, 96 px, AdamW,
 CLIP loss), fp32 against bf16 autocast, at batch 64 and 128, on the same synthetic batch in one process.
 
-What it decides: how long the embedded recipe (4,000 steps of 128) takes on 2 CPU cores, and whether bf16
+What it decides: how long the embedded recipe (2,000 steps of 128) takes on 2 CPU cores, and whether bf16
 autocast is worth taking on this CPU (the recipe runs fp32: the gain was small, docs/BENCHMARKS.md).
 
     python benchmarks/pretrain.py [--threads 2] [--steps 4] [--smoke]
