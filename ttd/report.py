@@ -161,10 +161,6 @@ def fmt_diff(b: float | None, a: float | None) -> str:
 TOP_CANDIDATES = 15
 
 
-def _tuples(con: duckdb.DuckDBPyConnection, sql: str) -> list[tuple]:
-    return con.execute(sql).fetchall()
-
-
 def tag_blocks(con: duckdb.DuckDBPyConnection, out: Path) -> tuple[list[Block], list[str]]:
     """The corpus as parse and score saw it: the most frequent candidates and how often each was selected, the
     selection rate by part of speech and for stop words, the pixel-score distribution of selected and rejected
@@ -172,41 +168,42 @@ def tag_blocks(con: duckdb.DuckDBPyConnection, out: Path) -> tuple[list[Block], 
     from . import plots
 
     blocks: list[Block] = [Heading(2, "Tags and pseudo-labels")]
-    (n_tags, n_captions), = _tuples(con, "SELECT count(*), count(DISTINCT (corpus, shard, key)) FROM tags")
-    if not n_tags:
+    size = _rows(con, "SELECT count(*) AS n, count(DISTINCT (corpus, shard, key)) AS captions FROM tags")[0]
+    if not size["n"]:
         blocks.append(Para("No tags in this store yet (`ttd parse` writes them)."))
         return blocks, []
-    scored = _tuples(con, "SELECT count(*) FROM relevancy")[0][0] > 0
-    join = ("FROM tags t LEFT JOIN relevancy r USING (corpus, shard, key, tag_index)" if scored else "FROM tags t")
-    sel = "100.0 * avg(r.selected::INT)" if scored else "NULL"
-    blocks.append(Para(f"{n_tags:,} candidate tags in {n_captions:,} captions ({n_tags / n_captions:.1f} per "
-                       "caption)" + ("; selection rates are pixel-tag scoring's (`relevancy.selected`)." if scored
-                                     else "; not scored yet (`ttd score` adds selection rates).")))
-    top = _tuples(con, f"SELECT lower(t.lemma) AS w, count(*) AS n, {sel} AS rate, bool_or(t.is_stop) {join} "
+    n_scored = _rows(con, "SELECT count(DISTINCT (corpus, shard, key)) AS n FROM relevancy")[0]["n"]
+    join = ("FROM tags t LEFT JOIN relevancy r USING (corpus, shard, key, tag_index)" if n_scored else "FROM tags t")
+    sel = "100.0 * avg(r.selected::INT)" if n_scored else "NULL"
+    blocks.append(Para(f"{size['n']:,} candidate tags in {size['captions']:,} captions "
+                       f"({size['n'] / size['captions']:.1f} per caption)"
+                       + ("; selection rates are pixel-tag scoring's (`relevancy.selected`)." if n_scored
+                          else "; not scored yet (`ttd score` adds selection rates).")))
+    top = _rows(con, f"SELECT lower(t.lemma) AS w, count(*) AS n, {sel} AS rate, bool_or(t.is_stop) AS stop {join} "
                      f"GROUP BY 1 ORDER BY n DESC, w LIMIT {TOP_CANDIDATES}")
     blocks.append(Heading(3, f"The {TOP_CANDIDATES} most frequent candidates"))
     blocks.append(TableBlock(["lemma", "candidates", "selected (%)", "stop word"],
-                             [[w, f"{n:,}", fmt(rate), "yes" if stop else ""] for w, n, rate, stop in top],
+                             [[r["w"], f"{r['n']:,}", fmt(r["rate"]), "yes" if r["stop"] else ""] for r in top],
                              [False, True, True, False]))
-    by_pos = _tuples(con, f"SELECT t.pos, t.is_stop, count(*) AS n, {sel} {join} GROUP BY 1, 2 ORDER BY n DESC")
+    by_pos = _rows(con, f"SELECT t.pos, t.is_stop, count(*) AS n, {sel} AS rate {join} GROUP BY 1, 2 "
+                        "ORDER BY n DESC, 1, 2")
     blocks.append(Heading(3, "Selection by part of speech and stop word"))
     blocks.append(TableBlock(["part of speech", "stop word", "candidates", "selected (%)"],
-                             [[pos or "-", "yes" if stop else "no", f"{n:,}", fmt(rate)]
-                              for pos, stop, n, rate in by_pos],
+                             [[r["pos"] or "-", "yes" if r["is_stop"] else "no", f"{r['n']:,}", fmt(r["rate"])]
+                              for r in by_pos],
                              [False, False, True, True]))
-    if not scored:
+    if not n_scored:
         return blocks, []
-    (n_masks, n_samples, bytes_per), = _tuples(
-        con, "SELECT count(*), count(DISTINCT (corpus, shard, key)), avg(octet_length(heatmap)) FROM masks")
-    (n_scored,), = _tuples(con, "SELECT count(DISTINCT (corpus, shard, key)) FROM relevancy")
-    blocks.append(Para(f"Pseudo-labels: {n_masks:,} masks for {n_scored:,} scored samples "
-                       f"({n_masks / max(n_scored, 1):.2f} per sample; {n_scored - n_samples:,} samples with none), "
-                       f"{(bytes_per or 0):.0f} bytes per mask."))
+    masks = _rows(con, "SELECT count(*) AS n, count(DISTINCT (corpus, shard, key)) AS samples, "
+                       "avg(octet_length(heatmap)) AS bytes FROM masks")[0]
+    blocks.append(Para(f"Pseudo-labels: {masks['n']:,} masks for {n_scored:,} scored samples "
+                       f"({masks['n'] / n_scored:.2f} per sample; {n_scored - masks['samples']:,} samples with "
+                       f"none), {(masks['bytes'] or 0):.0f} bytes per mask."))
     edges = [i / 20 for i in range(21)]
     counts = {label: [0] * 20 for label in ("selected", "rejected")}
-    for chosen, b, n in _tuples(con, "SELECT selected, least(floor(pixel_score * 20), 19)::INT AS b, count(*) "
-                                   "FROM relevancy WHERE pixel_score IS NOT NULL GROUP BY 1, 2"):
-        counts["selected" if chosen else "rejected"][b] += n
+    for r in _rows(con, "SELECT selected, least(floor(pixel_score * 20), 19)::INT AS bin, count(*) AS n "
+                        "FROM relevancy WHERE pixel_score IS NOT NULL GROUP BY 1, 2"):
+        counts["selected" if r["selected"] else "rejected"][r["bin"]] += r["n"]
     png = plots.histogram(out / "pixel_scores.png", edges, counts, title="Pixel-tag score of every candidate",
                           xlabel="normalised pixel score", ylabel="candidates")
     blocks.append(ImageBlock("pixel_scores.png", "pixel-tag score distribution, selected and rejected candidates"))
