@@ -176,10 +176,10 @@ def model_identity(name: str | None = None, pretrained: str | None = None, *, se
     (and find it has nothing to do) before anything heavy is loaded."""
     if not lora:
         return resolve_model(name, pretrained, seed).model_id
-    base, weights = _lora_base(name, pretrained, lora)
-    base_id = resolve_model(base[0], base[1], seed).model_id
-    _check_lora_base(lora, base_id)
-    return f"{base_id}+lora-{_file_digest(weights)}"
+    doc = read_lora_manifest(lora)
+    base_id = resolve_model(*_lora_base(name, pretrained, doc), seed).model_id
+    _check_lora_base(lora, doc, base_id)
+    return f"{base_id}+lora-{_file_digest(Path(lora) / LORA_WEIGHTS)}"
 
 
 def load_model(name: str | None = None, pretrained: str | None = None, *, device: str | torch.device = "cpu",
@@ -229,16 +229,16 @@ def load_model(name: str | None = None, pretrained: str | None = None, *, device
                       int(model.context_length), device)
 
 
-def _lora_base(name: str | None, pretrained: str | None, lora: str) -> tuple[tuple[str | None, str | None], Path]:
-    """The base model a LoRA artefact goes on (the one asked for, else the one its manifest names) and its weights."""
+def _lora_base(name: str | None, pretrained: str | None, doc: dict) -> tuple[str | None, str | None]:
+    """The base model a LoRA artefact goes on: the one asked for, else the one its manifest names."""
     if name is None and pretrained is None:
-        base = read_lora_manifest(lora).get("base", {})
-        name, pretrained = base.get("name"), base.get("pretrained")
-    return (name, pretrained), Path(lora) / LORA_WEIGHTS
+        base = doc.get("base", {})
+        return base.get("name"), base.get("pretrained")
+    return name, pretrained
 
 
-def _check_lora_base(lora: str, base_id: str) -> None:
-    trained_on = read_lora_manifest(lora).get("base", {}).get("model_id")
+def _check_lora_base(lora: str, doc: dict, base_id: str) -> None:
+    trained_on = doc.get("base", {}).get("model_id")
     if trained_on and base_id != trained_on:
         raise TTDError(f"--lora {lora!r} was trained on base model {trained_on}, not {base_id}: give "
                        "that base with --model/--pretrained, or omit both to use the one its manifest names")
@@ -247,10 +247,11 @@ def _check_lora_base(lora: str, base_id: str) -> None:
 def _load_with_lora(name: str | None, pretrained: str | None, device, seed: int, lora: str) -> ClipBundle:
     from .lora import add_lora, load_lora_state, merge_lora
 
-    (name, pretrained), wpath = _lora_base(name, pretrained, lora)
-    bundle = load_model(name, pretrained, device=device, seed=seed)
-    _check_lora_base(lora, bundle.model_id)
-    spec = read_lora_manifest(lora)["lora"]
+    doc = read_lora_manifest(lora)
+    bundle = load_model(*_lora_base(name, pretrained, doc), device=device, seed=seed)
+    _check_lora_base(lora, doc, bundle.model_id)
+    spec = doc["lora"]
+    wpath = Path(lora) / LORA_WEIGHTS
     deltas = add_lora(bundle.model, rank=spec["rank"], alpha=spec["alpha"], towers=spec["towers"],
                       targets=spec["targets"], last_blocks=spec.get("last_blocks"))
     try:
