@@ -37,7 +37,8 @@ from ttd.corpus.img2dataset_writer import ShardWriter, make_key
 from ttd.models import load_model
 from ttd.models.dense import encode_image_dense
 from ttd.relevancy import ScoreConfig
-from ttd.score import ShardScorer, plan_shards
+from ttd.score import ShardScorer, stage_spec
+from ttd.stage import plan
 from ttd.store import Store
 from ttd.uri import resolve
 
@@ -142,8 +143,8 @@ def end_to_end(model: str, corpus: str, tags_store: Path, tmp: Path, batch: int,
     config = ScoreConfig(batch_size=batch, **settings)
     scorer = ShardScorer({"uri": corpus, "format": "webdataset", "name": "c"}, str(store), {"name": model},
                          config.model_dump(mode="json"), device)
-    planned = plan_shards(open_corpus(corpus), Store(str(store)), scorer.config, scorer.model_id)
-    todo = [(p.shard, p.fingerprint, p.input_fingerprint) for p in planned if p.status == "todo"]
+    planned = plan(open_corpus(corpus), Store(str(store)), stage_spec(scorer.config, scorer.model_id))
+    todo = [p for p in planned if p.status == "todo"]
     scorer.score_shards(todo[:1])  # model load, kernels and the tag cache are not throughput
     scorer.timings = type(scorer.timings)()
     with GpuUtilisation() as gpu:

@@ -42,8 +42,9 @@ from ttd.heatmap import quantise
 from ttd.models import load_model
 from ttd.models.dense import encode_image_dense
 from ttd.relevancy import ScoreConfig, encode_tags, encode_texts, normalisations, normalise, raw_scores
-from ttd.score import ShardScorer, plan_shards, run_score
+from ttd.score import ShardScorer, run_score, stage_spec
 from ttd.score_batch import Candidates, batch_tables, compute, to_host
+from ttd.stage import plan
 from ttd.store import Store
 from ttd.synth.generate import SynthConfig, synthesize
 
@@ -126,8 +127,8 @@ class StandInDevice:
 def _scorer(corpus: str, store: str, model: str, config: ScoreConfig) -> tuple[ShardScorer, list]:
     scorer = ShardScorer({"uri": corpus, "format": "webdataset", "name": "train"}, store, {"name": model},
                          config.model_dump(mode="json"), "cpu")
-    planned = plan_shards(open_corpus(corpus), Store(store), scorer.config, scorer.model_id)
-    return scorer, [(p.shard, p.fingerprint, p.input_fingerprint) for p in planned if p.status == "todo"]
+    planned = plan(open_corpus(corpus), Store(store), stage_spec(scorer.config, scorer.model_id))
+    return scorer, [p for p in planned if p.status == "todo"]
 
 
 def _timed_run(corpus: str, tags_store: Path, tmp: Path, name: str, model: str, config: ScoreConfig,
@@ -140,7 +141,7 @@ def _timed_run(corpus: str, tags_store: Path, tmp: Path, name: str, model: str, 
     # the corpus's tag vocabulary embedded first, as a corpus-scale run has it (a CC3M vocabulary is embedded within
     # its first shards): the text tower's per-tag pass is then not what is timed
     vocabulary = sorted(set(Store(str(store)).read("tags", columns=["lower"])["lower"].to_pylist()))
-    scorer._tag_embeddings(todo[0][0], vocabulary)
+    scorer._tag_embeddings(todo[0].shard, vocabulary)
     scorer.score_shards(todo[:1], pipelined=pipelined)  # warm-up: first-call costs
     scorer.timings = type(scorer.timings)()
     t0 = time.perf_counter()

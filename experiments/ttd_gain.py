@@ -37,6 +37,13 @@ CANDIDATES = {
     "ttd-2k-union04": {"corpus": "2k", "settings": {"union_threshold": 0.4}},
     "ttd-2k-text64-union04": {"corpus": "2k", "settings": {**TEXT64, "union_threshold": 0.4}},
     "ttd-20k-600": {"corpus": "20k", "settings": {"steps": 600}},
+    # session 10: the val winner (union binarised at 0.4) trained twice as long, and with rank 64 on both towers
+    "ttd-2k-union04-600": {"corpus": "2k", "settings": {"union_threshold": 0.4, "steps": 600}},
+    "ttd-2k-union04-both64": {"corpus": "2k", "settings": {"union_threshold": 0.4, "steps": 600, "lora_rank": 64,
+                                                          "lora_alpha": 128.0}},
+    # the caption map trained through the head it is evaluated with (maskclip), not sclip; and L_distill weighted 5x
+    "ttd-2k-union04-maskclip": {"corpus": "2k", "settings": {"union_threshold": 0.4, "head": "maskclip"}},
+    "ttd-2k-union04-wd5": {"corpus": "2k", "settings": {"union_threshold": 0.4, "w_distill": 5.0}},
     "ttd-20k-text64": {"corpus": "20k", "settings": TEXT64},
 }
 CONTROL = {"w_distill": 0.0, "w_tag": 0.0, "w_contrastive": 1.0}
@@ -98,13 +105,13 @@ def distill(name: str, seed: int, corpus: str, settings: dict) -> dict:
             "corpus": corpus, "settings": settings, "after": [f"data-{corpus}"]}
 
 
-def data_jobs() -> list[dict]:
-    return [{"job": f"data-{c}", "kind": "data", "corpus": c} for c in CORPORA]
+def data_jobs(corpora=CORPORA) -> list[dict]:
+    return [{"job": f"data-{c}", "kind": "data", "corpus": c} for c in corpora]
 
 
 def choose_jobs(only: str | None = None) -> list[dict]:
-    jobs = data_jobs() + [evaluate("val")]
-    names = only.split(",") if only else CANDIDATES
+    names = only.split(",") if only else list(CANDIDATES)
+    jobs = data_jobs(sorted({CANDIDATES[n]["corpus"] for n in names})) + [evaluate("val")]
     for name in names:
         c = CANDIDATES[name]
         jobs += [distill(name, 0, c["corpus"], c["settings"]), evaluate("val", f"{name}-s0")]
@@ -132,7 +139,7 @@ def report_jobs(out: Path, candidate: str | None = None) -> list[dict]:
     best = candidate or chosen(out)
     control, settings = control_of(best)
     corpus = CANDIDATES[best]["corpus"]
-    jobs = data_jobs() + [evaluate("eval")]
+    jobs = data_jobs([corpus]) + [evaluate("eval")]
     for seed in SEEDS:
         jobs += [distill(best, seed, corpus, CANDIDATES[best]["settings"]), evaluate("eval", f"{best}-s{seed}"),
                  distill(control, seed, corpus, settings), evaluate("eval", f"{control}-s{seed}")]

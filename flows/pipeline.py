@@ -109,13 +109,13 @@ def model_id_task(cfg: RunConfig) -> str:
 
 
 @task(name="parse-batch")
-def parse_batch(cfg: RunConfig, shards: list[str], cache_key: str) -> dict[str, Any]:
-    return lib.run_parse_batch(cfg, shards)
+def parse_batch(cfg: RunConfig, planned: list[dict[str, Any]], cache_key: str) -> dict[str, Any]:
+    return lib.run_parse_batch(cfg, planned)
 
 
 @task(name="score-batch")
-def score_batch(cfg: RunConfig, shards: list[str], cache_key: str) -> dict[str, Any]:
-    return lib.run_score_batch(cfg, shards)
+def score_batch(cfg: RunConfig, planned: list[dict[str, Any]], cache_key: str) -> dict[str, Any]:
+    return lib.run_score_batch(cfg, planned)
 
 
 @task(name="synth")
@@ -162,7 +162,7 @@ def _run_batches(stage: str, cfg: RunConfig, storage: Any, batches: list[lib.Bat
     for start in range(0, len(runnable), cfg.flow.concurrency):
         window = runnable[start:start + cfg.flow.concurrency]
         futures = [_configured(BATCH_TASKS[stage], cfg, storage, refresh=not b.done,
-                               name=f"{stage}-{b.label}").submit(cfg, b.shards, b.key) for b in window]
+                               name=f"{stage}-{b.label}").submit(cfg, b.planned, b.key) for b in window]
         wait(futures)
         for b, fut in zip(window, futures):
             state_name, result, exc = _outcome(fut.state)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,27 @@ def ray_node(*args: str, env: dict[str, str] | None = None):
             node.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(node.pid, signal.SIGKILL)
+
+
+def outside_rows(store: str, table: str, cols: list[str]) -> dict[str, list[tuple]]:
+    """A table's rows as readers outside ttd see them, straight from the folders (no manifests): DuckDB's
+    `read_parquet` and Polars' `scan_parquet` over `tables/TABLE/**/*.parquet`, hive partitions read as strings."""
+    import duckdb
+    import polars as pl
+
+    glob = f"{store}/tables/{table}/**/*.parquet"
+    if not list(Path(store, "tables", table).rglob("*.parquet")):
+        return {"duckdb": [], "polars": []}
+    duck = duckdb.sql(f"SELECT {', '.join(cols)} FROM read_parquet('{glob}', hive_partitioning = true, "
+                      "hive_types_autocast = false)").fetchall()
+    polars = pl.scan_parquet(glob, hive_partitioning=True, hive_schema={"corpus": pl.String, "shard": pl.String}
+                             ).select(cols).collect().rows()
+    return {"duckdb": sorted(duck), "polars": sorted(polars)}
+
+
+def committed_rows(store: str, table: str, cols: list[str]) -> list[tuple]:
+    """The same table's rows as ttd reads them: the files its manifests name."""
+    from ttd.store import Store
+
+    t = Store(store).read(table, columns=cols)
+    return sorted(zip(*(t[c].to_pylist() for c in cols)))

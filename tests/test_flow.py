@@ -391,15 +391,31 @@ def test_example_configs_are_valid(name):
         assert cfg.stages() == ["parse", "score", "distill", "evaluate"]
 
 
+def _planned(members):
+    """PlannedShards from (name, fingerprint or None while waiting, done)."""
+    from ttd.corpus import ShardRef
+    from ttd.stage import PlannedShard
+
+    return [PlannedShard(ShardRef("c", name, (f"{name}.tar",), fp is not None, f"in-{name}"),
+                         "waiting" if fp is None else "done" if done else "todo", fp, f"in-{name}")
+            for name, fp, done in members]
+
+
 def test_batches_keep_their_members_and_keys_follow_fingerprints():
     members = [("a", "fa", True), ("b", "fb", True), ("c", "fc", False), ("d", None, False)]
-    batches = lib.make_batches("score", "s3://b/store", members, 2)
+    batches = lib.make_batches("score", "s3://b/store", _planned(members), 2)
     assert [(b.shards, b.waiting, b.done) for b in batches] == [(["a", "b"], [], True), (["c"], ["d"], False)]
-    again = lib.make_batches("score", "s3://b/store", [*members[:3], ("d", "fd", False), ("e", "fe", False)], 2)
+    # a batch carries its runnable members as planned, and they survive a trip through JSON (a task parameter)
+    from ttd.stage import PlannedShard
+
+    carried = [PlannedShard.from_dict(json.loads(json.dumps(p))) for p in batches[1].planned]
+    assert carried == _planned(members)[2:3]
+    again = lib.make_batches("score", "s3://b/store",
+                             _planned([*members[:3], ("d", "fd", False), ("e", "fe", False)]), 2)
     assert again[0].key == batches[0].key and again[1].key != batches[1].key and len(again) == 3
-    assert lib.make_batches("score", "s3://b/other", members, 2)[0].key != batches[0].key
-    assert lib.make_batches("parse", "s3://b/store", members, 2)[0].key != batches[0].key
-    changed = lib.make_batches("score", "s3://b/store", [("a", "fa2", True), *members[1:]], 2)
+    assert lib.make_batches("score", "s3://b/other", _planned(members), 2)[0].key != batches[0].key
+    assert lib.make_batches("parse", "s3://b/store", _planned(members), 2)[0].key != batches[0].key
+    changed = lib.make_batches("score", "s3://b/store", _planned([("a", "fa2", True), *members[1:]]), 2)
     assert changed[0].key != batches[0].key
 
 

@@ -5,7 +5,7 @@ import json
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from conftest import build_corpus, jpeg
+from conftest import build_corpus, committed_rows, jpeg, outside_rows
 
 from ttd import schemas
 from ttd.corpus import Caption, ReadIssue, ShardRef
@@ -405,3 +405,55 @@ def test_two_corpora_in_folders_of_the_same_name_never_share_rows(tmp_path):
     assert counts == {"train": 24, "train-b": 36}
     with pytest.raises(TTDError, match="already holds a corpus named 'train'"):
         run_distill(b, store, str(tmp_path / "out"))
+
+
+class Killed(BaseException):
+    """What a SIGKILL does to the code after it: nothing more runs (not caught as one shard's failure)."""
+
+
+def test_what_is_committed_is_exactly_what_outside_readers_see(tmp_path, monkeypatch):
+    """Plain DuckDB and Polars over the folders count exactly the committed rows after a run killed inside a shard's
+    commit; a kill in the moment between moving files into place and the manifest leaves an orphan that the next run
+    removes, and so do staged files that were never moved."""
+    corpus, store = str(tmp_path / "corpus"), str(tmp_path / "store")
+    build_corpus(corpus, shards=4, per_shard=3)
+    cfg = ParseConfig(tagger=False)
+    cols = {"tags": ["corpus", "shard", "key", "tag_index", "text"], "captions": ["corpus", "shard", "key", "caption"],
+            "errors": ["corpus", "shard", "key", "error_type"]}
+
+    def same_for_every_reader() -> None:
+        for table, c in cols.items():
+            assert outside_rows(store, table, c) == dict.fromkeys(("duckdb", "polars"), committed_rows(store, table, c))
+
+    run_parse(corpus, store, cfg, shards=["00000", "00001"])
+
+    def killed_in(method: str, shard: str, where: str) -> None:
+        """Run parse on `shard`, killed at the first `Store.<method>` call whose path contains `where`."""
+        real = getattr(Store, method)
+
+        def kill(self, path, other):
+            if where in path and f"shard={shard}" in path:
+                raise Killed
+            return real(self, path, other)
+
+        monkeypatch.setattr(Store, method, kill)
+        with pytest.raises(Killed):
+            run_parse(corpus, store, cfg, shards=[shard])
+        monkeypatch.undo()
+
+    killed_in("_move", "00002", "_staging")  # the shard's files staged, none moved into place
+    assert list((tmp_path / "store" / "_staging").rglob("*.parquet"))
+    same_for_every_reader()
+    assert {r[1] for r in committed_rows(store, "tags", ["corpus", "shard"])} == {"00000", "00001"}
+    killed_in("_atomic_write", "00003", "manifests/parse")  # the files moved into place, the manifest not written
+    orphans = list((tmp_path / "store" / "tables" / "tags" / "corpus=corpus" / "shard=00003").glob("*.parquet"))
+    assert len(orphans) == 1  # the moment's orphan: outside readers count it until the next run
+    # the next run, under another config (another fingerprint, so no file is simply overwritten), redoes everything
+    summary = run_parse(corpus, store, ParseConfig(tagger=False, max_caption_chars=500))
+    assert summary["done"] == 4 and not summary["failed"]
+    same_for_every_reader()
+    assert not orphans[0].exists()
+    for table in cols:  # one file per shard and table: the old fingerprint's files are gone
+        folders = list((tmp_path / "store" / "tables" / table).glob("corpus=*/shard=*"))
+        assert len(folders) == 4 and all(len(list(f.glob("*.parquet"))) == 1 for f in folders), table
+    assert not list((tmp_path / "store" / "_staging").rglob("*"))  # the staged leftovers were removed

@@ -16,8 +16,8 @@ from PIL import Image
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key
 from ttd.relevancy import ScoreConfig
 from ttd.score import run_score
-from ttd.score_ray import SHARDS_PER_CALL
 from ttd.sql import query
+from ttd.stage import SHARDS_PER_CALL
 from ttd.store import Store
 from ttd.uri import resolve
 
@@ -230,7 +230,7 @@ def test_ray_path_against_a_real_local_cluster(tmp_path, ray_head):
     assert first["done"] == 2 and first["workers"] == 2 and first["waiting"] == ["00002"]
     import ray
 
-    from ttd import score_ray
+    from ttd import stage as score_ray
 
     pids = ray.get([a.alive.remote() for a in score_ray._ACTORS["actors"]])
     stats.with_suffix(".held").rename(stats)
@@ -267,7 +267,7 @@ def test_a_lost_ray_actor_is_restarted_and_its_shard_retried(tmp_path, ray_head)
     deadline = time.monotonic() + 300
     while run.is_alive() and killed_at is None and time.monotonic() < deadline:
         done = len(list(manifests.rglob("*.json"))) if manifests.exists() else 0
-        actors = _session_processes(ray_head[1], "ray::ShardScorer")
+        actors = _session_processes(ray_head[1], "ray::RayStageWorker")
         if done >= 1 and actors:
             for pid in actors:
                 os.kill(pid, signal.SIGKILL)
@@ -318,14 +318,15 @@ def test_the_device_step_keeps_every_tensor_on_the_models_device(tmp_path):
 
     from ttd import score_pipeline
     from ttd.corpus import open_corpus
-    from ttd.score import ShardScorer, plan_shards
+    from ttd.score import ShardScorer, stage_spec
+    from ttd.stage import plan
 
     corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
     build_corpus(corpus, shards=1, per_shard=4)
     write_simple_tags(store, corpus)
     scorer = ShardScorer({"uri": corpus, "format": "webdataset", "name": "c"}, store, {"name": MODEL},
                          ScoreConfig(batch_size=4).model_dump(mode="json"), "cpu")
-    (planned,) = plan_shards(open_corpus(corpus), Store(store), scorer.config, scorer.model_id)
+    (planned,) = plan(open_corpus(corpus), Store(store), stage_spec(scorer.config, scorer.model_id))
     job = score_pipeline.ShardJob(planned.shard, planned.fingerprint, planned.input_fingerprint)
     reads = score_pipeline.read_batches([job], scorer._open, scorer.decoder, 4, False, score_pipeline.Timings())
     batch = next(reads)
@@ -375,7 +376,7 @@ def test_the_ray_pool_grows_as_gpus_join_the_cluster(tmp_path, ray_gpu_head):
     the next batch. The kept actor scores again (its model loaded once) and a new actor starts for the new GPU."""
     import ray
 
-    from ttd import score_ray
+    from ttd import stage as score_ray
 
     address = ray_gpu_head[0]
     corpus, store = str(tmp_path / "c"), str(tmp_path / "s")

@@ -162,16 +162,13 @@ def clear_stale(store: Store, stage: str) -> int:
     try:
         fs.invalidate_cache(base)
         paths = [p for p in fs.find(base) if p.endswith(".json")]
-        for path in paths:
+
+        def stale_on_committed(path: str) -> bool:
             doc = _read(store, path)
             manifest = store.root.join("manifests", stage, posixpath.relpath(path, base))
-            if doc is None or not is_stale(doc) or not fs.exists(manifest):
-                continue
-            try:
-                fs.rm(path)
-                removed += 1
-            except FileNotFoundError:
-                pass
+            return doc is not None and is_stale(doc) and fs.exists(manifest)
+
+        removed = store.remove(p for p in paths if stale_on_committed(p))
     except FileNotFoundError:
         pass
     except Exception as exc:
@@ -179,3 +176,22 @@ def clear_stale(store: Store, stage: str) -> int:
     if removed:
         log.info("removed %d stale claim(s) on committed %s shards", removed, stage)
     return removed
+
+
+def clear_leftovers(store: Store, stage: str) -> None:
+    """What killed runs of `stage` left behind, removed at the end of a run: stale claims on committed shards, and
+    data files staged but never committed (`Store.clear_staging`), except where a live claim says a run is working
+    on that shard now."""
+    clear_stale(store, stage)
+
+    def in_progress(partition_path: str) -> bool:
+        doc = _read(store, store.root.join("claims", stage, partition_path + ".json"))
+        return doc is not None and not is_stale(doc)
+
+    try:
+        removed = store.clear_staging(stage, in_progress)
+    except Exception as exc:  # noqa: BLE001 - staged files are invisible: untidy, never harmful
+        log.warning("could not clear staged %s files of killed runs: %s", stage, exc)
+        return
+    if removed:
+        log.info("removed %d staged %s file(s) that killed runs never committed", removed, stage)

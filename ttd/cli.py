@@ -153,13 +153,22 @@ def index(
         shards = ShardProgress(bar, "index", "samples")
         summary = run_index(corpus, store, fmt=corpus_format, name=corpus_name, decode=decode,
                             include_incomplete=include_incomplete, on_start=shards.start,
-                            progress=lambda shard, stats: shards.shard(stats.samples if stats else 0))
+                            progress=lambda result: shards.shard(result.get("samples", 0)))
     if as_json:
         _emit_json(summary)
     else:
         err.print(f"indexed {summary['done']} shard(s), {summary['skipped_done']} already done, "
                   f"{len(summary['waiting'])} waiting; {summary['samples']} samples, {summary['errors']} errors, "
                   f"{summary['warnings']} warnings")
+    _exit_if_shards_failed(summary)
+
+
+def _exit_if_shards_failed(summary: dict) -> None:
+    """Exit 1 naming the shards that failed as a whole; the others are committed, and the next run retries these."""
+    if summary.get("failed"):
+        err.print(f"{len(summary['failed'])} shard(s) failed and were left for the next run: "
+                  + ", ".join(f"{f['shard']} ({f['error']})" for f in summary["failed"][:10]))
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -203,7 +212,7 @@ def score(
         shards = ShardProgress(bar, "score", "images")
         summary = run_score(corpus, store, cfg, model=model, pretrained=pretrained, lora=lora, ray_address=ray_address,
                             workers=workers, device=device, fmt=corpus_format, name=corpus_name,
-                            on_start=shards.start, progress=lambda result: shards.shard(result["images"]))
+                            on_start=shards.start, progress=lambda result: shards.shard(result.get("images", 0)))
     if summary["shards"] and len(summary["unparsed"]) == summary["shards"]:
         raise TTDError(f"none of the {summary['shards']} shard(s) of {corpus!r} has tags in {store!r} yet: run "
                        f"`ttd parse --corpus {corpus} --store {store}` first")
@@ -215,6 +224,7 @@ def score(
                   f"{len(summary['unparsed'])} not parsed yet, {len(summary['waiting'])} waiting; "
                   f"{summary['images']} images ({summary['images_per_s']} images/s), {summary['tags']} tags, "
                   f"{summary['masks']} masks, {summary['errors']} errors")
+    _exit_if_shards_failed(summary)
 
 
 @app.command()
@@ -413,7 +423,7 @@ def parse(
         shards = ShardProgress(bar, "parse", "captions")
         summary = run_parse(corpus, store, cfg, fmt=corpus_format, name=corpus_name,
                             include_incomplete=include_incomplete, on_start=shards.start,
-                            progress=lambda shard, counts: shards.shard(counts["captions"] if counts else 0))
+                            progress=lambda result: shards.shard(result.get("captions", 0)))
     if as_json:
         _emit_json(summary)
     else:
@@ -422,10 +432,7 @@ def parse(
                   f"{summary['captions']} captions ({summary['parsed']} "
                   f"distinct parsed), {summary['tags']} tags, {summary['errors']} errors, "
                   f"{summary['warnings']} warnings; {summary['captions_per_s']:,.0f} captions/s")
-    if summary["failed"]:  # the others are committed; these are retried by the next run
-        err.print(f"{len(summary['failed'])} shard(s) failed and were left for the next run: "
-                  + ", ".join(f["shard"] for f in summary["failed"]))
-        raise typer.Exit(1)
+    _exit_if_shards_failed(summary)
 
 
 @app.command()

@@ -8,16 +8,17 @@ still being written by the downloader: they are reported as waiting and picked u
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 
 from . import schemas
+from .claims import clear_leftovers
 from .corpus import ReadIssue, Sample, ShardRef, ShardStats, open_corpus
 from .errors import ImageDecodeError
-from .store import Store, fingerprint
+from .stage import PlannedShard, SerialWorker, StageSpec, Summary, WorkerSpec, plan, run_claimed, run_here
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,25 @@ def index_shard(corpus, shard: ShardRef, *, decode: bool) -> tuple[list[dict], S
     return rows, stats
 
 
+class IndexWorker(SerialWorker):
+    """Checks shards and commits each one's `errors` rows, its counts in the manifest."""
+
+    def __init__(self, corpus: dict[str, str], store_uri: str, decode: bool, config: dict[str, Any]):
+        super().__init__()
+        self.corpus = open_corpus(corpus["uri"], fmt=corpus["format"], name=corpus["name"])
+        self.store, self.decode, self.config = Store(store_uri), decode, config
+
+    def process_one(self, job: PlannedShard) -> dict[str, Any]:
+        def work() -> dict[str, Any]:
+            rows, stats = index_shard(self.corpus, job.shard, decode=self.decode)
+            self.store.commit(STAGE, job.shard.partition, job.fingerprint, {"errors": errors_table(rows)},
+                              stage_version=STAGE_VERSION, config={**self.config, "stats": stats.as_dict()},
+                              input_fingerprint=job.input_fingerprint)
+            return stats.as_dict()
+
+        return run_claimed(self.store, STAGE, job, work)
+
+
 def run_index(
     corpus_uri: str,
     store_uri: str,
@@ -54,45 +74,24 @@ def run_index(
     name: str | None = None,
     decode: bool = True,
     include_incomplete: bool = False,
-    progress: Callable[[ShardRef, ShardStats | None], None] | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Index every shard not yet done under this config; returns a summary of what was done and skipped.
-    `on_start(n)` once planned (n shards to index), `progress(shard, stats)` after each."""
-    t0 = time.perf_counter()
+    `on_start(n)` once planned (n shards to index), `progress(result)` after each."""
     corpus = open_corpus(corpus_uri, fmt=fmt, name=name)
     store = Store(store_uri, create=True)
     store.register_corpus(corpus.name, corpus.uri, corpus.format)
     config = {"decode": decode, "format": corpus.format}
-    summary: dict[str, Any] = {"corpus": corpus.name, "format": corpus.format, "shards": 0, "done": 0,
-                               "skipped_done": 0, "waiting": [], "samples": 0, "errors": 0, "warnings": 0,
-                               "skipped_status": {}}
-    todo = []
-    for shard in corpus.shards():  # planning reads manifests only
-        summary["shards"] += 1
-        if not shard.complete and not include_incomplete:
-            log.warning("shard %s/%s has no _stats.json yet (still downloading?): left for a later run",
-                        corpus.name, shard.name)
-            summary["waiting"].append(shard.name)
-            continue
-        fp = fingerprint(STAGE, STAGE_VERSION, config, shard.fingerprint)
-        if store.is_done(STAGE, shard.partition, fp):
-            summary["skipped_done"] += 1
-            continue
-        todo.append((shard, fp))
-    if on_start:
-        on_start(len(todo))
-    for shard, fp in todo:
-        rows, stats = index_shard(corpus, shard, decode=decode)
-        store.commit(STAGE, shard.partition, fp, {"errors": errors_table(rows)}, stage_version=STAGE_VERSION,
-                     config={**config, "stats": stats.as_dict()}, input_fingerprint=shard.fingerprint)
-        summary["done"] += 1
-        summary["samples"] += stats.samples
-        summary["errors"] += stats.errors
-        summary["warnings"] += stats.warnings
-        for k, v in stats.skipped_status.items():
-            summary["skipped_status"][k] = summary["skipped_status"].get(k, 0) + v
-        if progress:
-            progress(shard, stats)
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
-    return summary
+    summary = Summary(STAGE, corpus.name, ("samples", "errors", "warnings", "skipped_status"),
+                      extra={"format": corpus.format}, progress=progress)
+    todo = summary.planned(plan(corpus, store, StageSpec(STAGE, STAGE_VERSION, config),
+                                include_incomplete=include_incomplete))
+    if todo:
+        spec = WorkerSpec(IndexWorker, ({"uri": corpus.uri, "format": corpus.format, "name": corpus.name},
+                                        store_uri, decode, config))
+        run_here(spec, todo, summary.account, on_start)
+    elif on_start:
+        on_start(0)
+    clear_leftovers(store, STAGE)
+    return summary.as_dict()

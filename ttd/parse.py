@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import gc
 import logging
-import multiprocessing
-import time
 from collections.abc import Callable, Collection
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -27,12 +23,22 @@ import pydantic
 from pydantic import Field
 
 from . import schemas
-from .claims import claim, clear_stale
+from .claims import clear_leftovers
 from .corpus import Corpus, ReadIssue, ShardRef, ShardStats, open_corpus
-from .corpus.base import select_planned
-from .errors import TTDError
+from .corpus.base import Caption
 from .nlp import english_model_id
-from .store import Store, fingerprint
+from .stage import (
+    PlannedShard,
+    SerialWorker,
+    StageSpec,
+    Summary,
+    WorkerSpec,
+    plan,
+    run_claimed,
+    run_here,
+    run_processes,
+)
+from .store import Store
 from .tags import CaptionParser, CleanCaption, TagColumns, clean_caption, compounds_digest
 
 log = logging.getLogger(__name__)
@@ -181,19 +187,27 @@ def _gc_paused():
             gc.enable()
 
 
-def parse_shard(corpus: Corpus, shard: ShardRef, parser: CaptionParser, config: ParseConfig) -> ShardResult:
-    """Read one shard's captions and turn them into the three tables; never raises for a bad sample."""
-    with _gc_paused():
-        return _parse_shard(corpus, shard, parser, config)
-
-
-def _parse_shard(corpus: Corpus, shard: ShardRef, parser: CaptionParser, config: ParseConfig) -> ShardResult:
+def read_shard(corpus: Corpus, shard: ShardRef) -> tuple[list[Caption | ReadIssue], ShardStats]:
+    """One shard's captions and read issues (the shard's I/O, which needs no parser)."""
     stats = ShardStats()
+    return list(corpus.read_captions(shard, stats)), stats
+
+
+def parse_shard(corpus: Corpus, shard: ShardRef, parser: CaptionParser, config: ParseConfig,
+                read: tuple[list[Caption | ReadIssue], ShardStats] | None = None) -> ShardResult:
+    """Turn one shard's captions (`read`, or read here) into the three tables; never raises for a bad sample."""
+    items, stats = read or read_shard(corpus, shard)
+    with _gc_paused():
+        return _parse_shard(items, stats, parser, config)
+
+
+def _parse_shard(items: list[Caption | ReadIssue], stats: ShardStats, parser: CaptionParser,
+                 config: ParseConfig) -> ShardResult:
     errors: list[dict[str, Any]] = []
     keys: list[str] = []
     cleans: list[CleanCaption] = []
     caption_rows: list[dict[str, Any]] = []
-    for item in corpus.read_captions(shard, stats):
+    for item in items:
         if isinstance(item, ReadIssue):
             errors.append(item.as_row(stage=STAGE))
             continue
@@ -252,98 +266,39 @@ def commit_shard(store: Store, shard: ShardRef, fp: str, result: ShardResult, co
                  input_fingerprint=shard.fingerprint)
 
 
-# ---------------------------------------------------------------- worker processes
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(config: dict[str, Any], corpus_uri: str, fmt: str, name: str, store_uri: str,
-                 model_id: str) -> None:
-    cfg = ParseConfig(**config)
-    _WORKER.update(config=cfg, parser=cfg.parser(), corpus=open_corpus(corpus_uri, fmt=fmt, name=name),
-                   store=Store(store_uri), model_id=model_id)
-
-
-def _process(corpus: Corpus, store: Store, shard: ShardRef, fp: str, parser: CaptionParser, config: ParseConfig,
-             model_id: str) -> dict[str, Any]:
-    """Parse and commit one shard, unless another run holds it or finished it since planning."""
-    with claim(store, STAGE, shard.partition) as holder:
-        if holder is not None:
-            return {"skipped": "claimed", "holder": holder}
-        if store.is_done(STAGE, shard.partition, fp):
-            return {"skipped": "done"}
-        result = parse_shard(corpus, shard, parser, config)
-        commit_shard(store, shard, fp, result, config, model_id)
-        return result.as_dict()
-
-
-def _work(shard: ShardRef, fp: str) -> dict[str, Any]:
-    w = _WORKER
-    return _process(w["corpus"], w["store"], shard, fp, w["parser"], w["config"], w["model_id"])
-
-
-def _process_context() -> multiprocessing.context.BaseContext:
-    """Not fork: the parent may hold threads (s3fs's event loop, Arrow's pools) that a fork would copy broken.
-    A fork server that has imported spaCy once (about 4 s here: thinc imports torch) forks clean workers at no
-    import cost; spawn, where there is no fork server, pays the import in every worker."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["ttd.tags", "spacy"])  # only effective before the fork server first starts
-    return ctx
-
-
-Outcome = Callable[[ShardRef, "dict[str, Any] | BaseException"], None]
-
-
-def _run_pool(todo: list[tuple[ShardRef, str]], corpus: Corpus, store_uri: str, config: ParseConfig,
-              model_id: str, outcome: Outcome, on_start: Callable[[int], None]) -> None:
-    init = (config.model_dump(), corpus.uri, corpus.format, corpus.name, store_uri, model_id)
-    with ProcessPoolExecutor(min(config.workers, len(todo)), mp_context=_process_context(),
-                             initializer=_init_worker, initargs=init) as pool:
-        on_start(len(todo))
-        pending = {pool.submit(_work, shard, fp): shard for shard, fp in todo}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    shard = pending.pop(fut)
-                    exc = fut.exception()
-                    if isinstance(exc, (BrokenProcessPool, TTDError)):  # not one shard's problem: stop, one line
-                        raise exc
-                    outcome(shard, exc if exc is not None else fut.result())
-        except BrokenProcessPool:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise TTDError("a parse worker process died (out of memory, or killed); shards committed so far are "
-                           "kept, re-run to finish. Calling run_parse(workers > 1) from a script needs the "
-                           "`if __name__ == '__main__':` guard") from None
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-
-
-def _run_here(todo: list[tuple[ShardRef, str]], corpus: Corpus, store: Store, config: ParseConfig, model_id: str,
-              outcome: Outcome, on_start: Callable[[int], None]) -> None:
-    parser = config.parser()
-    on_start(len(todo))  # after the parser has loaded: the rate a user sees is parsing's
-    for shard, fp in todo:
-        try:
-            counts: dict[str, Any] | BaseException = _process(corpus, store, shard, fp, parser, config, model_id)
-        except TTDError:
-            raise  # a setup problem (schema version, store), the same for every shard: one clear line
-        except Exception as exc:
-            counts = exc
-        outcome(shard, counts)
-
-
 # ---------------------------------------------------------------- the stage
 
-def _ignore(_: int) -> None:
-    pass
+def stage_spec(config: ParseConfig, model_id: str) -> StageSpec:
+    """What parse's fingerprint covers: its output-affecting config, the compound list in use, the spaCy model."""
+    fp_config = {**config.output_config(), "compound_list": compounds_digest() if config.compounds else None}
+    return StageSpec(STAGE, STAGE_VERSION, fp_config, model_id)
 
 
-_SUMMED = ("samples", "captions", "parsed", "tags", "errors", "warnings", "empty", "truncated", "normalised",
-           "not_english", "parse_failed")
+class ParseWorker(SerialWorker):
+    """Loads spaCy once, then parses and commits shards; `io_threads` shards at once, so their store and corpus
+    requests overlap while one shard at a time holds the parser."""
+
+    def __init__(self, corpus: dict[str, str], store_uri: str, config: dict[str, Any], model_id: str,
+                 io_threads: int = 1):
+        super().__init__()
+        self.config = ParseConfig(**config)
+        self.parser = self.config.parser()
+        self.corpus = open_corpus(corpus["uri"], fmt=corpus["format"], name=corpus["name"])
+        self.store, self.model_id, self.threads = Store(store_uri), model_id, io_threads
+
+    def process_one(self, job: PlannedShard) -> dict[str, Any]:
+        def work() -> dict[str, Any]:
+            read = read_shard(self.corpus, job.shard)  # the shard's reads, outside the parser's lock
+            with self.compute_lock:
+                result = parse_shard(self.corpus, job.shard, self.parser, self.config, read)
+            commit_shard(self.store, job.shard, job.fingerprint, result, self.config, self.model_id)
+            return result.as_dict()
+
+        return run_claimed(self.store, STAGE, job, work)
+
+
+SUMMED = ("samples", "captions", "parsed", "tags", "errors", "warnings", "empty", "truncated", "normalised",
+          "not_english", "parse_failed")
 
 
 def run_parse(
@@ -355,106 +310,43 @@ def run_parse(
     name: str | None = None,
     include_incomplete: bool = False,
     shards: Collection[str] | None = None,
-    progress: Callable[[ShardRef, dict[str, Any] | None], None] | None = None,
+    planned: list[PlannedShard] | None = None,
+    io_threads: int | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Parse every shard not yet done under this config; returns a summary of what was done and skipped.
-    `shards` limits the run to those shard names (a batch of the Prefect flow); the others are not counted.
-
-    `progress(shard, counts)` is called once per shard: counts is None for a skipped, waiting or failed shard;
-    `on_start(n)` once the parser is loaded and n shards are to be parsed.
-    A shard that fails as a whole (an unreadable file, a failed write) is listed in `failed` and left uncommitted
-    for the next run; the other shards go on."""
-    t0 = time.perf_counter()
+    `shards` limits the run to those shard names; `planned` hands it shards a flow planned already (no planning
+    here). `progress(result)` is called once per shard worked on; `on_start(n)` once the parser is loaded and n
+    shards are to be parsed. `io_threads`: shards in flight per process (default: 8 on an object store, where a
+    small shard's time is mostly requests; 1 on local disk). A shard that fails as a whole (an unreadable file, a
+    failed write) is listed in `failed` and left uncommitted for the next run; the other shards go on."""
     config = config or ParseConfig()
     corpus = open_corpus(corpus_uri, fmt=fmt, name=name)
     store = Store(store_uri, create=True)
     store.register_corpus(corpus.name, corpus.uri, corpus.format)
     model_id = english_model_id()
-    summary: dict[str, Any] = {"corpus": corpus.name, "format": corpus.format, **config.output_config(),
-                               "model_id": model_id, "workers": config.workers, "shards": 0, "done": 0,
-                               "skipped_done": 0, "claimed_elsewhere": [], "waiting": [], "failed": [],
-                               **dict.fromkeys(_SUMMED, 0)}
-    todo = _plan(corpus, store, config, model_id, include_incomplete, summary, progress, shards)
-
-    def outcome(shard: ShardRef, counts: dict[str, Any] | BaseException) -> None:
-        if isinstance(counts, BaseException):
-            log.error("shard %s/%s failed, left for the next run: %s: %s", corpus.name, shard.name,
-                      type(counts).__name__, counts)
-            summary["failed"].append({"shard": shard.name, "error": f"{type(counts).__name__}: {counts}"[:500]})
-            counts = None
-        elif counts.get("skipped") == "done":  # another run committed it after this one planned
-            summary["skipped_done"] += 1
-            counts = None
-        elif counts.get("skipped") == "claimed":
-            holder = counts["holder"]
-            log.warning("shard %s/%s is being worked on by another run (%s, pid %s): skipped", corpus.name,
-                        shard.name, holder.get("machine", "?"), holder.get("pid", "?"))
-            summary["claimed_elsewhere"].append(shard.name)
-            counts = None
-        else:
-            summary["done"] += 1
-            for k in _SUMMED:
-                summary[k] += counts.get(k, 0)
-        if progress:
-            progress(shard, counts)
-
+    summary = Summary(STAGE, corpus.name, SUMMED, progress=progress,
+                      extra={"format": corpus.format, **config.output_config(), "model_id": model_id,
+                             "workers": config.workers})
+    if planned is None:
+        planned = plan(corpus, store, stage_spec(config, model_id), include_incomplete=include_incomplete,
+                       shards=shards)
+    todo = summary.planned(planned)
+    if io_threads is None:
+        io_threads = 1 if store.root.protocol == "file" and corpus.loc.protocol == "file" else 8
+    spec = WorkerSpec(ParseWorker, ({"uri": corpus.uri, "format": corpus.format, "name": corpus.name}, store_uri,
+                                    config.model_dump(), model_id, io_threads))
     if todo and config.workers > 1 and len(todo) > 1:
-        _run_pool(todo, corpus, store_uri, config, model_id, outcome, on_start or _ignore)
+        run_processes(spec, todo, config.workers, summary.account, on_start, preload=["ttd.tags", "spacy"])
     elif todo:
-        _run_here(todo, corpus, store, config, model_id, outcome, on_start or _ignore)
+        run_here(spec, todo, summary.account, on_start)
     elif on_start:
         on_start(0)
-    clear_stale(store, STAGE)  # a run killed between commit and release left its claim on a done shard
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
-    summary["captions_per_s"] = round(summary["captions"] / summary["seconds"], 1) if summary["seconds"] else 0.0
+    clear_leftovers(store, STAGE)  # claims and staged files that killed runs left
+    out = summary.as_dict()
+    out["captions_per_s"] = round(out["captions"] / out["seconds"], 1) if out["seconds"] else 0.0
     log.info("parse %s: %d shard(s) committed, %d already done, %d waiting; %d captions, %d error row(s), "
-             "%.1f captions/s", corpus.name, summary["done"], summary["skipped_done"], len(summary["waiting"]),
-             summary["captions"], summary["errors"], summary["captions_per_s"])
-    return summary
-
-
-class PlannedShard(NamedTuple):
-    """One shard as planning sees it: its parse fingerprint (None while it waits for img2dataset's _stats.json) and
-    whether the store already holds its output under that fingerprint."""
-
-    shard: ShardRef
-    fingerprint: str | None
-    done: bool
-
-
-def plan_shards(corpus: Corpus, store: Store, config: ParseConfig, model_id: str | None = None,
-                include_incomplete: bool = False) -> list[PlannedShard]:
-    """Every shard of the corpus, in order, with its fingerprint and done state; reads manifests, never data."""
-    model_id = model_id or english_model_id()
-    fp_config = {**config.output_config(), "compound_list": compounds_digest() if config.compounds else None}
-    planned = []
-    for shard in corpus.shards():
-        if not shard.complete and not include_incomplete:
-            planned.append(PlannedShard(shard, None, False))
-            continue
-        fp = fingerprint(STAGE, STAGE_VERSION, fp_config, model_id, shard.fingerprint)
-        planned.append(PlannedShard(shard, fp, store.is_done(STAGE, shard.partition, fp)))
-    return planned
-
-
-def _plan(corpus: Corpus, store: Store, config: ParseConfig, model_id: str, include_incomplete: bool,
-          summary: dict[str, Any], progress: Callable | None,
-          shards: Collection[str] | None = None) -> list[tuple[ShardRef, str]]:
-    """The shards to parse, with their fingerprints; done and waiting shards are counted in `summary`."""
-    planned = select_planned(plan_shards(corpus, store, config, model_id, include_incomplete), shards, corpus.name)
-    todo = []
-    for p in planned:
-        summary["shards"] += 1
-        if p.fingerprint is None:
-            log.warning("shard %s/%s has no _stats.json yet (still downloading?): left for a later run",
-                        corpus.name, p.shard.name)
-            summary["waiting"].append(p.shard.name)
-        elif not p.done:
-            todo.append((p.shard, p.fingerprint))
-            continue
-        else:
-            summary["skipped_done"] += 1
-        if progress:
-            progress(p.shard, None)
-    return todo
+             "%.1f captions/s", corpus.name, out["done"], out["skipped_done"], len(out["waiting"]),
+             out["captions"], out["errors"], out["captions_per_s"])
+    return out

@@ -28,6 +28,7 @@ from .corpus import default_name, open_corpus
 from .errors import TTDError
 from .relevancy import SCORE_PERF_FIELDS
 from .runconfig import RunConfig
+from .stage import DONE, PlannedShard, plan
 from .store import Store, fingerprint
 from .uri import resolve
 
@@ -49,6 +50,7 @@ class Batch:
     waiting: list[str]  # members that cannot run yet
     done: bool  # the store holds every runnable member under its current fingerprint
     key: str
+    planned: list[dict[str, Any]] = field(default_factory=list)  # the runnable members as planned (PlannedShard)
 
     @property
     def label(self) -> str:
@@ -69,17 +71,18 @@ class Unit:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def make_batches(stage: str, store_uri: str, members: list[tuple[str, str | None, bool]],
-                 size: int) -> list[Batch]:
-    """`members`: (shard name, fingerprint or None while it cannot run, done) in corpus order."""
+def make_batches(stage: str, store_uri: str, planned: list[PlannedShard], size: int) -> list[Batch]:
+    """Consecutive planned shards in batches of `size`; each batch carries its runnable members as planned, so the
+    task that runs it does not plan again."""
     batches = []
-    for index, start in enumerate(range(0, len(members), size)):
-        chunk = members[start:start + size]
-        key = fingerprint(KEY_NAMESPACE, stage, store_uri, [(name, fp or "waiting") for name, fp, _ in chunk])
-        runnable = [name for name, fp, _ in chunk if fp is not None]
-        waiting = [name for name, fp, _ in chunk if fp is None]
-        done = all(d for _, fp, d in chunk if fp is not None)
-        batches.append(Batch(stage, index, runnable, waiting, done, key))
+    for index, start in enumerate(range(0, len(planned), size)):
+        chunk = planned[start:start + size]
+        key = fingerprint(KEY_NAMESPACE, stage, store_uri, [(p.shard.name, p.fingerprint or "waiting") for p in chunk])
+        runnable = [p for p in chunk if p.fingerprint is not None]
+        waiting = [p.shard.name for p in chunk if p.fingerprint is None]
+        done = all(p.status == DONE for p in runnable)
+        batches.append(Batch(stage, index, [p.shard.name for p in runnable], waiting, done, key,
+                             [p.as_dict() for p in runnable]))
     return batches
 
 
@@ -90,19 +93,20 @@ def _corpus(cfg: RunConfig):
 # ---------------------------------------------------------------- parse
 
 def plan_parse(cfg: RunConfig) -> list[Batch]:
-    from .parse import plan_shards
+    from .nlp import english_model_id
+    from .parse import stage_spec
 
-    planned = plan_shards(_corpus(cfg), Store(cfg.store, create=True), cfg.parse,
-                          include_incomplete=cfg.include_incomplete)
-    members = [(p.shard.name, p.fingerprint, p.done) for p in planned]
-    return make_batches("parse", cfg.store, members, cfg.flow.shards_per_batch)
+    planned = plan(_corpus(cfg), Store(cfg.store, create=True), stage_spec(cfg.parse, english_model_id()),
+                   include_incomplete=cfg.include_incomplete)
+    return make_batches("parse", cfg.store, planned, cfg.flow.shards_per_batch)
 
 
-def run_parse_batch(cfg: RunConfig, shards: list[str]) -> dict[str, Any]:
+def run_parse_batch(cfg: RunConfig, planned: list[dict[str, Any]]) -> dict[str, Any]:
+    """Parse a batch's shards as the flow planned them (no planning again)."""
     from .parse import run_parse
 
     summary = run_parse(cfg.corpus, cfg.store, cfg.parse, fmt=cfg.corpus_format, name=cfg.corpus_name,
-                        include_incomplete=cfg.include_incomplete, shards=shards)
+                        planned=[PlannedShard.from_dict(p) for p in planned])
     if summary["failed"]:  # the batch's other shards are committed; a retry redoes only these
         raise ShardsFailed("parse", summary["failed"])
     return jsonable(summary)
@@ -118,26 +122,23 @@ def model_id(cfg: RunConfig) -> str:
 
 
 def plan_score(cfg: RunConfig, mid: str) -> list[Batch]:
-    from .score import plan_shards, scoring_device_type
+    from .score import scoring_device_type, stage_spec
 
     # fingerprinted as `run_score` will: with 'auto' settings decided for the device the shards are scored on
     score = cfg.score.resolved(scoring_device_type(cfg.ray.address, cfg.ray.workers, cfg.device))
-    planned = plan_shards(_corpus(cfg), Store(cfg.store, create=True), score, mid,
-                          include_incomplete=cfg.include_incomplete)
-    unparsed = [p.shard.name for p in planned if p.status == "unparsed"]
-    if unparsed:
-        log.warning("%d shard(s) have no tags yet and wait for parse: %s", len(unparsed), ", ".join(unparsed[:5]))
-    members = [(p.shard.name, p.fingerprint, p.status == "done") for p in planned]
-    return make_batches("score", cfg.store, members, cfg.flow.shards_per_batch)
+    planned = plan(_corpus(cfg), Store(cfg.store, create=True), stage_spec(score, mid),
+                   include_incomplete=cfg.include_incomplete)
+    return make_batches("score", cfg.store, planned, cfg.flow.shards_per_batch)
 
 
-def run_score_batch(cfg: RunConfig, shards: list[str]) -> dict[str, Any]:
+def run_score_batch(cfg: RunConfig, planned: list[dict[str, Any]]) -> dict[str, Any]:
+    """Score a batch's shards as the flow planned them (no planning again)."""
     from .score import run_score
 
     return jsonable(run_score(cfg.corpus, cfg.store, cfg.score, model=cfg.model.name,
                               pretrained=cfg.model.pretrained, ray_address=cfg.ray.address, workers=cfg.ray.workers,
                               device=cfg.device, fmt=cfg.corpus_format, name=cfg.corpus_name,
-                              include_incomplete=cfg.include_incomplete, shards=shards))
+                              planned=[PlannedShard.from_dict(p) for p in planned]))
 
 
 BATCH_RUNNERS = {"parse": run_parse_batch, "score": run_score_batch}

@@ -9,10 +9,9 @@ actors (one GPU each where GPUs exist, CPU actors otherwise); `workers=0` scores
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Collection, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,9 +20,8 @@ import pyarrow.dataset as ds
 import torch
 
 from . import schemas, score_pipeline
-from .claims import claim, clear_stale
-from .corpus import Corpus, ReadIssue, Sample, ShardRef, open_corpus
-from .corpus.base import select_planned
+from .claims import claim, clear_leftovers
+from .corpus import ReadIssue, Sample, ShardRef, open_corpus
 from .models import load_model, model_identity
 from .ray_local import ensure_ray
 from .relevancy import SCORE_PERF_FIELDS, ScoreConfig, dense_features, encode_tags, encode_texts, normalisations
@@ -38,6 +36,7 @@ from .score_pipeline import (
     Timings,
     decode_one,
 )
+from .stage import PlannedShard, StageSpec, Summary, WorkerSpec, plan, run_here, run_on_ray
 from .store import Store, fingerprint
 
 log = logging.getLogger(__name__)
@@ -125,15 +124,11 @@ class ShardScorer:
         t = self.store.read("captions", columns=["key", "caption"], filter=where)
         return ShardCandidates(tags), dict(zip(t["key"].to_pylist(), t["caption"].to_pylist()))
 
-    def score_shard(self, shard: ShardRef, fp: str, input_fingerprint: str) -> dict[str, Any]:
-        """Score and commit one shard, unless another run holds it or finished it since planning."""
-        return self.score_shards([(shard, fp, input_fingerprint)])[0]
-
-    def score_shards(self, todo: list[tuple[ShardRef, str, str]], on_result: Callable[[dict], None] | None = None,
+    def score_shards(self, planned: list[PlannedShard], on_result: Callable[[dict], None] | None = None,
                      pipelined: bool | None = None) -> list[dict[str, Any]]:
         """Score and commit shards in order, the next one's reads overlapping this one's work; one result each
         (also handed to `on_result` as each shard commits)."""
-        jobs = [ShardJob(shard, fp, input_fp) for shard, fp, input_fp in todo]
+        jobs = [ShardJob(p.shard, p.fingerprint, p.input_fingerprint) for p in planned]
 
         def finish(job: ShardJob) -> dict[str, Any]:
             result = self._finish(job)
@@ -187,9 +182,7 @@ class ShardScorer:
         """Stop the decoding threads or processes."""
         self.decoder.close()
 
-    def alive(self) -> int:
-        """This scorer's process id: a cheap call that tells a kept Ray actor is still there."""
-        return os.getpid()
+    process = score_shards  # the stage engine's worker interface (`ttd.stage.ShardWorker`)
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return dense_features(self.bundle.model, images, self.config.head, self.config.flip)
@@ -282,34 +275,10 @@ def _concat(tables: list[pa.Table], name: str) -> pa.Table:
     return pa.concat_tables(tables) if tables else schemas.get(name).arrow.empty_table()
 
 
-class PlannedShard(NamedTuple):
-    """One shard as score planning sees it. status: todo, done, waiting (no _stats.json yet) or unparsed (no `parse`
-    manifest yet); the fingerprints are None unless todo or done."""
-
-    shard: ShardRef
-    status: str
-    fingerprint: str | None
-    input_fingerprint: str | None
-
-
-def plan_shards(corpus: Corpus, store: Store, config: ScoreConfig, model_id: str,
-                include_incomplete: bool = False) -> list[PlannedShard]:
-    """Every shard of the corpus, in order, with its score fingerprint (which covers its tags' parse fingerprint,
-    the output-affecting config and the model) and whether the store already holds it; reads manifests only."""
-    planned = []
-    for shard in corpus.shards():
-        if not shard.complete and not include_incomplete:
-            planned.append(PlannedShard(shard, "waiting", None, None))
-            continue
-        parsed = store.manifest(PARSE_STAGE, shard.partition)
-        if parsed is None:
-            planned.append(PlannedShard(shard, "unparsed", None, None))
-            continue
-        input_fp = fingerprint(shard.fingerprint, parsed["fingerprint"])
-        fp = fingerprint(STAGE, STAGE_VERSION, result_config(config), model_id, input_fp)
-        status = "done" if store.is_done(STAGE, shard.partition, fp) else "todo"
-        planned.append(PlannedShard(shard, status, fp, input_fp))
-    return planned
+def stage_spec(config: ScoreConfig, model_id: str) -> StageSpec:
+    """What score's fingerprint covers: the output-affecting config, the model, the shard's files and the
+    fingerprint of its `parse` commit (new tags mean new scores)."""
+    return StageSpec(STAGE, STAGE_VERSION, result_config(config), model_id, after=PARSE_STAGE, blocked="unparsed")
 
 
 def scoring_device_type(ray_address: str | None, workers: int | None, device: str | None) -> str:
@@ -340,13 +309,14 @@ def run_score(
     name: str | None = None,
     include_incomplete: bool = False,
     shards: Collection[str] | None = None,
+    planned: list[PlannedShard] | None = None,
     progress: Callable[[dict], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Score every parsed shard not yet scored under this config and model. `workers=0`: no Ray. `shards` limits
-    the run to those shard names (a batch of the Prefect flow); the others are not counted. `progress(result)`
-    after each shard scored here; `on_start(n)` when the model is loaded and n shards are to be scored."""
-    t0 = time.perf_counter()
+    the run to those shard names; `planned` hands it shards a flow planned already (no planning here).
+    `progress(result)` after each shard scored here; `on_start(n)` when the model is loaded and n shards are to
+    be scored."""
     config = config or ScoreConfig()
     corpus = open_corpus(corpus_uri, fmt=fmt, name=name)
     store = Store(store_uri, create=True)
@@ -358,62 +328,30 @@ def run_score(
     model_spec["model_id"] = model_id
     # 'auto' decoder and precision decided for where the shards will be scored: they are part of the fingerprint
     config = config.resolved(scoring_device_type(ray_address, workers, device))
-    summary: dict[str, Any] = {"corpus": corpus.name, "model_id": model_id, "shards": 0, "done": 0,
-                               "skipped_done": 0, "claimed_elsewhere": [], "waiting": [], "unparsed": [], "images": 0,
-                               "tags": 0, "masks": 0, "errors": 0}
-    planned = select_planned(plan_shards(corpus, store, config, model_id, include_incomplete), shards, corpus.name)
-    todo = []
-    for p in planned:
-        summary["shards"] += 1
-        if p.status == "todo":
-            todo.append((p.shard, p.fingerprint, p.input_fingerprint))
-        elif p.status == "done":
-            summary["skipped_done"] += 1
-        else:
-            summary[p.status].append(p.shard.name)
-    if summary["unparsed"]:
-        log.warning("%d shard(s) have no tags yet: run `ttd parse` on them first (%s)", len(summary["unparsed"]),
-                    ", ".join(summary["unparsed"][:5]))
-
-    def account(result: dict) -> None:
-        if result.get("skipped") == "done":  # another run committed it after this one planned
-            summary["skipped_done"] += 1
-            return
-        if result.get("skipped") == "claimed":
-            holder = result["holder"]
-            log.warning("shard %s is being scored by another run (%s, pid %s): skipped", result["shard"],
-                        holder.get("machine", "?"), holder.get("pid", "?"))
-            summary["claimed_elsewhere"].append(result["shard"])
-            return
-        summary["done"] += 1
-        for k in ("images", "tags", "masks", "errors"):
-            summary[k] += result[k]
-        if progress:
-            progress(result)
-
+    summary = Summary(STAGE, corpus.name, ("images", "tags", "masks", "errors"), blocked_name="unparsed",
+                      extra={"model_id": model_id}, progress=progress)
+    if planned is None:
+        planned = plan(corpus, store, stage_spec(config, model_id), include_incomplete=include_incomplete,
+                       shards=shards)
+    todo = summary.planned(planned)
+    spec = WorkerSpec(ShardScorer, (corpus_spec, store_uri, model_spec, config.model_dump(mode="json"), device))
     if todo and workers == 0:
-        local = ShardScorer(corpus_spec, store_uri, model_spec, config.model_dump(mode="json"), device)
-        if on_start:
-            on_start(len(todo))
-        try:
-            local.score_shards(todo, on_result=account)  # one pipeline: the next shard is read while one computes
-        finally:
-            local.close()
+        run_here(spec, todo, summary.account, on_start)  # one pipeline: the next shard is read while one computes
     elif todo:
-        from .score_ray import score_on_ray
+        from .score_ray import Fleet
 
+        ensure_ray(ray_address)
         load_model(model, pretrained, device="cpu", lora=lora)  # bad weights: one clear error here, not per actor
         if on_start:
             on_start(len(todo))
-        summary["workers"] = score_on_ray(todo, (corpus_spec, store_uri, model_spec, config.model_dump(mode="json"),
-                                                 device), ray_address=ray_address, workers=workers, device=device,
-                                          config=config, account=account)
+        summary.extra["workers"] = run_on_ray(spec, todo, Fleet(workers, device, config), summary.account,
+                                              key=fingerprint(ray_address, spec.args))
     elif on_start:
         on_start(0)
-    clear_stale(store, STAGE)  # a run killed between commit and release left its claim on a done shard
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
-    summary["images_per_s"] = round(summary["images"] / max(summary["seconds"], 1e-9), 2)
+    clear_leftovers(store, STAGE)  # claims and staged files that killed runs left
+    out = summary.as_dict()
+    out["images_per_s"] = round(out["images"] / max(out["seconds"], 1e-9), 2)
     log.info("score %s: %d shard(s) committed, %d already done, %d waiting, %d unparsed; %d images, %d error "
-             "row(s), %.1f images/s", corpus.name, summary["done"], summary["skipped_done"], len(summary["waiting"]),
-             len(summary["unparsed"]), summary["images"], summary["errors"], summary["images_per_s"])
-    return summary
+             "row(s), %.1f images/s", corpus.name, out["done"], out["skipped_done"], len(out["waiting"]),
+             len(out["unparsed"]), out["images"], out["errors"], out["images_per_s"])
+    return out

@@ -6,11 +6,16 @@ Layout under the root URI::
     corpora/NAME.json                                 corpora the stages have read (name, uri, format)
     tables/TABLE/corpus=C/shard=S/STAGE-FP.parquet    data files (FP = the stage fingerprint)
     manifests/STAGE/corpus=C/shard=S.json             the commit record of one stage on one shard
+    _staging/STAGE/corpus=C/shard=S/RUN/TABLE.parquet  data files of a shard being committed (never read)
 
-Commit protocol: a shard's data files are written first, then its manifest, last, in one atomic step (a local
-rename, or one S3 PUT). Readers only ever see files that a manifest names, so a half-written shard is invisible
-and is simply redone. A re-run whose fingerprint equals the manifest's is skipped; a new fingerprint (changed
-config, model or input) replaces the shard's files.
+Commit protocol: a shard's data files are written under `_staging/` first, moved into `tables/` (a local rename,
+or a server-side copy), then its manifest is written, last, in one atomic step (a rename, or one S3 PUT). So a
+shard killed mid-way leaves nothing in `tables/` that a plain reader of the folders (DuckDB, Polars, Spark) would
+count, and ttd's readers only ever see files that a manifest names. A kill between the move and the manifest (a
+moment) leaves a file in `tables/` that no manifest names: the shard is redone by the next run, whose commit
+removes every file of its stage in the shard's folders that the new manifest does not name; staged leftovers are
+removed at the end of the next run (`claims.clear_leftovers`). A re-run whose fingerprint equals the manifest's
+is skipped; a new fingerprint (changed config, model or input) replaces the shard's files.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 STORE_FORMAT = "ttd-store"
 STORE_VERSION = 1
 MARKER = "_ttd_store.json"
+STAGING = "_staging"  # data files of shards not yet committed; outside tables/, and `_` hides it from hive readers
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -104,10 +110,78 @@ class Store:
             with fs.open(path, "wb") as f:
                 f.write(data)
 
-    def _write_parquet(self, path: str, table: pa.Table) -> None:
+    def _write_parquet(self, path: str, table: pa.Table) -> str:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         self._atomic_write(path, sink.getvalue().to_pybytes())
+        return path
+
+    def _move(self, src: str, dst: str) -> None:
+        """Into place: a rename on local disk; on an object store a server-side copy, then the source deleted."""
+        fs = self.root.fs
+        if self.root.protocol == "file":
+            fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+            fs.mv(src, dst)
+        else:  # one file each way: fsspec's `mv` first expands and checks both paths (a listing or two each)
+            fs.cp_file(src, dst)
+            fs.rm_file(src)
+
+    def _remove_orphans(self, stage: str, part: str, files: Mapping[str, list[str]]) -> None:
+        """Files of `stage` in the partition's folders that the new manifest does not name: the previous commit's
+        files under another fingerprint, and any a killed run moved into place but never committed."""
+        fs = self.root.fs
+        keep = {self.root.join(f) for fl in files.values() for f in fl}
+        for name in files:
+            folder = self.root.join("tables", name, part)
+            fs.invalidate_cache(folder)
+            try:
+                present = fs.ls(folder, detail=False)
+            except FileNotFoundError:
+                continue
+            self.remove(p for p in present if p.rsplit("/", 1)[-1].startswith(f"{stage}-") and p not in keep)
+
+    def remove(self, paths: Iterable[str]) -> int:
+        """Delete these files, those already gone (another run's cleanup) included; returns how many this did."""
+        removed = 0
+        for path in paths:
+            try:
+                self.root.fs.rm(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+    def _remove_empty(self, folder: str) -> None:
+        """A local staging folder, and its parents while they are empty (up to the store root)."""
+        import os
+
+        path, stop = folder, self.root.join(STAGING)
+        while path.startswith(stop):
+            try:
+                os.rmdir(path)
+            except OSError:
+                return
+            path = path.rsplit("/", 1)[0]
+
+    def clear_staging(self, stage: str, in_progress: Callable[[str], bool]) -> int:
+        """Remove what killed runs left in `_staging/STAGE/` (files written, never moved into place), except for
+        partitions `in_progress(partition_path)` says another run is working on. One listing; returns the files
+        removed. Staged files are invisible to every reader; this only frees their space."""
+        fs, base = self.root.fs, self.root.join(STAGING, check_name(stage, "stage"))
+        fs.invalidate_cache(base)
+        try:
+            found = fs.find(base, withdirs=True, detail=True)
+        except FileNotFoundError:
+            return 0
+        # corpus=C/shard=S is the path before RUN/TABLE.parquet
+        removed = self.remove(p for p, info in found.items()
+                              if info["type"] != "directory" and not in_progress(p[len(base) + 1:].rsplit("/", 2)[0]))
+        if self.root.protocol == "file":  # folders emptied here, and those of killed runs that moved their files
+            for path in sorted((p for p, info in found.items() if info["type"] == "directory"), key=len,
+                               reverse=True):
+                if not in_progress(path[len(base) + 1:].rsplit("/", 1)[0]):
+                    self._remove_empty(path)
+        return removed
 
     # ---- manifests ----------------------------------------------------------------------------------------------
     def _manifest_path(self, stage: str, partition: Mapping[str, str]) -> str:
@@ -134,10 +208,17 @@ class Store:
         doc = self.manifest(stage, partition)
         return doc is not None and doc.get("fingerprint") == fp
 
-    def manifests(self, stage: str | None = None) -> list[dict]:
-        """Every committed manifest (of one stage, or all), sorted by stage and partition."""
+    def committed(self, stage: str, corpus: str) -> dict[str, dict]:
+        """shard name -> manifest, for every shard of `corpus` that `stage` has committed: one listing of the
+        stage's manifests and their reads in parallel (fsspec's bulk `cat`), not a request per shard."""
+        docs = self.manifests(stage, prefix=f"corpus={check_name(corpus, 'corpus')}")
+        return {d["shard"]: d for d in docs if "shard" in d}
+
+    def manifests(self, stage: str | None = None, prefix: str | None = None) -> list[dict]:
+        """Every committed manifest (of one stage, or all; under `prefix` of the stage's folder, e.g. one
+        corpus's), sorted by stage and partition: one listing, the reads in parallel."""
         fs = self.root.fs
-        base = self.root.join("manifests", stage) if stage else self.root.join("manifests")
+        base = self.root.join("manifests", *(p for p in (stage, prefix) if p))
         fs.invalidate_cache()
         try:
             paths = sorted(p for p in fs.find(base) if p.endswith(".json") and "/.tmp-" not in p)
@@ -165,15 +246,21 @@ class Store:
         files: dict[str, list[str]] = {}
         rows: dict[str, int] = {}
         versions: dict[str, int] = {}
+        staging = self.root.join(STAGING, stage, part, uuid.uuid4().hex)
+        staged = []
         for name, table in tables.items():
             schema = schemas.get(name)
             if tuple(partition) != schema.partitioning:
                 raise SchemaError(f"table {name!r} is partitioned by {schema.partitioning}, got {tuple(partition)}")
             table = schema.conform(table)
             rel = f"tables/{name}/{part}/{stage}-{fp}.parquet"
-            self._write_parquet(self.root.join(rel), table)
+            # written outside tables/ first: a reader of the folders never sees a shard that is not committed
+            staged.append((self._write_parquet(f"{staging}/{name}.parquet", table), self.root.join(rel)))
             files[name], rows[name], versions[name] = [rel], table.num_rows, schema.version
-        previous = self.manifest(stage, partition)
+        for tmp, final in staged:
+            self._move(tmp, final)
+        if self.root.protocol == "file":  # object stores have no empty folders to leave behind
+            self._remove_empty(staging)
         doc = {
             "stage": stage,
             "stage_version": stage_version,
@@ -189,14 +276,7 @@ class Store:
             "committed_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds"),
         }
         self._atomic_write(self._manifest_path(stage, partition), json.dumps(doc, indent=1, sort_keys=True).encode())
-        if previous:  # files the new commit no longer names are garbage now that it is visible
-            keep = {f for fl in files.values() for f in fl}
-            stale = [self.root.join(f) for fl in previous.get("files", {}).values() for f in fl if f not in keep]
-            for path in stale:
-                try:
-                    self.root.fs.rm(path)
-                except FileNotFoundError:
-                    pass
+        self._remove_orphans(stage, part, files)
         log.debug("committed %s %s (%s)", stage, part, rows)
         return doc
 

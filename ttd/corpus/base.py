@@ -7,7 +7,7 @@ import json
 import logging
 import posixpath
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -222,17 +222,3 @@ class Corpus:
             else:
                 stats.warnings += 1
         return ReadIssue(self.name, shard.name, key, kind, msg, severity, source)
-
-
-def select_planned(planned: list, wanted: Collection[str] | None, corpus: str) -> list:
-    """The planned shards (anything with `.shard.name`) named in `wanted`, in corpus order; all when None. A name
-    the corpus lacks is a clear error (a flow batch naming a shard that was removed)."""
-    if wanted is None:
-        return planned
-    wanted = set(wanted)
-    unknown = sorted(wanted - {p.shard.name for p in planned})
-    if unknown:
-        from ..errors import TTDError
-
-        raise TTDError(f"corpus {corpus!r} has no shard(s) {', '.join(unknown[:5])}")
-    return [p for p in planned if p.shard.name in wanted]
