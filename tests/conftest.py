@@ -156,7 +156,9 @@ def outside_rows(store: str, table: str, cols: list[str]) -> dict[str, list[tupl
 
 def committed_rows(store: str, table: str, cols: list[str]) -> list[tuple]:
     """The same table's rows as ttd reads them: the files its manifests name."""
-    from ttd.store import Store
+    from ttd.store import MARKER, Store
 
+    if not Path(store, MARKER).exists():  # killed before the store was made
+        return []
     t = Store(store).read(table, columns=cols)
     return sorted(zip(*(t[c].to_pylist() for c in cols)))
