@@ -44,6 +44,12 @@ CANDIDATES = {
     # the caption map trained through the head it is evaluated with (maskclip), not sclip; and L_distill weighted 5x
     "ttd-2k-union04-maskclip": {"corpus": "2k", "settings": {"union_threshold": 0.4, "head": "maskclip"}},
     "ttd-2k-union04-wd5": {"corpus": "2k", "settings": {"union_threshold": 0.4, "w_distill": 5.0}},
+    # the maskclip-trained candidate trained longer, and session 5's text-only rank 64 trained through maskclip
+    "ttd-2k-union04-maskclip-600": {"corpus": "2k", "settings": {"union_threshold": 0.4, "head": "maskclip",
+                                                                "steps": 600}},
+    "ttd-2k-text64-maskclip": {"corpus": "2k", "settings": {**TEXT64, "head": "maskclip"}},
+    "ttd-2k-text64-union04-maskclip": {"corpus": "2k", "settings": {**TEXT64, "union_threshold": 0.4,
+                                                                   "head": "maskclip"}},
     "ttd-20k-text64": {"corpus": "20k", "settings": TEXT64},
 }
 CONTROL = {"w_distill": 0.0, "w_tag": 0.0, "w_contrastive": 1.0}

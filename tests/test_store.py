@@ -141,3 +141,31 @@ def test_s3_store(s3_bucket):
     assert again.is_done("index", part("00001"), "fp")
     t = again.read("errors", filter=ds.field("shard") == "00000", columns=["key", "shard"])
     assert t.column_names == ["key", "shard"] and t.num_rows == 3
+
+
+def test_the_manifest_index_saves_reads_and_never_serves_a_stale_manifest(tmp_path, monkeypatch):
+    """Planning reads a stage's manifests through one listing and its index: after the first bulk read the index
+    holds them all, the next plan reads only what changed, and a manifest rewritten since is read, not taken from
+    the index."""
+    from ttd.store import INDEX_REWRITE_AFTER
+
+    store = Store(str(tmp_path / "s"), create=True)
+    shards = [f"{i:05d}" for i in range(INDEX_REWRITE_AFTER + 6)]
+    for s in shards:
+        store.commit("parse", part(s), "fp", {"errors": errors_rows(1)})
+    fetched = []
+    real_cat = type(store.root.fs).cat
+
+    def counting_cat(fs, paths, *a, **kw):
+        fetched.extend(paths if isinstance(paths, list) else [paths])
+        return real_cat(fs, paths, *a, **kw)
+
+    monkeypatch.setattr(type(store.root.fs), "cat", counting_cat)
+    assert set(store.committed("parse", "c")) == set(shards) and len(fetched) == len(shards)
+    assert (tmp_path / "s" / "manifests" / "_index" / "parse.parquet").exists()
+    fetched.clear()
+    assert {d["fingerprint"] for d in store.committed("parse", "c").values()} == {"fp"} and fetched == []
+    store.commit("parse", part(shards[3]), "fp-new", {"errors": errors_rows(2)})
+    committed = store.committed("parse", "c")
+    assert committed[shards[3]]["fingerprint"] == "fp-new" and len(fetched) == 1
+    assert len(store.manifests()) == len(shards) and store.read("errors").num_rows == len(shards) + 1

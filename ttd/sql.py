@@ -140,8 +140,12 @@ def connect(store_uri: str, corpora: Iterable[str] = ()) -> duckdb.DuckDBPyConne
         schema = schemas.get(name)
         files = [store.root.uri(p) for p in store.files(name, manifests)]
         if files:
+            # files of one schema version share their columns: DuckDB then reads one file's schema, not every
+            # file's (a second or more at 10,000 files); mixed versions are unioned by name
+            versions = {m.get("schema_versions", {}).get(name) for m in manifests if name in m.get("files", {})}
+            by_name = "true" if len(versions) > 1 else "false"
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_list(files)}, "
-                        "hive_partitioning=true, hive_types_autocast=false, union_by_name=true)")
+                        f"hive_partitioning=true, hive_types_autocast=false, union_by_name={by_name})")
         else:
             empty = pa.schema(list(schema.arrow) + [pa.field(p, pa.string()) for p in schema.partitioning])
             con.register(f"_empty_{name}", empty.empty_table())

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 STORE_FORMAT = "ttd-store"
 STORE_VERSION = 1
 MARKER = "_ttd_store.json"
+INDEX_DIR = "_index"  # manifests/_index/STAGE.parquet: every manifest of a stage in one object (reads saved)
+INDEX_REWRITE_AFTER = 64  # manifests read one by one before a stage's planning rewrites its index
 STAGING = "_staging"  # data files of shards not yet committed; outside tables/, and `_` hides it from hive readers
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -57,6 +59,13 @@ def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts (dict keys sorted)."""
     blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _stamp(info: Mapping[str, Any]) -> str:
+    """What changes when a listed file is rewritten: its ETag on object stores; locally its modification time,
+    inode (an atomic rewrite is a new file) and size."""
+    etag = info.get("ETag") or info.get("etag")
+    return str(etag) if etag else f"{info.get('mtime')}:{info.get('ino')}:{info.get('size')}"
 
 
 def _partition_path(partition: Mapping[str, str]) -> str:
@@ -151,17 +160,17 @@ class Store:
                 pass
         return removed
 
-    def _remove_empty(self, folder: str) -> None:
-        """A local staging folder, and its parents while they are empty (up to the store root)."""
+    def _remove_empty(self, folder: str, levels: int = 2) -> None:
+        """A local staging folder (RUN) and its partition's last folder (shard=S) when empty: only folders the
+        shard's claim holder owns. Shared parents (corpus=C) stay, or another process's `makedirs` would race."""
         import os
 
-        path, stop = folder, self.root.join(STAGING)
-        while path.startswith(stop):
+        for _ in range(levels):
             try:
-                os.rmdir(path)
+                os.rmdir(folder)
             except OSError:
                 return
-            path = path.rsplit("/", 1)[0]
+            folder = folder.rsplit("/", 1)[0]
 
     def clear_staging(self, stage: str, in_progress: Callable[[str], bool]) -> int:
         """Remove what killed runs left in `_staging/STAGE/` (files written, never moved into place), except for
@@ -176,10 +185,10 @@ class Store:
         # corpus=C/shard=S is the path before RUN/TABLE.parquet
         removed = self.remove(p for p, info in found.items()
                               if info["type"] != "directory" and not in_progress(p[len(base) + 1:].rsplit("/", 2)[0]))
-        if self.root.protocol == "file":  # folders emptied here, and those of killed runs that moved their files
-            for path in sorted((p for p, info in found.items() if info["type"] == "directory"), key=len,
-                               reverse=True):
-                if not in_progress(path[len(base) + 1:].rsplit("/", 1)[0]):
+        if self.root.protocol == "file":  # RUN folders emptied here, or by killed runs that moved their files
+            for path, info in found.items():
+                rel = path[len(base) + 1:]
+                if info["type"] == "directory" and rel.count("/") >= 2 and not in_progress(rel.rsplit("/", 1)[0]):
                     self._remove_empty(path)
         return removed
 
@@ -210,23 +219,77 @@ class Store:
 
     def committed(self, stage: str, corpus: str) -> dict[str, dict]:
         """shard name -> manifest, for every shard of `corpus` that `stage` has committed: one listing of the
-        stage's manifests and their reads in parallel (fsspec's bulk `cat`), not a request per shard."""
-        docs = self.manifests(stage, prefix=f"corpus={check_name(corpus, 'corpus')}")
+        stage's manifests, then the stage's manifest index and only the manifests it does not hold (read in
+        parallel); the index is brought up to date when many were missing."""
+        docs = self.manifests(stage, prefix=f"corpus={check_name(corpus, 'corpus')}", update_index=True)
         return {d["shard"]: d for d in docs if "shard" in d}
 
-    def manifests(self, stage: str | None = None, prefix: str | None = None) -> list[dict]:
+    def manifests(self, stage: str | None = None, prefix: str | None = None, *,
+                  update_index: bool = False) -> list[dict]:
         """Every committed manifest (of one stage, or all; under `prefix` of the stage's folder, e.g. one
-        corpus's), sorted by stage and partition: one listing, the reads in parallel."""
+        corpus's), sorted by stage and partition. One listing says which manifests exist and their ETag or
+        modification stamp; a manifest whose stamp the stage's index (`manifests/_index/STAGE.parquet`) holds is
+        taken from it, the others are read in parallel (fsspec's bulk `cat`). `update_index`: rewrite the index
+        when INDEX_REWRITE_AFTER or more were read (a stage's planning does; readers such as `ttd sql` never
+        write). The index only saves reads: an entry is used only while its manifest's stamp is unchanged."""
         fs = self.root.fs
+        root = self.root.join("manifests")
         base = self.root.join("manifests", *(p for p in (stage, prefix) if p))
         fs.invalidate_cache()
         try:
-            paths = sorted(p for p in fs.find(base) if p.endswith(".json") and "/.tmp-" not in p)
+            found = fs.find(base, detail=True)
         except FileNotFoundError:
             return []
-        if not paths:
+        listed = {p: _stamp(info) for p, info in found.items()
+                  if p.endswith(".json") and "/.tmp-" not in p and info.get("type") != "directory"}
+        if not listed:
             return []
-        return [self._parse_manifest(data, p) for p, data in sorted(fs.cat(paths).items())]
+        stages = [stage] if stage else sorted({p[len(root) + 1:].split("/", 1)[0] for p in listed})
+        indexed = {st: self._read_index(st) for st in stages}
+        docs, fetch = {}, []
+        for path, stamp in listed.items():
+            rel = path[len(root) + 1:]
+            entry = indexed[rel.split("/", 1)[0]].get(rel)
+            if entry is not None and entry[0] == stamp:
+                docs[path] = self._parse_manifest(entry[1], path)
+            else:
+                fetch.append(path)
+        if fetch:
+            for path, data in fs.cat(fetch).items():
+                docs[path] = self._parse_manifest(data, path)
+        if update_index and stage and len(fetch) >= INDEX_REWRITE_AFTER:
+            self._write_index(stage, indexed[stage], {p[len(root) + 1:]: (listed[p], docs[p]) for p in listed})
+        return [docs[p] for p in sorted(docs)]
+
+    def _index_path(self, stage: str) -> str:
+        return self.root.join("manifests", INDEX_DIR, f"{check_name(stage, 'stage')}.parquet")
+
+    def _read_index(self, stage: str) -> dict[str, tuple[str, bytes]]:
+        """rel path -> (stamp, manifest JSON) of the stage's index; empty when there is none or it is unreadable
+        (the index only saves reads)."""
+        try:
+            table = pq.read_table(pa.BufferReader(self.root.fs.cat_file(self._index_path(stage))))
+        except FileNotFoundError:
+            return {}
+        except Exception as exc:  # noqa: BLE001 - a torn or foreign index: read the manifests themselves
+            log.warning("manifest index of stage %s unreadable (%s): reading the manifests", stage, exc)
+            return {}
+        cols = table.to_pydict()
+        return {p: (st, d.encode()) for p, st, d in zip(cols["path"], cols["stamp"], cols["doc"])}
+
+    def _write_index(self, stage: str, old: dict[str, tuple[str, bytes]], fresh: dict[str, tuple[str, dict]]
+                     ) -> None:
+        """The stage's index: the entries just listed and read, and those of the old index outside that listing
+        (other corpora's; a stale one is never used, its stamp no longer matching)."""
+        entries = {p: (st, d.decode()) for p, (st, d) in old.items() if p not in fresh}
+        entries.update({p: (st, json.dumps(doc, sort_keys=True)) for p, (st, doc) in fresh.items()})
+        paths = sorted(entries)
+        table = pa.table({"path": paths, "stamp": [entries[p][0] for p in paths],
+                          "doc": [entries[p][1] for p in paths]})
+        try:
+            self._write_parquet(self._index_path(stage), table)
+        except Exception as exc:  # noqa: BLE001 - a read-only store or a failed write: the manifests stay the truth
+            log.warning("could not write the manifest index of stage %s: %s", stage, exc)
 
     def commit(
         self,
