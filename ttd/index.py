@@ -14,10 +14,9 @@ from typing import Any
 import pyarrow as pa
 
 from . import schemas
-from .claims import clear_leftovers
 from .corpus import ReadIssue, Sample, ShardRef, ShardStats, open_corpus
 from .errors import ImageDecodeError
-from .stage import PlannedShard, SerialWorker, StageSpec, Summary, WorkerSpec, plan, run_claimed, run_here
+from .stage import PlannedShard, SerialWorker, StageSpec, Summary, WorkerSpec, finish_run, plan, run_claimed, run_here
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -93,5 +92,5 @@ def run_index(
         run_here(spec, todo, summary.account, on_start)
     elif on_start:
         on_start(0)
-    clear_leftovers(store, STAGE)
+    finish_run(store, STAGE, corpus.name, summary.counts["done"])
     return summary.as_dict()

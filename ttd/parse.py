@@ -23,7 +23,6 @@ import pydantic
 from pydantic import Field
 
 from . import schemas
-from .claims import clear_leftovers
 from .corpus import Corpus, ReadIssue, ShardRef, ShardStats, open_corpus
 from .corpus.base import Caption
 from .nlp import english_model_id
@@ -33,6 +32,7 @@ from .stage import (
     StageSpec,
     Summary,
     WorkerSpec,
+    finish_run,
     plan,
     run_claimed,
     run_here,
@@ -343,7 +343,7 @@ def run_parse(
         run_here(spec, todo, summary.account, on_start)
     elif on_start:
         on_start(0)
-    clear_leftovers(store, STAGE)  # claims and staged files that killed runs left
+    finish_run(store, STAGE, corpus.name, summary.counts["done"])
     out = summary.as_dict()
     out["captions_per_s"] = round(out["captions"] / out["seconds"], 1) if out["seconds"] else 0.0
     log.info("parse %s: %d shard(s) committed, %d already done, %d waiting; %d captions, %d error row(s), "

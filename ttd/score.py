@@ -20,7 +20,7 @@ import pyarrow.dataset as ds
 import torch
 
 from . import schemas, score_pipeline
-from .claims import claim, clear_leftovers
+from .claims import claim
 from .corpus import ReadIssue, Sample, ShardRef, open_corpus
 from .models import load_model, model_identity
 from .ray_local import ensure_ray
@@ -36,7 +36,7 @@ from .score_pipeline import (
     Timings,
     decode_one,
 )
-from .stage import PlannedShard, StageSpec, Summary, WorkerSpec, plan, run_here, run_on_ray
+from .stage import PlannedShard, StageSpec, Summary, WorkerSpec, finish_run, plan, run_here, run_on_ray
 from .store import Store, fingerprint
 
 log = logging.getLogger(__name__)
@@ -348,7 +348,7 @@ def run_score(
                                               key=fingerprint(ray_address, spec.args))
     elif on_start:
         on_start(0)
-    clear_leftovers(store, STAGE)  # claims and staged files that killed runs left
+    finish_run(store, STAGE, corpus.name, summary.counts["done"])
     out = summary.as_dict()
     out["images_per_s"] = round(out["images"] / max(out["seconds"], 1e-9), 2)
     log.info("score %s: %d shard(s) committed, %d already done, %d waiting, %d unparsed; %d images, %d error "

@@ -31,7 +31,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .claims import claim
+from .claims import claim, clear_leftovers
 from .corpus import Corpus, ShardRef
 from .errors import TTDError
 from .store import Store, fingerprint
@@ -183,6 +183,18 @@ class Summary:
     def as_dict(self) -> dict[str, Any]:
         return {"corpus": self.corpus, **self.extra, **self.counts,
                 "seconds": round(time.perf_counter() - self.started, 3)}
+
+
+def finish_run(store: Store, stage: str, corpus: str, committed: int) -> None:
+    """A run's last step: remove what killed runs left (claims, staged files), and when this run committed shards,
+    bring the stage's manifest index up to date, so the next plan or `ttd sql` reads one object, not a manifest
+    per new shard. Never raises: both only save work."""
+    clear_leftovers(store, stage)
+    if committed:
+        try:
+            store.committed(stage, corpus)
+        except Exception as exc:  # noqa: BLE001 - the manifests stay the truth; the next plan retries
+            log.warning("could not update the %s manifest index: %s", stage, exc)
 
 
 # ---------------------------------------------------------------- workers
