@@ -15,7 +15,8 @@ Per corpus size N (`--shards`), locally and (with `--s3`) on S3:
   first-s3    (`--first-s3 M`) the first parse of a separate M-shard corpus with corpus and store on S3
 
 `--sql-rows R`: a `tags` and a `relevancy` table of R rows each over the largest N's shards (synthetic rows,
-committed through the store), then cold `ttd sql` runs: count per lemma, and the relevancy-tags join.
+committed through the store), then cold `ttd sql` runs (count per lemma, the relevancy-tags join), `ttd compact`,
+the same queries over the compacted store, and `SELECT 1` (the process's and the views' fixed cost).
 
     .venv/bin/python benchmarks/scale.py --shards 1000 10000 --s3 --latency-ms 20 --first-s3 500 \\
         --sql-rows 10000000 [--out results.json]
@@ -276,6 +277,8 @@ def sql_tables(n_shards: int, rows: int, tmp: Path) -> dict:
         part = {"corpus": "c", "shard": f"{s:05d}"}
         store.commit("parse", part, "bench", {"tags": tags})
         store.commit("score", part, "bench", {"relevancy": rel})
+    for stage in ("parse", "score"):  # the manifest index, as the end of a real run writes it
+        store.committed(stage, "c")
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     queries = {
         "count_per_lemma_s": "SELECT lemma, count(*) AS n FROM tags GROUP BY lemma ORDER BY n DESC LIMIT 10",
@@ -285,6 +288,10 @@ def sql_tables(n_shards: int, rows: int, tmp: Path) -> dict:
     row: dict = {"rows": per * n_shards, "files_per_table": n_shards}
     for name, sql in queries.items():
         row[name] = round(min(cold([*TTD, "sql", "--store", store_uri, sql], env) for _ in range(2)), 2)
+    row["compact_s"] = round(cold([*TTD, "compact", "--store", store_uri], env), 1)
+    for name, sql in queries.items():
+        row[f"compacted_{name}"] = round(min(cold([*TTD, "sql", "--store", store_uri, sql], env) for _ in range(2)), 2)
+    row["sql_select_1_s"] = round(min(cold([*TTD, "sql", "--store", store_uri, "SELECT 1"], env) for _ in range(2)), 2)
     return row
 
 

@@ -436,6 +436,28 @@ def parse(
 
 
 @app.command()
+def compact(
+    store: Annotated[str, typer.Option(help="Store URI.")],
+    rows_per_file: Annotated[int, typer.Option(help="Rows per compacted part file.", min=1)] = 1_000_000,
+    min_rows: Annotated[int, typer.Option(help="Leave a table alone while fewer rows than this are not yet "
+                                               "compacted.", min=0)] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Copy the committed rows of many shards into large Parquet parts, so `ttd sql` over thousands of shards
+    reads a few files instead of one per shard. The per-shard files stay the truth; a part is used only while its
+    shards keep the fingerprints it was made from (docs/FORMATS.md). Run one compaction at a time, e.g. after a
+    nightly run."""
+    from .compact import compact as run_compact
+
+    summary = run_compact(store, rows_per_file=rows_per_file, min_rows=min_rows)
+    if as_json:
+        _emit_json(summary)
+    else:
+        err.print(f"compacted: {summary['parts_written']} part(s) written ({summary['rows_written']:,} rows), "
+                  f"{summary['parts_dropped']} stale part(s) dropped, in {summary['seconds']:.1f} s")
+
+
+@app.command()
 def sql(
     query: Annotated[str, typer.Argument(help="One read-only statement over the store's views: SELECT, WITH, "
                                               "PIVOT, SUMMARIZE, DESCRIBE, EXPLAIN.")],

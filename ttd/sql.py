@@ -19,6 +19,7 @@ import duckdb
 import pyarrow as pa
 
 from . import schemas
+from .compact import SHARD_TABLES, table_states
 from .corpus import open_corpus
 from .errors import TTDError, UnsafeQueryError
 from .store import Store
@@ -136,16 +137,27 @@ def connect(store_uri: str, corpora: Iterable[str] = ()) -> duckdb.DuckDBPyConne
     allowed = [_dir(store.root)]
     manifests = store.manifests()
 
+    states = table_states(store, manifests)
     for name in schemas.parquet_tables():
         schema = schemas.get(name)
-        files = [store.root.uri(p) for p in store.files(name, manifests)]
+        if name in SHARD_TABLES:  # compacted parts where still valid (`ttd compact`), the shards' own files elsewhere
+            mine = [st for st in states if st.table == name]
+            parts = [store.root.uri(store.root.join(p["file"])) for st in mine for p in st.parts]
+            files = [store.root.uri(store.root.join(f)) for st in mine for f in st.uncovered_files()]
+        else:
+            parts, files = [], [store.root.uri(p) for p in store.files(name, manifests)]
+        # files of one schema version share their columns: DuckDB then reads one file's schema, not every
+        # file's (a second or more at 10,000 files); mixed versions are unioned by name
+        versions = {m.get("schema_versions", {}).get(name) for m in manifests if name in m.get("files", {})}
+        by_name = "true" if len(versions) > 1 else "false"
+        sources = []
+        if parts:
+            sources.append(f"SELECT * FROM read_parquet({_list(parts)}, union_by_name={by_name})")
         if files:
-            # files of one schema version share their columns: DuckDB then reads one file's schema, not every
-            # file's (a second or more at 10,000 files); mixed versions are unioned by name
-            versions = {m.get("schema_versions", {}).get(name) for m in manifests if name in m.get("files", {})}
-            by_name = "true" if len(versions) > 1 else "false"
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_list(files)}, "
-                        f"hive_partitioning=true, hive_types_autocast=false, union_by_name={by_name})")
+            sources.append(f"SELECT * FROM read_parquet({_list(files)}, hive_partitioning=true, "
+                           f"hive_types_autocast=false, union_by_name={by_name})")
+        if sources:
+            con.execute(f"CREATE VIEW {name} AS " + " UNION ALL BY NAME ".join(sources))
         else:
             empty = pa.schema(list(schema.arrow) + [pa.field(p, pa.string()) for p in schema.partitioning])
             con.register(f"_empty_{name}", empty.empty_table())

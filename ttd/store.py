@@ -240,8 +240,10 @@ class Store:
             found = fs.find(base, detail=True)
         except FileNotFoundError:
             return []
+        # manifests/_index and manifests/_compact hold ttd's own bookkeeping, not stage manifests
         listed = {p: _stamp(info) for p, info in found.items()
-                  if p.endswith(".json") and "/.tmp-" not in p and info.get("type") != "directory"}
+                  if p.endswith(".json") and "/.tmp-" not in p and info.get("type") != "directory"
+                  and not p[len(root) + 1:].startswith("_")}
         if not listed:
             return []
         stages = [stage] if stage else sorted({p[len(root) + 1:].split("/", 1)[0] for p in listed})
