@@ -140,13 +140,14 @@ def decode_caption(data: bytes | None) -> tuple[str | None, str | None]:
         return data.decode("utf-8", errors="replace"), f"caption is not valid UTF-8 ({exc.reason} at byte {exc.start})"
 
 
-def files_fingerprint(loc: Location, paths: list[str]) -> str:
-    """Changes when any input file changes: size plus ETag (object stores) or modification time."""
+def files_fingerprint(loc: Location, paths: list[str], listing: dict[str, dict] | None = None) -> str:
+    """Changes when any input file changes: size plus ETag (object stores) or modification time. `listing`: the
+    details of a folder listing that holds the paths (no request per file)."""
     parts = []
     for p in paths:
         try:
-            info = loc.fs.info(p)
-        except FileNotFoundError:
+            info = loc.fs.info(p) if listing is None else listing[p]
+        except (FileNotFoundError, KeyError):
             parts.append((posixpath.basename(p), None))
             continue
         stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")

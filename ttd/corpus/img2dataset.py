@@ -85,23 +85,37 @@ def _group_members(members: list[tuple[str, bytes | None]]) -> _Groups | None:
 class _Img2datasetCorpus(Corpus):
     data_ext = ""  # the file that defines a shard: tar or parquet
 
-    def _shard_names(self) -> list[str]:
+    def _listing(self) -> dict[str, dict]:
+        """Every entry of the corpus folder by path, with its details, from one listing: a shard's files are then
+        looked up in constant time (fsspec answers `exists`/`info` from its listing cache by a scan of the whole
+        folder, quadratic over a corpus of 10,000 shards)."""
+        return {e["name"].rstrip("/"): e for e in self.loc.fs.ls(self.loc.path, detail=True)}
+
+    def _shard_names(self, listing: dict[str, dict] | None = None) -> list[str]:
         names = set()
-        for p in self.loc.fs.ls(self.loc.path, detail=False):
+        for p in listing if listing is not None else self._listing():
             m = _SHARD_RE.match(posixpath.basename(p))
             if m and m.group(2) == self.data_ext:
                 names.add(m.group(1))
         return sorted(names)
 
-    def _ref(self, name: str, extra: list[str]) -> ShardRef:
+    def _ref(self, name: str, extra: list[str], listing: dict[str, dict]) -> ShardRef:
         stats = self.loc.join(f"{name}_stats.json")
         paths = [*extra, self.loc.join(f"{name}.parquet"), stats]
-        complete = self.loc.fs.exists(stats)
-        return ShardRef(self.name, name, tuple(paths), complete, files_fingerprint(self.loc, paths))
+        return ShardRef(self.name, name, tuple(paths), stats in listing, files_fingerprint(self.loc, paths, listing))
+
+    def shards(self) -> list[ShardRef]:
+        listing = self._listing()
+        return [self._ref(n, self._shard_files(n), listing) for n in self._shard_names(listing)]
+
+    def _shard_files(self, name: str) -> list[str]:
+        """The shard's data files besides its metadata parquet and _stats.json."""
+        return [self.loc.join(f"{name}.{self.data_ext}")]
 
     def metadata_files(self) -> list[str]:
-        return [self.loc.uri(self.loc.join(f"{n}.parquet")) for n in self._shard_names()
-                if self.loc.fs.exists(self.loc.join(f"{n}.parquet"))]
+        listing = self._listing()
+        return [self.loc.uri(self.loc.join(f"{n}.parquet")) for n in self._shard_names(listing)
+                if self.loc.join(f"{n}.parquet") in listing]
 
     def _load_meta(self, shard: ShardRef, stats: ShardStats | None,
                    columns: list[str] | None = None) -> tuple[dict[str, dict], list[ReadIssue]]:
@@ -160,9 +174,6 @@ class _Img2datasetCorpus(Corpus):
 class WebDatasetCorpus(_Img2datasetCorpus):
     format = "webdataset"
     data_ext = "tar"
-
-    def shards(self) -> list[ShardRef]:
-        return [self._ref(n, [self.loc.join(f"{n}.tar")]) for n in self._shard_names()]
 
     def read_shard(self, shard: ShardRef, stats: ShardStats | None = None) -> Iterator[Sample | ReadIssue]:
         meta, issues = self._load_meta(shard, stats)
@@ -276,13 +287,13 @@ class FilesCorpus(_Img2datasetCorpus):
     format = "files"
     data_ext = "parquet"
 
-    def _shard_names(self) -> list[str]:
-        dirs = {posixpath.basename(p) for p in self.loc.fs.ls(self.loc.path, detail=False)
-                if self.loc.fs.isdir(p) and posixpath.basename(p).isdigit()}
-        return sorted(dirs)
+    def _shard_names(self, listing: dict[str, dict] | None = None) -> list[str]:
+        listing = self._listing() if listing is None else listing
+        return sorted(posixpath.basename(p) for p, e in listing.items()
+                      if e.get("type") == "directory" and posixpath.basename(p).isdigit())
 
-    def shards(self) -> list[ShardRef]:
-        return [self._ref(n, [self.loc.join(n)]) for n in self._shard_names()]
+    def _shard_files(self, name: str) -> list[str]:
+        return [self.loc.join(name)]
 
     def read_shard(self, shard: ShardRef, stats: ShardStats | None = None) -> Iterator[Sample | ReadIssue]:
         meta, issues = self._load_meta(shard, stats)
@@ -311,14 +322,8 @@ class ParquetCorpus(_Img2datasetCorpus):
     data_ext = "parquet"
     batch_rows = 256  # decoded lazily; only one row group batch of bytes in memory at a time
 
-    def shards(self) -> list[ShardRef]:
-        out = []
-        for n in self._shard_names():
-            stats = self.loc.join(f"{n}_stats.json")
-            paths = [self.loc.join(f"{n}.parquet"), stats]
-            out.append(ShardRef(self.name, n, tuple(paths), self.loc.fs.exists(stats),
-                                files_fingerprint(self.loc, paths)))
-        return out
+    def _shard_files(self, name: str) -> list[str]:
+        return []  # the metadata parquet is the data
 
     def _open(self, shard: ShardRef, stats: ShardStats | None, source: str):
         """(file, ParquetFile, image column) of a shard, or the one error row for a shard that cannot be read."""
