@@ -48,6 +48,13 @@ CANDIDATES = {
     "ttd-2k-union04-maskclip-600": {"corpus": "2k", "settings": {"union_threshold": 0.4, "head": "maskclip",
                                                                 "steps": 600}},
     "ttd-2k-text64-maskclip": {"corpus": "2k", "settings": {**TEXT64, "head": "maskclip"}},
+    # the maskclip-trained union target made sharper (binarised higher), weighted more, or at twice the lr
+    "ttd-2k-union05-maskclip": {"corpus": "2k", "settings": {"union_threshold": 0.5, "head": "maskclip"}},
+    "ttd-2k-union06-maskclip": {"corpus": "2k", "settings": {"union_threshold": 0.6, "head": "maskclip"}},
+    "ttd-2k-union04-maskclip-wd2": {"corpus": "2k", "settings": {"union_threshold": 0.4, "head": "maskclip",
+                                                                "w_distill": 2.0}},
+    "ttd-2k-union04-maskclip-lr2e4": {"corpus": "2k", "settings": {"union_threshold": 0.4, "head": "maskclip",
+                                                                  "lr": 2e-4}},
     "ttd-2k-text64-union04-maskclip": {"corpus": "2k", "settings": {**TEXT64, "union_threshold": 0.4,
                                                                    "head": "maskclip"}},
     "ttd-20k-text64": {"corpus": "20k", "settings": TEXT64},

@@ -8,7 +8,7 @@ import pytest
 from conftest import build_corpus, committed_rows, jpeg, outside_rows
 
 from ttd import schemas
-from ttd.corpus import Caption, ReadIssue, ShardRef
+from ttd.corpus import Caption, ReadIssue, ShardRef, open_corpus
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key
 from ttd.errors import TTDError
 from ttd.parse import ParseConfig, parse_shard, run_parse
@@ -457,3 +457,27 @@ def test_what_is_committed_is_exactly_what_outside_readers_see(tmp_path, monkeyp
         folders = list((tmp_path / "store" / "tables" / table).glob("corpus=*/shard=*"))
         assert len(folders) == 4 and all(len(list(f.glob("*.parquet"))) == 1 for f in folders), table
     assert not [p for p in (tmp_path / "store" / "_staging").rglob("*") if p.is_file()]  # staged leftovers removed
+
+
+def test_a_batch_handed_its_planned_shards_does_not_plan_again(tmp_path, monkeypatch):
+    """The flow plans once; a batch given its planned shards neither lists the corpus nor reads manifests."""
+    from ttd.corpus.img2dataset import WebDatasetCorpus
+    from ttd.nlp import english_model_id
+    from ttd.parse import stage_spec
+    from ttd.stage import PlannedShard, plan
+
+    corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
+    build_corpus(corpus, shards=3, per_shard=2)
+    cfg = ParseConfig(tagger=False)
+    planned = plan(open_corpus(corpus), Store(store, create=True), stage_spec(cfg, english_model_id()))
+    handed = [PlannedShard.from_dict(json.loads(json.dumps(p.as_dict()))) for p in planned[:2]]  # a task parameter
+
+    def no_listing(*args, **kwargs):
+        raise AssertionError("the batch planned again")
+
+    monkeypatch.setattr(WebDatasetCorpus, "shards", no_listing)
+    monkeypatch.setattr("ttd.parse.plan", no_listing)
+    summary = run_parse(corpus, store, cfg, planned=handed)
+    assert summary["done"] == 2 and summary["shards"] == 2
+    monkeypatch.undo()
+    assert run_parse(corpus, store, cfg)["done"] == 1  # the third, left out of the batch
