@@ -240,6 +240,11 @@ def first_parse_s3(m: int, tmp: Path, endpoint: str, latency_s: float) -> dict:
             for threads, label in ((1, "serial"), (None, "overlapped"), (32, "threads32")):
                 store = f"s3://first/store-{label}"
                 t, summary = timed(run_parse, "s3://first/corpus", store, PARSE, io_threads=threads)
+                failed = len(summary["failed"])  # a shard the server failed (moto answers 500 under load) is left
+                if failed:                       # for the next run, as in production: that run is timed too
+                    t2, again = timed(run_parse, "s3://first/corpus", store, PARSE, io_threads=threads)
+                    t, summary["done"] = t + t2, summary["done"] + again["done"]
+                    row[f"first_parse_{label}_failed_then_redone"] = failed
                 assert summary["done"] == m, summary
                 row[f"first_parse_{label}_s"] = round(t, 1)
         finally:

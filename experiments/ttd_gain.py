@@ -143,14 +143,32 @@ def chosen(out: Path) -> str:
     return max(tried, key=lambda n: score(done[evaluate("val", f"{n}-s0")["job"]]["metrics"]))
 
 
-def control_of(name: str) -> tuple[str, dict]:
+# settings that change nothing once L_distill and L_tag are off: candidates differing only in these share a control
+NO_EFFECT_ON_CONTROL = {"union_threshold", "head", "w_distill", "w_tag", "tag_target", "keep_contrast", "threshold"}
+
+
+def control_of(name: str, out: Path | None = None) -> tuple[str, dict]:
+    """The contrastive-only control of a candidate: its LoRA, schedule and data without L_distill and L_tag. An
+    equivalent candidate's control already run on eval (all seeds, in OUT) is reused rather than run again."""
     c = CANDIDATES[name]
-    return f"control-{name}", {**c["settings"], **CONTROL}
+    settings = {**c["settings"], **CONTROL}
+    if out is not None:
+        done = results(out)
+
+        def effective(n: str) -> tuple:
+            s = CANDIDATES[n]
+            return s["corpus"], sorted((k, str(v)) for k, v in s["settings"].items() if k not in NO_EFFECT_ON_CONTROL)
+
+        for other in CANDIDATES:
+            if effective(other) == effective(name) and all(
+                    evaluate("eval", f"control-{other}-s{seed}")["job"] in done for seed in SEEDS):
+                return f"control-{other}", {**CANDIDATES[other]["settings"], **CONTROL}
+    return f"control-{name}", settings
 
 
 def report_jobs(out: Path, candidate: str | None = None) -> list[dict]:
     best = candidate or chosen(out)
-    control, settings = control_of(best)
+    control, settings = control_of(best, out)
     corpus = CANDIDATES[best]["corpus"]
     jobs = data_jobs([corpus]) + [evaluate("eval")]
     for seed in SEEDS:

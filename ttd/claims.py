@@ -130,7 +130,7 @@ def claim(store: Store, stage: str, partition: Mapping[str, str], *, ttl: float 
         if other is None or is_stale(other):
             log.info("taking over stale claim %s (%s)", path, (other or {}).get("machine", "gone"))
             try:
-                store.root.fs.rm(path)
+                store.root.fs.rm_file(path)
             except FileNotFoundError:
                 pass
             held = _create_exclusive(store, path, data)
@@ -147,7 +147,7 @@ def claim(store: Store, stage: str, partition: Mapping[str, str], *, ttl: float 
         try:
             current = _read(store, path)
             if current is not None and current.get("owner") == doc["owner"]:
-                store.root.fs.rm(path)
+                store.root.fs.rm_file(path)
         except Exception as exc:  # a leftover claim goes stale; never hide the block's own error
             log.debug("could not release claim %s: %s", path, exc)
 

@@ -287,7 +287,8 @@ def distill(
     w_contrastive: Annotated[float | None, typer.Option(help="Weight of the contrastive term (default 0.1); "
                                                            "with the other two at 0: the contrastive-only "
                                                            "control.")] = None,
-    head: Annotated[str | None, typer.Option(help="Dense head trained through (default sclip).")] = None,
+    head: Annotated[str | None, typer.Option(help="Dense head trained through (default maskclip, the scoring and "
+                                                  "evaluation head).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with DistillConfig fields (docs/METHOD.md); flags "
                                                 "override it.")] = None,
     num_workers: Annotated[int, typer.Option(help="Data-parallel training workers through Ray Train (1: in "

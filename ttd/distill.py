@@ -77,8 +77,9 @@ class DistillConfig(pydantic.BaseModel):
     lora_targets: tuple[Literal[tuple(TARGETS)], ...] = ("attn_in", "attn_out", "mlp_fc", "mlp_proj")
     lora_last_blocks: int | None = pydantic.Field(None, ge=1, description="Only the last N blocks of each tower.")
     head: Literal[HEADS + ("scoring",)] = pydantic.Field(
-        "sclip", description="Dense head the heatmaps are trained through; 'scoring': the head that made the "
-        "pseudo-labels (from the score stage's manifests), so student and teacher maps are the same function.")
+        "maskclip", description="Dense head the heatmaps are trained through (maskclip: the one that scores and "
+        "evaluates by default; chosen on val, docs/METHOD.md); 'scoring': the head that made the pseudo-labels "
+        "(from the score stage's manifests), so student and teacher maps are the same function.")
     w_distill: float = pydantic.Field(1.0, ge=0)
     w_tag: float = pydantic.Field(1.0, ge=0)
     w_contrastive: float = pydantic.Field(0.1, ge=0)
@@ -97,8 +98,8 @@ class DistillConfig(pydantic.BaseModel):
                                              "(only tags with a stored mask can be selected); None: the score "
                                              "stage's decisions.")
     union_threshold: float | None = pydantic.Field(
-        None, ge=0, le=1, description="Binarise the union of the selected tags' maps at this value before L_distill "
-                                      "(None: the soft union, as in the paper).")
+        0.5, ge=0, le=1, description="Binarise the union of the selected tags' maps at this value before L_distill "
+                                     "(chosen on val, docs/METHOD.md); None: the soft union, as in the paper.")
     templates: tuple[str, ...] | None = pydantic.Field(
         ("a photo of a {}.",), description="Prompts of the tag embeddings; None: the score stage's (its manifests).")
     max_tags: int = pydantic.Field(24, ge=1, description="Candidates per caption used by L_tag (the first N).")

@@ -154,7 +154,7 @@ class Store:
         removed = 0
         for path in paths:
             try:
-                self.root.fs.rm(path)
+                self.root.fs.rm_file(path)
                 removed += 1
             except FileNotFoundError:
                 pass
