@@ -162,6 +162,10 @@ def local_size(n: int, tmp: Path) -> dict:
     commit_empty_scores(store, corpus)
     row.update(noop_runs(corpus, store, env))
     row["noop_parse_ms_per_shard"] = round(1000 * row["noop_parse_s"] / n, 3)
+    # planning alone over the committed store (corpus listing, manifest listing and index), best of 3
+    spec = parse_spec(PARSE, english_model_id())
+    best = min(timed(plan, open_corpus(corpus), Store(store), spec)[0] for _ in range(3))
+    row["noop_plan_s"], row["noop_plan_us_per_shard"] = round(best, 3), round(1e6 * best / n, 1)
     return row
 
 
