@@ -115,8 +115,7 @@ def _write_part(store: Store, state: TableState, group: list[tuple[str, str]]) -
                       partition_base_dir=store.root.join("tables", state.table)).to_table()
     name = f"part-{uuid.uuid4().hex[:16]}.parquet"
     rel = f"{COMPACT_DIR}/{state.table}/corpus={state.corpus}/{name}"
-    staged = store._write_parquet(store.root.join(STAGING, "compact", state.table, name), data)
-    store._move(staged, store.root.join(rel))
+    store.publish_parquet(store.root.join(rel), data, "compact")
     return {"file": rel, "rows": data.num_rows,
             "members": [[shard, stage, state.members[(shard, stage)][0]] for shard, stage in group]}
 
@@ -143,8 +142,7 @@ def compact(store_uri: str, *, rows_per_file: int = 1_000_000, min_rows: int = 0
             new = [_write_part(store, state, group) for group in _groups(state, rows_per_file)] \
                 if todo and rows >= min_rows else []
             doc = {"table": state.table, "corpus": state.corpus, "parts": state.parts + new}
-            store._atomic_write(compaction_path(store, state.table, state.corpus),
-                                json.dumps(doc, sort_keys=True).encode())
+            store.write_json(compaction_path(store, state.table, state.corpus), doc)
             store.remove(store.root.join(p["file"]) for p in state.stale)
             entry.update(compacted_now=sum(len(p["members"]) for p in new), parts=len(doc["parts"]))
             summary["parts_written"] += len(new)

@@ -125,6 +125,16 @@ class Store:
         self._atomic_write(path, sink.getvalue().to_pybytes())
         return path
 
+    def publish_parquet(self, path: str, table: pa.Table, staging: str) -> None:
+        """Write a Parquet file that readers of the folders must see whole or not at all: staged under `_staging/`
+        (`staging` names the writer, e.g. "compact"), then moved to `path`."""
+        name = f"{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
+        self._move(self._write_parquet(self.root.join(STAGING, check_name(staging, "stage"), name), table), path)
+
+    def write_json(self, path: str, doc: Any) -> None:
+        """A JSON document written in one atomic step (a rename, or one PUT)."""
+        self._atomic_write(path, json.dumps(doc, sort_keys=True).encode())
+
     def _move(self, src: str, dst: str) -> None:
         """Into place: a rename on local disk; on an object store a server-side copy, then the source deleted."""
         fs = self.root.fs
