@@ -20,16 +20,14 @@ committed it after planning; 'claimed': another run holds it) or `failed` (the e
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import multiprocessing
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -94,30 +92,10 @@ def select_shards(refs: list[ShardRef], wanted: Collection[str] | None, corpus: 
     return [r for r in refs if r.name in wanted]
 
 
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's cyclic collector paused: work that allocates many short-lived, acyclic objects (a plan over 10,000
-    shards, a shard's parse) otherwise pays for full passes over every live object (a model's included), which makes
-    its cost grow faster than its size. Cycles are collected afterwards."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def plan(corpus: Corpus, store: Store, spec: StageSpec, *, include_incomplete: bool = False,
          shards: Collection[str] | None = None) -> list[PlannedShard]:
     """Every shard of the corpus (or those named), in order, with its fingerprint and status. One listing of the
     corpus and the stage's (and its input stage's) manifests read in bulk; never a shard's data."""
-    with gc_paused():
-        return _plan(corpus, store, spec, include_incomplete, shards)
-
-
-def _plan(corpus: Corpus, store: Store, spec: StageSpec, include_incomplete: bool,
-          shards: Collection[str] | None) -> list[PlannedShard]:
     refs = select_shards(corpus.shards(), shards, corpus.name)
     committed = store.committed(spec.name, corpus.name)
     upstream = store.committed(spec.after, corpus.name) if spec.after else {}
