@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections import deque
@@ -388,8 +389,6 @@ class RayStageWorker:
         return self.worker.process(jobs)
 
     def alive(self) -> int:
-        import os
-
         return os.getpid()
 
 

@@ -24,6 +24,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import os
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -173,8 +174,6 @@ class Store:
     def _remove_empty(self, folder: str, levels: int = 2) -> None:
         """A local staging folder (RUN) and its partition's last folder (shard=S) when empty: only folders the
         shard's claim holder owns. Shared parents (corpus=C) stay, or another process's `makedirs` would race."""
-        import os
-
         for _ in range(levels):
             try:
                 os.rmdir(folder)
