@@ -216,6 +216,23 @@ def test_lora_artefact_is_used_by_score_and_evaluate(scored, tmp_path):
         load_model("ttd-tiny", lora=out)
 
 
+def test_the_text_tower_can_have_its_own_rank_and_learning_rate(scored, tmp_path):
+    base, store = scored
+    corpus = str(base / "synth" / "train")
+    assert "text_lora_rank" not in DistillConfig().result_config()  # unset: old artefacts keep their fingerprint
+    cfg = DistillConfig(**{**QUICK, "steps": 3, "lora_rank": 2, "text_lora_rank": 6, "text_lr": 1e-12})
+    out = tmp_path / "tower"
+    run_distill(corpus, store, str(out), cfg, model="ttd-micro")
+    weights = load_file(str(out / "lora.safetensors"))
+    ranks = {k.split(".", 1)[0]: v.shape[0] for k, v in weights.items() if k.endswith("lora_A")}
+    assert ranks == {"visual": 2, "text": 6}
+    moved = {t: max(v.abs().max().item() for k, v in weights.items() if k.startswith(t) and k.endswith("lora_B"))
+             for t in ("visual", "text")}
+    assert moved["visual"] > 1e-4 and moved["text"] < 1e-8, moved  # B starts at zero; the text lr is ~0
+    tuned = load_model(lora=str(out))  # the artefact records the per-tower rank and loads
+    assert "+lora-" in tuned.model_id
+
+
 class Payload:
     def __reduce__(self):
         return (exec, ("open('PWNED', 'w').write('x')",))

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 STAGE = "distill"
 STAGE_VERSION = 1
 _PERF_FIELDS = {"checkpoint_every", "log_every", "decode_threads"}
+_PER_TOWER_FIELDS = ("text_lora_rank", "text_lr")
 
 
 class DistillConfig(pydantic.BaseModel):
@@ -76,6 +77,10 @@ class DistillConfig(pydantic.BaseModel):
     lora_towers: tuple[Literal[TOWERS], ...] = ("visual", "text")
     lora_targets: tuple[Literal[tuple(TARGETS)], ...] = ("attn_in", "attn_out", "mlp_fc", "mlp_proj")
     lora_last_blocks: int | None = pydantic.Field(None, ge=1, description="Only the last N blocks of each tower.")
+    text_lora_rank: int | None = pydantic.Field(None, ge=1, description="The text tower's own LoRA rank (its alpha "
+                                                "scaled to keep alpha / rank); None: lora_rank.")
+    text_lr: float | None = pydantic.Field(None, gt=0, description="The text tower's own peak learning rate; "
+                                           "None: lr.")
     head: Literal[HEADS + ("scoring",)] = pydantic.Field(
         "maskclip", description="Dense head the heatmaps are trained through (maskclip: the one that scores and "
         "evaluates by default; chosen on val, docs/METHOD.md); 'scoring': the head that made the pseudo-labels "
@@ -122,7 +127,9 @@ class DistillConfig(pydantic.BaseModel):
         return self
 
     def result_config(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude=_PERF_FIELDS)
+        # the per-tower fields count only when set: artefacts trained before they existed keep their fingerprint
+        unset = {f for f in _PER_TOWER_FIELDS if getattr(self, f) is None}
+        return self.model_dump(mode="json", exclude=_PERF_FIELDS | unset)
 
 
 # ---------------------------------------------------------------- losses
@@ -487,9 +494,10 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
     net = bundle.model
     if config.lora:
         deltas = add_lora(net, rank=config.lora_rank, alpha=config.lora_alpha, towers=config.lora_towers,
-                          targets=config.lora_targets, last_blocks=config.lora_last_blocks, seed=seed)
+                          targets=config.lora_targets, last_blocks=config.lora_last_blocks, seed=seed,
+                          tower_ranks=_tower_ranks(config))
         trainable = {f"{n}.{k}": getattr(d, k) for n, d in deltas.items() for k in ("lora_A", "lora_B")}
-        groups = [{"params": list(trainable.values()), "weight_decay": config.weight_decay}]
+        groups = _lora_groups(trainable, config)
     else:
         deltas = {}
         trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
@@ -528,7 +536,7 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
     try:
         for step in range(start, config.steps):
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, config)
+                group["lr"] = lr_at(step, config) * group.get("lr_scale", 1.0)
             opt.zero_grad(set_to_none=True)
             sums = {"loss": 0.0, "distill": 0.0, "tag": 0.0, "contrastive": 0.0}
             for _ in range(config.grad_accum):
@@ -582,7 +590,8 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
         save_file(lora_state(deltas), str(tmp), metadata={"ttd_version": __version__})
         tmp.replace(out / LORA_WEIGHTS)
         spec = {"rank": config.lora_rank, "alpha": config.lora_alpha, "towers": list(config.lora_towers),
-                "targets": list(config.lora_targets), "last_blocks": config.lora_last_blocks}
+                "targets": list(config.lora_targets), "last_blocks": config.lora_last_blocks,
+                "tower_ranks": _tower_ranks(config)}
         tmp_json = out / (LORA_CONFIG + ".tmp")
         tmp_json.write_text(json.dumps({"kind": "lora", "lora": spec, **meta}, indent=2, sort_keys=True))
         tmp_json.replace(out / LORA_CONFIG)  # last: the artefact's commit point
@@ -594,6 +603,24 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
                  input_fingerprint=data_fp)
     checkpoints.remove(out / CHECKPOINT_DIR)
     return result
+
+
+def _tower_ranks(config: DistillConfig) -> dict[str, int] | None:
+    return {"text": config.text_lora_rank} if config.text_lora_rank else None
+
+
+def _lora_groups(trainable: dict[str, torch.nn.Parameter], config: DistillConfig) -> list[dict]:
+    """One AdamW group, or one per tower when the text tower has its own lr; `lr_scale` is a group's peak lr
+    relative to `lr` (the schedule multiplies it)."""
+    if not config.text_lr:
+        return [{"params": list(trainable.values()), "weight_decay": config.weight_decay}]
+    groups = []
+    for tower in TOWERS:
+        params = [p for n, p in trainable.items() if n.split(".", 1)[0] == tower]
+        peak = config.text_lr if tower == "text" and config.text_lr else config.lr
+        if params:
+            groups.append({"params": params, "weight_decay": config.weight_decay, "lr_scale": peak / config.lr})
+    return groups
 
 
 def _average_across_ranks(trainable: dict[str, torch.nn.Parameter], sums: dict[str, float],

@@ -253,7 +253,8 @@ def _load_with_lora(name: str | None, pretrained: str | None, device, seed: int,
     spec = doc["lora"]
     wpath = Path(lora) / LORA_WEIGHTS
     deltas = add_lora(bundle.model, rank=spec["rank"], alpha=spec["alpha"], towers=spec["towers"],
-                      targets=spec["targets"], last_blocks=spec.get("last_blocks"))
+                      targets=spec["targets"], last_blocks=spec.get("last_blocks"),
+                      tower_ranks=spec.get("tower_ranks"))
     try:
         load_lora_state(deltas, load_state_dict(wpath))
     except ValueError as exc:

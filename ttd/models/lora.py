@@ -64,15 +64,19 @@ def lora_sites(model, towers: Iterable[str], targets: Iterable[str], last_blocks
 
 
 def add_lora(model, *, rank: int, alpha: float, towers: Iterable[str], targets: Iterable[str],
-             last_blocks: int | None = None, seed: int = 0) -> dict[str, LowRankDelta]:
-    """Freeze the model and register LoRA on the chosen weights; returns the deltas by site name."""
+             last_blocks: int | None = None, seed: int = 0,
+             tower_ranks: dict[str, int] | None = None) -> dict[str, LowRankDelta]:
+    """Freeze the model and register LoRA on the chosen weights; returns the deltas by site name.
+
+    `tower_ranks` gives a tower its own rank; its alpha scales with it, so every tower keeps alpha / rank."""
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     deltas = {}
     for name, module, attr in lora_sites(model, towers, targets, last_blocks):
         weight = getattr(module, attr)
-        delta = LowRankDelta(weight.shape[0], weight.shape[1], rank, alpha, gen).to(weight.device)
+        r = (tower_ranks or {}).get(name.split(".", 1)[0], rank)
+        delta = LowRankDelta(weight.shape[0], weight.shape[1], r, alpha * r / rank, gen).to(weight.device)
         parametrize.register_parametrization(module, attr, delta)
         deltas[name] = delta
     return deltas
