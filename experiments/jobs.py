@@ -28,7 +28,7 @@ def record(out: Path, row: dict) -> None:
 def run_all(script: str, out: Path, jobs: list[dict], parallel: int) -> None:
     """Run the jobs not yet in results.jsonl; stop at the first failure (its log is in OUT/logs/)."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    todo = [j for j in jobs if j["job"] not in results(out)]
+    todo = list({j["job"]: j for j in jobs if j["job"] not in results(out)}.values())  # a job named twice runs once
     running: list[tuple[subprocess.Popen, dict]] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TTD_TORCH_THREADS": "1"}
     while todo or running:
