@@ -135,7 +135,8 @@ def data_jobs(corpora=CORPORA) -> list[dict]:
             name, seed = teacher.rsplit("-s", 1)
             jobs += [*data_jobs([CANDIDATES[name]["corpus"]]),
                      distill(name, int(seed), CANDIDATES[name]["corpus"], CANDIDATES[name]["settings"])]
-        jobs.append({"job": f"data-{c}", "kind": "data", "corpus": c, "after": [f"distill-{teacher}"] if teacher else []})
+        after = [f"distill-{teacher}"] if teacher else []
+        jobs.append({"job": f"data-{c}", "kind": "data", "corpus": c, "after": after})
     return jobs
 
 
