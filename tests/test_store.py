@@ -50,12 +50,41 @@ def test_half_written_shard_is_invisible_and_redone(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         store.commit("index", part("00000"), "fp", {"errors": errors_rows(5)})
     monkeypatch.setattr(Store, "_atomic_write", real)
-    assert (tmp_path / "s/tables/errors/corpus=c/shard=00000/index-fp.parquet").exists()  # the orphan file
-    assert store.read("errors").num_rows == 0  # ... is invisible
+    # the failed commit removed the file it had moved into place (outside readers would count it)
+    assert not (tmp_path / "s/tables/errors/corpus=c/shard=00000/index-fp.parquet").exists()
+    assert store.read("errors").num_rows == 0
     assert not store.is_done("index", part("00000"), "fp")
     store.commit("index", part("00000"), "fp", {"errors": errors_rows(5)})
     assert store.read("errors").num_rows == 5  # redone, no duplicates
     assert not list((tmp_path / "s").rglob(".tmp-*"))
+
+
+def test_a_killed_commits_file_is_removed_by_the_next_commit_that_is_not_fresh(tmp_path):
+    """A SIGKILL between the move and the manifest leaves a data file no manifest names (its claim too, so the
+    next run takes the claim over and commits with fresh=False); a failed commit undoes its moves itself."""
+    store = Store(str(tmp_path / "s"), create=True)
+    store.commit("index", part("00000"), "killed", {"errors": errors_rows(2)})
+    (tmp_path / "s/manifests/index/corpus=c/shard=00000.json").unlink()  # as if killed before the manifest
+    orphan = tmp_path / "s/tables/errors/corpus=c/shard=00000/index-killed.parquet"
+    assert orphan.exists()
+    store.commit("index", part("00000"), "fp", {"errors": errors_rows(5)}, fresh=False)
+    assert not orphan.exists() and store.read("errors").num_rows == 5
+    # a move that fails after moving: what it moved is removed, the shard's committed files are kept
+    real = Store._move_all
+
+    def fail_after_first(self, moves):
+        real(self, moves[:1])
+        raise OSError("network gone")
+
+    Store._move_all = fail_after_first
+    try:
+        with pytest.raises(OSError):
+            store.commit("index", part("00000"), "fp2", {"errors": errors_rows(1)})
+    finally:
+        Store._move_all = real
+    assert store.read("errors").num_rows == 5
+    assert sorted(p.name for p in (tmp_path / "s/tables/errors/corpus=c/shard=00000").iterdir()) == [
+        "index-fp.parquet"]
 
 
 def test_new_fingerprint_replaces_old_files(tmp_path):

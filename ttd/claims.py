@@ -78,7 +78,7 @@ def _create_exclusive(store: Store, path: str, data: bytes) -> bool:
 
 def _read(store: Store, path: str) -> dict[str, Any] | None:
     try:
-        return json.loads(store.root.fs.cat_file(path))
+        return json.loads(store.read_bytes(path))
     except FileNotFoundError:
         return None
     except ValueError:  # torn or foreign content: treat as stale
@@ -93,8 +93,8 @@ def is_stale(doc: dict[str, Any], now: float | None = None) -> bool:
 
 
 class _Heartbeat:
-    def __init__(self, store: Store, path: str, doc: dict[str, Any], every: float):
-        self.store, self.path, self.doc, self.every = store, path, doc, every
+    def __init__(self, store: Store, path: str, doc: dict[str, Any], every: float, state: dict[str, Any]):
+        self.store, self.path, self.doc, self.every, self.state = store, path, doc, every, state
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="ttd-claim-heartbeat", daemon=True)
         self.thread.start()
@@ -105,6 +105,7 @@ class _Heartbeat:
             try:
                 current = _read(self.store, self.path)
                 if current is not None and current.get("owner") != self.doc["owner"]:
+                    self.state["taken_over"] = True
                     log.warning("claim %s was taken over by %s; finishing anyway (commits are atomic)",
                                 self.path, current.get("machine"))
                     return
@@ -114,9 +115,14 @@ class _Heartbeat:
 
 
 @contextmanager
-def claim(store: Store, stage: str, partition: Mapping[str, str], *, ttl: float = TTL_S) -> Iterator[dict | None]:
+def claim(store: Store, stage: str, partition: Mapping[str, str], *, ttl: float = TTL_S,
+          state: dict[str, Any] | None = None) -> Iterator[dict | None]:
     """Hold the shard for the duration of the block: yields None when this process holds it, else the other
-    holder's claim (machine, pid, heartbeat), and the caller skips the shard."""
+    holder's claim (machine, pid, heartbeat), and the caller skips the shard. `state["taken_over"]` says whether
+    a claim was involved that is not only this one: a stale claim this took over (a killed run's, which may have
+    left files), or another run that took this one over meanwhile."""
+    state = {} if state is None else state
+    state["taken_over"] = False
     path = claim_path(store, stage, partition)
     doc = {"owner": uuid.uuid4().hex, "machine": _MACHINE, "pid": os.getpid(), "claimed_at": time.time(),
            "heartbeat": time.time(), "ttl": ttl}
@@ -129,6 +135,7 @@ def claim(store: Store, stage: str, partition: Mapping[str, str], *, ttl: float 
     if not held:
         if other is None or is_stale(other):
             log.info("taking over stale claim %s (%s)", path, (other or {}).get("machine", "gone"))
+            state["taken_over"] = True
             try:
                 store.root.fs.rm_file(path)
             except FileNotFoundError:
@@ -138,7 +145,7 @@ def claim(store: Store, stage: str, partition: Mapping[str, str], *, ttl: float 
         if not held:
             yield other or {}
             return
-    beat = _Heartbeat(store, path, doc, max(ttl / 4, 0.05))
+    beat = _Heartbeat(store, path, doc, max(ttl / 4, 0.05), state)
     try:
         yield None
     finally:

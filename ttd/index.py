@@ -16,7 +16,18 @@ import pyarrow as pa
 from . import schemas
 from .corpus import ReadIssue, Sample, ShardRef, ShardStats, open_corpus
 from .errors import ImageDecodeError
-from .stage import PlannedShard, SerialWorker, StageSpec, Summary, WorkerSpec, finish_run, plan, run_claimed, run_here
+from .stage import (
+    Held,
+    PlannedShard,
+    SerialWorker,
+    StageSpec,
+    Summary,
+    WorkerSpec,
+    finish_run,
+    plan,
+    run_claimed,
+    run_here,
+)
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -55,11 +66,11 @@ class IndexWorker(SerialWorker):
         self.store, self.decode, self.config = Store(store_uri), decode, config
 
     def process_one(self, job: PlannedShard) -> dict[str, Any]:
-        def work() -> dict[str, Any]:
+        def work(held: Held) -> dict[str, Any]:
             rows, stats = index_shard(self.corpus, job.shard, decode=self.decode)
             self.store.commit(STAGE, job.shard.partition, job.fingerprint, {"errors": errors_table(rows)},
                               stage_version=STAGE_VERSION, config={**self.config, "stats": stats.as_dict()},
-                              input_fingerprint=job.input_fingerprint)
+                              input_fingerprint=job.input_fingerprint, fresh=held.fresh)
             return stats.as_dict()
 
         return run_claimed(self.store, STAGE, job, work)

@@ -27,6 +27,7 @@ from .corpus import Corpus, ReadIssue, ShardRef, ShardStats, open_corpus
 from .corpus.base import Caption
 from .nlp import english_model_id
 from .stage import (
+    Held,
     PlannedShard,
     SerialWorker,
     StageSpec,
@@ -260,10 +261,10 @@ def _parse_shard(items: list[Caption | ReadIssue], stats: ShardStats, parser: Ca
 
 
 def commit_shard(store: Store, shard: ShardRef, fp: str, result: ShardResult, config: ParseConfig,
-                 model_id: str) -> None:
+                 model_id: str, *, fresh: bool = False) -> None:
     store.commit(STAGE, shard.partition, fp, result.tables, stage_version=STAGE_VERSION,
                  config={**config.output_config(), "stats": result.as_dict()}, model_id=model_id,
-                 input_fingerprint=shard.fingerprint)
+                 input_fingerprint=shard.fingerprint, fresh=fresh)
 
 
 # ---------------------------------------------------------------- the stage
@@ -287,11 +288,12 @@ class ParseWorker(SerialWorker):
         self.store, self.model_id, self.threads = Store(store_uri), model_id, io_threads
 
     def process_one(self, job: PlannedShard) -> dict[str, Any]:
-        def work() -> dict[str, Any]:
+        def work(held: Held) -> dict[str, Any]:
             read = read_shard(self.corpus, job.shard)  # the shard's reads, outside the parser's lock
             with self.compute_lock:
                 result = parse_shard(self.corpus, job.shard, self.parser, self.config, read)
-            commit_shard(self.store, job.shard, job.fingerprint, result, self.config, self.model_id)
+            commit_shard(self.store, job.shard, job.fingerprint, result, self.config, self.model_id,
+                         fresh=held.fresh)
             return result.as_dict()
 
         return run_claimed(self.store, STAGE, job, work)

@@ -36,7 +36,7 @@ from .score_pipeline import (
     Timings,
     decode_one,
 )
-from .stage import PlannedShard, StageSpec, Summary, WorkerSpec, finish_run, plan, run_here, run_on_ray
+from .stage import Held, PlannedShard, StageSpec, Summary, WorkerSpec, finish_run, plan, run_here, run_on_ray
 from .store import Store, fingerprint
 
 log = logging.getLogger(__name__)
@@ -150,14 +150,17 @@ class ShardScorer:
     def _open(self, job: ShardJob) -> Iterator[Sample]:
         """Claim the shard; unless it is held elsewhere or done, read its candidates and yield its samples that
         have some (read problems and samples without candidates become `errors` rows)."""
-        job.claim = claim(self.store, STAGE, job.shard.partition)
+        state: dict[str, Any] = {}
+        job.claim = claim(self.store, STAGE, job.shard.partition, state=state)
         holder = job.claim.__enter__()
         if holder is not None:
             job.skipped = {"skipped": "claimed", "holder": holder}
             return
-        if self.store.is_done(STAGE, job.shard.partition, job.fingerprint):
+        manifest = self.store.manifest(STAGE, job.shard.partition)
+        if manifest is not None and manifest.get("fingerprint") == job.fingerprint:
             job.skipped = {"skipped": "done"}
             return
+        job.held = Held(manifest is not None, state)
         job.candidates, job.captions = self._candidates(job.shard)
         for item in self.corpus.read_shard(job.shard):
             if isinstance(item, ReadIssue):
@@ -257,7 +260,7 @@ class ShardScorer:
             }
             self.store.commit(STAGE, job.shard.partition, job.fingerprint, tables, stage_version=STAGE_VERSION,
                               config=result_config(self.config), model_id=self.model_id,
-                              input_fingerprint=job.input_fingerprint)
+                              input_fingerprint=job.input_fingerprint, fresh=job.held is not None and job.held.fresh)
             return {"shard": job.shard.name, "images": job.images, "tags": tables["relevancy"].num_rows,
                     "masks": tables["masks"].num_rows, "errors": len(job.errors),
                     "seconds": time.perf_counter() - job.started}

@@ -266,6 +266,7 @@ class ShardJob:
     input_fingerprint: str
     claim: Any = None  # the claim's context manager, entered by the reader, exited after the commit
     skipped: dict | None = None  # {"skipped": "claimed" | "done", ...}: nothing to do
+    held: Any = None  # stage.Held, once the reader holds the claim and found the shard to do
     candidates: Any = None  # score_batch.ShardCandidates
     captions: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)

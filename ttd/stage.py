@@ -59,8 +59,8 @@ class PlannedShard:
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> PlannedShard:
         shard = doc["shard"]
-        return cls(ShardRef(**{**shard, "paths": tuple(shard["paths"])}), doc["status"], doc.get("fingerprint"),
-                   doc.get("input_fingerprint"))
+        ref = ShardRef(**{**shard, **{k: tuple(shard.get(k, ())) for k in ("paths", "sizes", "etags")}})
+        return cls(ref, doc["status"], doc.get("fingerprint"), doc.get("input_fingerprint"))
 
 
 @dataclass(frozen=True)
@@ -220,17 +220,33 @@ class WorkerSpec:
         return self.cls(*self.args)
 
 
-def run_claimed(store: Store, stage: str, job: PlannedShard, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+@dataclass
+class Held:
+    """A shard this run holds the claim of, as `run_claimed` found it."""
+
+    had_manifest: bool  # committed before, under another fingerprint
+    claim_state: dict[str, Any]  # claims.claim's: taken_over
+
+    @property
+    def fresh(self) -> bool:
+        """No earlier attempt can have left this stage's files in the shard's folders: `Store.commit(fresh=...)`
+        may skip its orphan listing. Read at commit time: another run may take the claim over meanwhile."""
+        return not self.had_manifest and not self.claim_state.get("taken_over")
+
+
+def run_claimed(store: Store, stage: str, job: PlannedShard,
+                work: Callable[[Held], dict[str, Any]]) -> dict[str, Any]:
     """One shard's work under its claim: skipped when another run holds the shard or committed it since planning.
     A shard's own failure becomes a `failed` result; a setup problem (TTDError: schema version, store) is raised."""
-    name = job.shard.name
-    with claim(store, stage, job.shard.partition) as holder:
+    name, state = job.shard.name, {}
+    with claim(store, stage, job.shard.partition, state=state) as holder:
         if holder is not None:
             return {"shard": name, "skipped": "claimed", "holder": holder}
-        if store.is_done(stage, job.shard.partition, job.fingerprint):
+        manifest = store.manifest(stage, job.shard.partition)
+        if manifest is not None and manifest.get("fingerprint") == job.fingerprint:
             return {"shard": name, "skipped": "done"}
         try:
-            return {"shard": name, **work()}
+            return {"shard": name, **work(Held(manifest is not None, state))}
         except TTDError:
             raise
         except Exception as exc:  # noqa: BLE001 - this shard's problem (an unreadable file, a failed write)

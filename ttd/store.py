@@ -136,15 +136,35 @@ class Store:
         """A JSON document written in one atomic step (a rename, or one PUT)."""
         self._atomic_write(path, json.dumps(doc, sort_keys=True).encode())
 
+    def read_bytes(self, path: str) -> bytes:
+        """A small object's bytes in one request: s3fs otherwise asks for the size first (a HEAD, and a listing
+        when the object is missing) to split large reads."""
+        if self.root.protocol == "s3":
+            return self.root.fs.cat_file(path, max_concurrency=1)
+        return self.root.fs.cat_file(path)
+
     def _move(self, src: str, dst: str) -> None:
         """Into place: a rename on local disk; on an object store a server-side copy, then the source deleted."""
+        self._move_all([(src, dst)])
+
+    def _move_all(self, moves: list[tuple[str, str]]) -> None:
+        """Several files into place. On S3 a copy request each (s3fs's `cp_file` would first HEAD the source for
+        its size; ours are far below the 5 GB single-copy limit) and one bulk delete of the sources."""
         fs = self.root.fs
         if self.root.protocol == "file":
-            fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
-            fs.mv(src, dst)
-        else:  # one file each way: fsspec's `mv` first expands and checks both paths (a listing or two each)
-            fs.cp_file(src, dst)
-            fs.rm_file(src)
+            for src, dst in moves:
+                fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+                fs.mv(src, dst)
+            return
+        for src, dst in moves:
+            if self.root.protocol == "s3":
+                bucket, key, _ = fs.split_path(src)
+                dst_bucket, dst_key, _ = fs.split_path(dst)
+                fs.call_s3("copy_object", Bucket=dst_bucket, Key=dst_key, CopySource={"Bucket": bucket, "Key": key})
+                fs.invalidate_cache(dst)
+            else:  # one file each way: fsspec's `mv` first expands and checks both paths (a listing or two each)
+                fs.cp_file(src, dst)
+        fs.rm([src for src, _ in moves])
 
     def _remove_orphans(self, stage: str, part: str, files: Mapping[str, list[str]]) -> None:
         """Files of `stage` in the partition's folders that the new manifest does not name: the previous commit's
@@ -208,7 +228,7 @@ class Store:
     def manifest(self, stage: str, partition: Mapping[str, str]) -> dict | None:
         path = self._manifest_path(stage, partition)
         try:
-            data = self.root.fs.cat_file(path)
+            data = self.read_bytes(path)
         except FileNotFoundError:
             return None
         return self._parse_manifest(data, path)
@@ -279,7 +299,7 @@ class Store:
         """rel path -> (stamp, manifest JSON) of the stage's index; empty when there is none or it is unreadable
         (the index only saves reads)."""
         try:
-            table = pq.read_table(pa.BufferReader(self.root.fs.cat_file(self._index_path(stage))))
+            table = pq.read_table(pa.BufferReader(self.read_bytes(self._index_path(stage))))
         except FileNotFoundError:
             return {}
         except Exception as exc:  # noqa: BLE001 - a torn or foreign index: read the manifests themselves
@@ -313,8 +333,13 @@ class Store:
         config: Mapping[str, Any] | None = None,
         model_id: str | None = None,
         input_fingerprint: str = "",
+        fresh: bool = False,
     ) -> dict:
-        """Write one stage's output for one partition (normally corpus + shard) and commit it by its manifest."""
+        """Write one stage's output for one partition (normally corpus + shard) and commit it by its manifest.
+
+        `fresh`: the caller holds the partition's claim, created (not taken over from a killed run) when the
+        partition had no manifest, so no earlier file of this stage can lie in its folders (a failed commit removes
+        what it moved): the listing that looks for orphans is skipped (on S3, a request per table)."""
         partition = dict(partition)
         part = _partition_path(partition)
         files: dict[str, list[str]] = {}
@@ -331,8 +356,11 @@ class Store:
             # written outside tables/ first: a reader of the folders never sees a shard that is not committed
             staged.append((self._write_parquet(f"{staging}/{name}.parquet", table), self.root.join(rel)))
             files[name], rows[name], versions[name] = [rel], table.num_rows, schema.version
-        for tmp, final in staged:
-            self._move(tmp, final)
+        try:
+            self._move_all(staged)
+        except BaseException:
+            self._undo_moves(stage, partition, [final for _, final in staged])
+            raise
         if self.root.protocol == "file":  # object stores have no empty folders to leave behind
             self._remove_empty(staging)
         doc = {
@@ -349,10 +377,26 @@ class Store:
             "ttd_version": __version__,
             "committed_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds"),
         }
-        self._atomic_write(self._manifest_path(stage, partition), json.dumps(doc, indent=1, sort_keys=True).encode())
-        self._remove_orphans(stage, part, files)
+        try:
+            self._atomic_write(self._manifest_path(stage, partition),
+                               json.dumps(doc, indent=1, sort_keys=True).encode())
+        except BaseException:
+            self._undo_moves(stage, partition, [final for _, final in staged])
+            raise
+        if not fresh:
+            self._remove_orphans(stage, part, files)
         log.debug("committed %s %s (%s)", stage, part, rows)
         return doc
+
+    def _undo_moves(self, stage: str, partition: Mapping[str, str], moved: list[str]) -> None:
+        """A commit failed after moving files into place: remove those its partition's manifest does not name
+        (outside readers would count them, and a later `fresh` commit would not look for them). Best effort."""
+        try:
+            current = self.manifest(stage, partition) or {}
+            named = {self.root.join(f) for fl in current.get("files", {}).values() for f in fl}
+            self.remove(p for p in moved if p not in named)
+        except Exception as exc:  # noqa: BLE001 - the next commit that is not `fresh` lists and removes them
+            log.warning("could not remove the files of a failed %s commit: %s", stage, exc)
 
     # ---- reads ----------------------------------------------------------------------------------------------------
     def files(self, table: str, manifests: Iterable[dict] | None = None) -> list[str]:

@@ -34,6 +34,15 @@ class Location:
     def child(self, *parts: str) -> Location:
         return Location(self.fs, self.join(*parts), self.protocol)
 
+    def open_read(self, path: str, size: int | None = None, etag: str | None = None):
+        """`path` opened for reading. On S3, `size` and `etag` from a listing spare s3fs the HEAD it would send
+        to learn them (it reads with If-Match on the ETag: a file replaced since the listing fails to read)."""
+        if size is None or not etag or self.protocol != "s3":
+            return self.fs.open(path, "rb")
+        f = self.fs.open(path, "rb", size=size)
+        f.details = {"name": path, "size": size, "type": "file", "ETag": etag}
+        return f
+
 
 def _protocol_of(fs: fsspec.AbstractFileSystem) -> str:
     proto = fs.protocol

@@ -103,6 +103,17 @@ class ShardRef:
     paths: tuple[str, ...]  # the shard's files (or folder) in the corpus filesystem
     complete: bool  # img2dataset wrote its _stats.json (or the format has no such marker)
     fingerprint: str
+    sizes: tuple[int | None, ...] = ()  # of `paths`, from the corpus listing (empty: not known)
+    etags: tuple[str | None, ...] = ()  # of `paths` on an object store, from the same listing
+
+    def listed(self, path: str) -> tuple[int | None, str | None]:
+        """The file's size and ETag as the corpus listing saw them (None: not known)."""
+        i = self.paths.index(path)
+        return (self.sizes[i] if i < len(self.sizes) else None, self.etags[i] if i < len(self.etags) else None)
+
+    def open(self, loc: Location, path: str):
+        """One of the shard's files, opened for reading without asking the store its size again."""
+        return loc.open_read(path, *self.listed(path))
 
     @property
     def partition(self) -> dict[str, str]:
@@ -155,10 +166,12 @@ def files_fingerprint(loc: Location, paths: list[str], listing: dict[str, dict] 
     return fingerprint(parts)
 
 
-def read_metadata(loc: Location, path: str, columns: list[str] | None = None) -> pa.Table | None:
-    """An img2dataset sibling parquet without its image column; None when it is absent."""
+def read_metadata(loc: Location, path: str, columns: list[str] | None = None,
+                  shard: ShardRef | None = None) -> pa.Table | None:
+    """An img2dataset sibling parquet without its image column; None when it is absent. `shard`: the shard the
+    file belongs to, whose listing gives its size."""
     try:
-        with loc.fs.open(path, "rb") as f:
+        with (shard.open(loc, path) if shard is not None else loc.fs.open(path, "rb")) as f:
             pf = pq.ParquetFile(f)
             names = [n for n in pf.schema_arrow.names if pf.schema_arrow.field(n).type != pa.binary()]
             return pf.read(columns=[c for c in (columns or names) if c in names])

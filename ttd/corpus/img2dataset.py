@@ -102,7 +102,9 @@ class _Img2datasetCorpus(Corpus):
     def _ref(self, name: str, extra: list[str], listing: dict[str, dict]) -> ShardRef:
         stats = self.loc.join(f"{name}_stats.json")
         paths = [*extra, self.loc.join(f"{name}.parquet"), stats]
-        return ShardRef(self.name, name, tuple(paths), stats in listing, files_fingerprint(self.loc, paths, listing))
+        return ShardRef(self.name, name, tuple(paths), stats in listing, files_fingerprint(self.loc, paths, listing),
+                        tuple(listing.get(p, {}).get("size") for p in paths),
+                        tuple(listing.get(p, {}).get("ETag") for p in paths))
 
     def shards(self) -> list[ShardRef]:
         listing = self._listing()
@@ -121,7 +123,8 @@ class _Img2datasetCorpus(Corpus):
                    columns: list[str] | None = None) -> tuple[dict[str, dict], list[ReadIssue]]:
         """key -> metadata row of successful rows; non-success rows are counted as skipped."""
         issues = []
-        table = read_metadata(self.loc, self.loc.join(f"{shard.name}.parquet"), columns)
+        path = self.loc.join(f"{shard.name}.parquet")
+        table = read_metadata(self.loc, path, columns, shard)
         if table is None:
             issues.append(self._issue(shard, None, "missing_metadata",
                                       f"no {shard.name}.parquet beside the shard: keys cannot be checked",
@@ -182,7 +185,8 @@ class WebDatasetCorpus(_Img2datasetCorpus):
         seen: set[str] = set()
         group_key, group = None, {}
         try:
-            with self.loc.fs.open(shard.paths[0], "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            with shard.open(self.loc, shard.paths[0]) as f, \
+                    tarfile.open(fileobj=f, mode="r|") as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -263,7 +267,7 @@ class WebDatasetCorpus(_Img2datasetCorpus):
         start with tarfile."""
         members: list[tuple[str, str, bytes | None]] = []
         try:
-            with self.loc.fs.open(shard.paths[0], "rb") as f:
+            with shard.open(self.loc, shard.paths[0]) as f:
                 fast = tarscan.fast_scan(f)
             groups = _group_members(fast) if fast is not None else None
             if groups is not None:
@@ -271,7 +275,7 @@ class WebDatasetCorpus(_Img2datasetCorpus):
         except (tarfile.TarError, EOFError, OSError):
             pass  # the exact scan below says what is wrong
         try:
-            with self.loc.fs.open(shard.paths[0], "rb") as f:
+            with shard.open(self.loc, shard.paths[0]) as f:
                 for name, data in tarscan.scan(f):
                     key, _, ext = name.rpartition("/")[2].partition(".")  # as _split_member, inlined: hot loop
                     ext = ext.lower()
@@ -329,7 +333,7 @@ class ParquetCorpus(_Img2datasetCorpus):
         """(file, ParquetFile, image column) of a shard, or the one error row for a shard that cannot be read."""
         f = None
         try:
-            f = self.loc.fs.open(shard.paths[0], "rb")
+            f = shard.open(self.loc, shard.paths[0])
             pf = pq.ParquetFile(f)
         except Exception as exc:  # unreadable footer: the whole shard is one error row
             if f is not None:
