@@ -14,9 +14,12 @@ import socketserver
 import threading
 import time
 from collections import Counter
+from urllib.parse import unquote_to_bytes
 
 SLOWDOWN = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>"
             b"<Message>Please reduce your request rate.</Message></Error>")
+INTERNAL = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InternalError</Code>"
+            b"<Message>We encountered an internal error. Please try again.</Message></Error>")
 
 
 def _read_request(sock: socket.socket) -> tuple[bytes, bytes] | None:
@@ -71,11 +74,12 @@ class FaultProxy:
     KINDS = ("throttle", "drop", "drop_response", "cut_response", "slow")
 
     def __init__(self, upstream: str, rates: dict[str, float], *, seed: int = 0,
-                 slow_s: tuple[float, float] = (0.2, 1.0)):
+                 slow_s: tuple[float, float] = (0.2, 1.0), fail_matching: bytes | None = None):
         host, _, port = upstream.removeprefix("http://").partition(":")
         self.upstream = (host, int(port))
         self.rates = {k: float(rates.get(k, 0.0)) for k in self.KINDS}
         self.slow_s = slow_s
+        self.fail_matching = fail_matching  # every request whose request line holds it: 500 InternalError
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
@@ -121,6 +125,12 @@ class FaultProxy:
         if request is None:
             return
         head, body = request
+        if self.fail_matching and self.fail_matching in unquote_to_bytes(head.split(b"\r\n", 1)[0]):
+            with self.lock:
+                self.counts["failed"] += 1
+            sock.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/xml\r\nContent-Length: "
+                         + str(len(INTERNAL)).encode() + b"\r\nConnection: close\r\n\r\n" + INTERNAL)
+            return
         fault = self._draw()
         if fault == "throttle":
             sock.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: "

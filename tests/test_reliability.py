@@ -301,6 +301,25 @@ def test_stages_finish_through_object_store_faults(s3_endpoint, s3_bucket, tmp_p
         assert got == [r[1:] for r in sorted_rows(clean, table, cols)], table
 
 
+def test_a_shard_whose_claim_the_store_fails_is_reported_and_done_by_the_next_run(s3_endpoint, s3_bucket, tmp_path):
+    """S3 answering 500 to every request on one shard's claim (botocore's and s3fs's retries exhausted): that shard
+    is a failed shard (exit 1, named), the others are committed, and the next run does it."""
+    local = tmp_path / "corpus"
+    build_corpus(str(local), shards=3, per_shard=2)
+    corpus, store = f"{s3_bucket}/corpus", f"{s3_bucket}/store"
+    _upload(local, corpus)
+    cmd = [*TTD, "parse", "--corpus", corpus, "--store", store, "--no-tagger", "--json"]
+    with FaultProxy(s3_endpoint, {}, fail_matching=b"/claims/parse/corpus=corpus/shard=00001.json") as proxy:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env(AWS_ENDPOINT_URL=proxy.endpoint),
+                              timeout=600)
+    assert proc.returncode == 1 and "00001" in proc.stderr, proc.stderr[-2000:]
+    assert proxy.counts["failed"] > 0
+    assert sorted(m["shard"] for m in Store(store).manifests("parse")) == ["00000", "00002"]
+    again = json.loads(run_ok(cmd).stdout)
+    assert again["done"] == 1 and again["skipped_done"] == 2, again
+    assert sorted(m["shard"] for m in Store(store).manifests("parse")) == ["00000", "00001", "00002"]
+
+
 # ---------------------------------------------------------------- secrets
 
 KEY_ID, SECRET = "AKIATTDRELIABILITY01", "ttd-reliability-secret-0123456789abcdef"

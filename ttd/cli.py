@@ -631,7 +631,10 @@ def _leave(code: int) -> None:
 
 def _main() -> None:
     try:
-        app(standalone_mode=False)
+        # without standalone mode click returns a command's typer.Exit(code) instead of raising it
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except TTDError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -22,6 +22,7 @@ import torch
 from . import schemas, score_pipeline
 from .claims import claim
 from .corpus import ReadIssue, Sample, ShardRef, open_corpus
+from .errors import TTDError
 from .models import load_model, model_identity
 from .ray_local import ensure_ray
 from .relevancy import SCORE_PERF_FIELDS, ScoreConfig, dense_features, encode_tags, encode_texts, normalisations
@@ -151,12 +152,19 @@ class ShardScorer:
         """Claim the shard; unless it is held elsewhere or done, read its candidates and yield its samples that
         have some (read problems and samples without candidates become `errors` rows)."""
         state: dict[str, Any] = {}
-        job.claim = claim(self.store, STAGE, job.shard.partition, state=state)
-        holder = job.claim.__enter__()
+        try:
+            held = claim(self.store, STAGE, job.shard.partition, state=state)
+            holder = held.__enter__()
+            job.claim = held  # released by _finish, or after a failure
+            manifest = None if holder is not None else self.store.manifest(STAGE, job.shard.partition)
+        except TTDError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store failed this shard's claim: the run goes on
+            job.skipped = {"failed": f"{type(exc).__name__}: {exc}"[:500]}
+            return
         if holder is not None:
             job.skipped = {"skipped": "claimed", "holder": holder}
             return
-        manifest = self.store.manifest(STAGE, job.shard.partition)
         if manifest is not None and manifest.get("fingerprint") == job.fingerprint:
             job.skipped = {"skipped": "done"}
             return

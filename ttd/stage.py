@@ -239,18 +239,18 @@ def run_claimed(store: Store, stage: str, job: PlannedShard,
     """One shard's work under its claim: skipped when another run holds the shard or committed it since planning.
     A shard's own failure becomes a `failed` result; a setup problem (TTDError: schema version, store) is raised."""
     name, state = job.shard.name, {}
-    with claim(store, stage, job.shard.partition, state=state) as holder:
-        if holder is not None:
-            return {"shard": name, "skipped": "claimed", "holder": holder}
-        manifest = store.manifest(stage, job.shard.partition)
-        if manifest is not None and manifest.get("fingerprint") == job.fingerprint:
-            return {"shard": name, "skipped": "done"}
-        try:
+    try:
+        with claim(store, stage, job.shard.partition, state=state) as holder:
+            if holder is not None:
+                return {"shard": name, "skipped": "claimed", "holder": holder}
+            manifest = store.manifest(stage, job.shard.partition)
+            if manifest is not None and manifest.get("fingerprint") == job.fingerprint:
+                return {"shard": name, "skipped": "done"}
             return {"shard": name, **work(Held(manifest is not None, state))}
-        except TTDError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - this shard's problem (an unreadable file, a failed write)
-            return {"shard": name, "failed": f"{type(exc).__name__}: {exc}"[:500]}
+    except TTDError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - this shard's problem (an unreadable file, a failed claim or write)
+        return {"shard": name, "failed": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 class SerialWorker:
