@@ -47,6 +47,7 @@ from ttd import schemas  # noqa: E402
 from ttd.corpus import open_corpus  # noqa: E402
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key  # noqa: E402
 from ttd.nlp import english_model_id  # noqa: E402
+from ttd.parse import STAGE as PARSE_STAGE  # noqa: E402
 from ttd.parse import ParseConfig, run_parse  # noqa: E402
 from ttd.parse import stage_spec as parse_spec  # noqa: E402
 from ttd.relevancy import ScoreConfig  # noqa: E402
@@ -172,6 +173,12 @@ def local_size(n: int, tmp: Path) -> dict:
     spec = parse_spec(PARSE, english_model_id())
     best = min(timed(plan, open_corpus(corpus), Store(store), spec)[0] for _ in range(3))
     row["noop_plan_s"], row["noop_plan_us_per_shard"] = round(best, 3), round(1e6 * best / n, 1)
+    # ... and its two reads alone: the corpus listing with its fingerprints, the stage's manifests (listing + index)
+    name = open_corpus(corpus).name
+    best = min(timed(lambda: open_corpus(corpus).shards())[0] for _ in range(3))
+    row["corpus_listing_us_per_shard"] = round(1e6 * best / n, 1)
+    best = min(timed(lambda: Store(store).committed(PARSE_STAGE, name))[0] for _ in range(3))
+    row["manifests_us_per_shard"] = round(1e6 * best / n, 1)
     return row
 
 
@@ -250,7 +257,9 @@ def first_parse_s3(m: int, tmp: Path, endpoint: str, latency_s: float) -> dict:
         try:
             for threads, label in ((1, "serial"), (None, "overlapped"), (32, "threads32")):
                 store = f"s3://first/store-{label}"
+                before = proxy.counts["requests"]
                 t, summary = timed(run_parse, "s3://first/corpus", store, PARSE, io_threads=threads)
+                row[f"requests_per_shard_{label}"] = round((proxy.counts["requests"] - before) / m, 1)
                 failed = len(summary["failed"])  # a shard the server failed (moto answers 500 under load) is left
                 if failed:                       # for the next run, as in production: that run is timed too
                     t2, again = timed(run_parse, "s3://first/corpus", store, PARSE, io_threads=threads)

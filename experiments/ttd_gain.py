@@ -25,9 +25,9 @@ from pathlib import Path
 from jobs import cells, parse_phases, results, run_all, seed_rows, table_head  # experiments/jobs.py, beside this script
 
 SEEDS = (0, 1, 2)
-CORPORA = {"2k": "synth/train", "20k": "synth-20k/train", "2k-r2": "synth/train"}
+CORPORA = {"2k": "synth/train", "20k": "synth-20k/train", "2k-r2": "synth/train", "2k-r3": "synth/train"}
 # a corpus re-scored by a TTD run (refreshed targets): corpus -> the run whose LoRA scores it
-RESCORED_BY = {"2k-r2": "ttd-2k-s0"}
+RESCORED_BY = {"2k-r2": "ttd-2k-s0", "2k-r3": "ttd-2k-r2-s0"}
 # name -> the corpus the pseudo-labels come from and the DistillConfig fields that differ from the defaults
 # session 5's best on the 50-class world: a text-only LoRA of rank 64 at lr 5e-4, 600 steps
 TEXT64 = {"steps": 600, "lr": 5e-4, "lora_towers": ["text"], "lora_rank": 64, "lora_alpha": 128.0}
@@ -66,6 +66,9 @@ CANDIDATES = {
     "ttd-2k-text64own": {"corpus": "2k", "settings": {"text_lora_rank": 64, "text_lr": 5e-4}},
     "ttd-2k-text64own-lr2e4": {"corpus": "2k", "settings": {"text_lora_rank": 64, "text_lr": 2e-4}},
     "ttd-2k-r2": {"corpus": "2k-r2", "settings": {}},
+    # session 11, after ttd-2k-r2 won on val: a third round, and the second with the union binarised at 0.4
+    "ttd-2k-r3": {"corpus": "2k-r3", "settings": {}},
+    "ttd-2k-r2-union04": {"corpus": "2k-r2", "settings": {"union_threshold": 0.4}},
 }
 CONTROL = {"w_distill": 0.0, "w_tag": 0.0, "w_contrastive": 1.0}
 
