@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from .store import Store, _partition_path, check_name
+from .store import Store, check_name, partition_path
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def claim_path(store: Store, stage: str, partition: Mapping[str, str]) -> str:
-    return store.root.join("claims", check_name(stage, "stage"), _partition_path(partition) + ".json")
+    return store.root.join("claims", check_name(stage, "stage"), partition_path(partition) + ".json")
 
 
 def _create_exclusive(store: Store, path: str, data: bytes) -> bool:
@@ -109,7 +109,7 @@ class _Heartbeat:
                     log.warning("claim %s was taken over by %s; finishing anyway (commits are atomic)",
                                 self.path, current.get("machine"))
                     return
-                self.store._atomic_write(self.path, json.dumps(self.doc).encode())  # never torn for a reader
+                self.store.write_json(self.path, self.doc)  # atomic: never torn for a reader
             except Exception as exc:  # a missed heartbeat only risks a takeover, never data
                 log.debug("claim heartbeat for %s failed: %s", self.path, exc)
 
@@ -191,8 +191,8 @@ def clear_leftovers(store: Store, stage: str) -> None:
     on that shard now."""
     clear_stale(store, stage)
 
-    def in_progress(partition_path: str) -> bool:
-        doc = _read(store, store.root.join("claims", stage, partition_path + ".json"))
+    def in_progress(part: str) -> bool:
+        doc = _read(store, store.root.join("claims", stage, part + ".json"))
         return doc is not None and not is_stale(doc)
 
     try:

@@ -46,8 +46,8 @@ from .errors import ImageDecodeError, TTDError
 from .models.dense import HEADS, encode_image_dense
 from .models.loading import ARTEFACT_CONFIG, LORA_CONFIG, LORA_WEIGHTS, load_model, model_identity
 from .models.lora import TARGETS, TOWERS, add_lora, lora_state
-from .pretrain import _geometry_and_norm, _param_groups, lr_at, save_artefact
-from .relevancy import _encode_trimmed, _trimmable
+from .pretrain import geometry_and_norm, lr_at, param_groups, save_artefact
+from .relevancy import encode_trimmed, trimmable
 from .store import Store, fingerprint
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,7 @@ class DistillStream:
 
 def _text_features(model, tokens: torch.Tensor) -> torch.Tensor:
     """Text embeddings with gradients; tokens cut after the longest (exact under CLIP's causal mask)."""
-    return _encode_trimmed(model, tokens) if _trimmable(model) else model.encode_text(tokens)
+    return encode_trimmed(model, tokens) if trimmable(model) else model.encode_text(tokens)
 
 
 class Batch:
@@ -312,7 +312,7 @@ class Batch:
 def make_batch(items: list[TrainItem], bundle, config: DistillConfig, pool: ThreadPoolExecutor) -> Batch | None:
     """Decode and normalise the images, tokenise captions and the batch's distinct tags, stack the target maps
     (at the pseudo-labels' grid; resized to the model's in `losses`). None when no image decodes."""
-    geo, mean, std = _geometry_and_norm(bundle.preprocess)
+    geo, mean, std = geometry_and_norm(bundle.preprocess)
     dev = bundle.device
 
     def decode(item: TrainItem):
@@ -501,7 +501,7 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
     else:
         deltas = {}
         trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
-        groups = _param_groups(net, config.weight_decay)
+        groups = param_groups(net, config.weight_decay)
     opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     resumed = checkpoints.load(out / CHECKPOINT_DIR, fp, trainable, opt)
     start, consumed, log_rows, _ = resumed or (0, 0, [], {})

@@ -76,7 +76,7 @@ def preset(name: str, **overrides: Any) -> PretrainConfig:
     return PretrainConfig(**{**PRESETS[name], **overrides})
 
 
-def _geometry_and_norm(preprocess) -> tuple[Callable, torch.Tensor, torch.Tensor]:
+def geometry_and_norm(preprocess) -> tuple[Callable, torch.Tensor, torch.Tensor]:
     """Split open_clip's preprocessing into the geometric part (run once) and Normalize (run per batch)."""
     geo, mean, std = [], None, None
     for t in preprocess.transforms:
@@ -91,7 +91,7 @@ def _geometry_and_norm(preprocess) -> tuple[Callable, torch.Tensor, torch.Tensor
 
 def load_pairs(corpus_uri: str, bundle, max_samples: int | None, progress: Callable[[int], None] | None = None):
     """All (image, caption) pairs of a corpus as a uint8 image tensor [N, 3, S, S] and token ids [N, L]."""
-    geo, _, _ = _geometry_and_norm(bundle.preprocess)
+    geo, _, _ = geometry_and_norm(bundle.preprocess)
     corpus = open_corpus(corpus_uri)
     images, captions, skipped = [], [], 0
     for shard in corpus.shards():
@@ -122,7 +122,7 @@ def load_pairs(corpus_uri: str, bundle, max_samples: int | None, progress: Calla
     return torch.stack(images), bundle.tokenizer(captions), captions
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float):
+def param_groups(model: torch.nn.Module, weight_decay: float):
     """No weight decay on gains, biases, embeddings and the temperature (the usual CLIP recipe)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -167,7 +167,7 @@ def run_pretrain(corpus_uri: str, out_dir: str, config: PretrainConfig | None = 
     torch.manual_seed(seed)
     bundle = load_model(config.model, config.pretrained, device=dev, seed=seed)
     model = bundle.model
-    _, mean, std = _geometry_and_norm(bundle.preprocess)
+    _, mean, std = geometry_and_norm(bundle.preprocess)
     images, tokens, _ = load_pairs(corpus_uri, bundle, config.max_samples,
                                    (lambda n: progress("load", n, 0)) if progress else None)
     n = images.shape[0]
@@ -175,7 +175,7 @@ def run_pretrain(corpus_uri: str, out_dir: str, config: PretrainConfig | None = 
     log.info("pre-training %s on %d pairs: %d steps of %d (%.1f epochs)", config.model, n, config.steps, batch,
              config.steps * batch / n)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.ClipLoss()
     data_fp = fingerprint([s.fingerprint for s in open_corpus(corpus_uri).shards()], n)
     fp = fingerprint("pretrain", config.model_dump(exclude=_PERF_FIELDS), seed, data_fp)

@@ -82,13 +82,13 @@ class ScoreConfig(pydantic.BaseModel):
         return v
 
 
-def _trimmable(model) -> bool:
+def trimmable(model) -> bool:
     """open_clip's CLIP text tower with a causal mask and EOT pooling: padding after the EOT cannot change it."""
     return (getattr(model, "attn_mask", None) is not None and getattr(model, "text_pool_type", "") == "argmax"
             and hasattr(model, "token_embedding"))
 
 
-def _encode_trimmed(model, tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
+def encode_trimmed(model, tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
     """`model.encode_text` on tokens cut after the batch's longest prompt (`length`, counted on the host before
     the copy, so the device is never waited for). Under the causal mask every position up to the EOT sees only
     earlier positions, so the pooled output is the same; the text tower then runs on ~10 tokens instead of the
@@ -112,7 +112,7 @@ def encode_texts(bundle, texts: list[str], batch_size: int = 256, trim: bool = T
     if not texts:
         return torch.zeros(0, bundle.embed_dim, device=bundle.device)
     tokens = bundle.tokenizer(texts)
-    fast = trim and _trimmable(bundle.model)
+    fast = trim and trimmable(bundle.model)
     order = torch.argsort((tokens != 0).sum(dim=1)) if fast else torch.arange(len(texts))
     out = torch.empty(len(texts), bundle.embed_dim, device=bundle.device)
     for i in range(0, len(texts), batch_size):
@@ -120,7 +120,7 @@ def encode_texts(bundle, texts: list[str], batch_size: int = 256, trim: bool = T
         batch = tokens[idx]
         length = int((batch != 0).sum(dim=1).max())
         batch = batch.to(bundle.device, non_blocking=True)
-        emb = _encode_trimmed(bundle.model, batch, length) if fast else bundle.model.encode_text(batch)
+        emb = encode_trimmed(bundle.model, batch, length) if fast else bundle.model.encode_text(batch)
         out[idx.to(bundle.device)] = F.normalize(emb.float(), dim=-1)
     return out
 

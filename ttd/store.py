@@ -69,7 +69,7 @@ def _stamp(info: Mapping[str, Any]) -> str:
     return str(etag) if etag else f"{info.get('mtime')}:{info.get('ino')}:{info.get('size')}"
 
 
-def _partition_path(partition: Mapping[str, str]) -> str:
+def partition_path(partition: Mapping[str, str]) -> str:
     return "/".join(f"{k}={check_name(v, k)}" for k, v in partition.items())
 
 
@@ -223,7 +223,7 @@ class Store:
 
     # ---- manifests ----------------------------------------------------------------------------------------------
     def _manifest_path(self, stage: str, partition: Mapping[str, str]) -> str:
-        return self.root.join("manifests", check_name(stage, "stage"), _partition_path(partition) + ".json")
+        return self.root.join("manifests", check_name(stage, "stage"), partition_path(partition) + ".json")
 
     def manifest(self, stage: str, partition: Mapping[str, str]) -> dict | None:
         path = self._manifest_path(stage, partition)
@@ -341,7 +341,7 @@ class Store:
         partition had no manifest, so no earlier file of this stage can lie in its folders (a failed commit removes
         what it moved): the listing that looks for orphans is skipped (on S3, a request per table)."""
         partition = dict(partition)
-        part = _partition_path(partition)
+        part = partition_path(partition)
         files: dict[str, list[str]] = {}
         rows: dict[str, int] = {}
         versions: dict[str, int] = {}
