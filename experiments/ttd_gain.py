@@ -176,9 +176,10 @@ def control_of(name: str, out: Path | None = None) -> tuple[str, dict]:
     if out is not None:
         done = results(out)
 
-        def effective(n: str) -> tuple:
+        def effective(n: str) -> tuple:  # the images and captions (a re-scored corpus: the same), the settings
             s = CANDIDATES[n]
-            return s["corpus"], sorted((k, str(v)) for k, v in s["settings"].items() if k not in NO_EFFECT_ON_CONTROL)
+            return CORPORA[s["corpus"]], sorted((k, str(v)) for k, v in s["settings"].items()
+                                                if k not in NO_EFFECT_ON_CONTROL)
 
         for other in CANDIDATES:
             if effective(other) == effective(name) and all(
