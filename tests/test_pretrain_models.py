@@ -96,3 +96,24 @@ def test_plain_tensor_checkpoint_and_unknown_model(tmp_path):
         load_model("no-such-model")
     with pytest.raises(TTDError, match="does not exist"):
         load_model("ttd-micro", "/nonexistent/weights.safetensors")
+
+
+def test_an_artefact_of_an_architecture_open_clip_does_not_know_loads_from_its_own_config(tmp_path):
+    """model.json carries the architecture (`model_cfg`): registered through open_clip's public add_model_config,
+    and kept when open_clip rescans its configs for the next one."""
+    import json
+    import shutil
+
+    import open_clip
+
+    from ttd.models.loading import EMBEDDED_MODEL
+
+    for name in ("ttd-renamed-a", "ttd-renamed-b"):
+        art = tmp_path / name
+        shutil.copytree(EMBEDDED_MODEL, art)
+        doc = json.loads((art / "model.json").read_text())
+        (art / "model.json").write_text(json.dumps({**doc, "model": name}))
+        assert name not in open_clip.list_models()
+        bundle = load_model(pretrained=str(art))
+        assert bundle.model_id.startswith(f"{name}@")
+    assert {"ttd-renamed-a", "ttd-renamed-b"} <= set(open_clip.list_models())

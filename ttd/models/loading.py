@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,19 @@ def register_shipped_configs() -> None:
     if not _registered:
         open_clip.add_model_config(str(CONFIG_DIR))
         _registered = True
+
+
+_artefact_configs: tempfile.TemporaryDirectory | None = None  # for the process's life: open_clip rescans its files
+
+
+def register_config(name: str, cfg: dict) -> None:
+    """An artefact's own architecture under its model name, through open_clip's public `add_model_config` (which
+    reads `NAME.json` files from the folders it was given, and reads them all again when another is added)."""
+    global _artefact_configs
+    if _artefact_configs is None:
+        _artefact_configs = tempfile.TemporaryDirectory(prefix="ttd-model-configs-")
+    (Path(_artefact_configs.name) / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(_artefact_configs.name)
 
 
 @dataclass
@@ -159,7 +173,7 @@ def resolve_model(name: str | None = None, pretrained: str | None = None, seed: 
         tag = pretrained
     name = name or DEFAULT_MODEL
     if model_cfg is not None and name not in open_clip.list_models():
-        open_clip.factory._MODEL_CONFIGS[name] = model_cfg  # an artefact carries its own architecture
+        register_config(name, model_cfg)  # an artefact carries its own architecture
     if name not in open_clip.list_models():
         raise TTDError(f"unknown model {name!r}: use an open_clip model name (e.g. ViT-B-16), one of the shipped "
                        f"configs ({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.json')))}) or --pretrained "
