@@ -13,21 +13,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from . import schemas
+from . import schemas, stage
 from .corpus import ReadIssue, Sample, ShardRef, ShardStats, open_corpus
 from .errors import ImageDecodeError
-from .stage import (
-    Held,
-    PlannedShard,
-    SerialWorker,
-    StageSpec,
-    Summary,
-    WorkerSpec,
-    finish_run,
-    plan,
-    run_claimed,
-    run_here,
-)
+from .stage import Held, PlannedShard, SerialWorker, StageSpec, Summary, WorkerSpec
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -73,7 +62,7 @@ class IndexWorker(SerialWorker):
                               input_fingerprint=job.input_fingerprint, fresh=held.fresh)
             return stats.as_dict()
 
-        return run_claimed(self.store, STAGE, job, work)
+        return stage.run_claimed(self.store, STAGE, job, work)
 
 
 def run_index(
@@ -95,13 +84,13 @@ def run_index(
     config = {"decode": decode, "format": corpus.format}
     summary = Summary(STAGE, corpus.name, ("samples", "errors", "warnings", "skipped_status"),
                       extra={"format": corpus.format}, progress=progress)
-    todo = summary.planned(plan(corpus, store, StageSpec(STAGE, STAGE_VERSION, config),
+    todo = summary.planned(stage.plan(corpus, store, StageSpec(STAGE, STAGE_VERSION, config),
                                 include_incomplete=include_incomplete))
     if todo:
         spec = WorkerSpec(IndexWorker, ({"uri": corpus.uri, "format": corpus.format, "name": corpus.name},
                                         store_uri, decode, config))
-        run_here(spec, todo, summary.account, on_start)
+        stage.run_here(spec, todo, summary.account, on_start)
     elif on_start:
         on_start(0)
-    finish_run(store, STAGE, corpus.name, summary.counts["done"])
+    stage.finish_run(store, STAGE, corpus.name, summary.counts["done"])
     return summary.as_dict()
