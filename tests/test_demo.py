@@ -1,4 +1,4 @@
-"""`ttd demo`: its config is configs/demo.yaml's twin, and the base-vs-TTD table is computed from both runs."""
+"""`ttd demo`: its config is configs/demo.yaml with its paths moved; the base-vs-TTD table comes from both runs."""
 
 from pathlib import Path
 
@@ -10,10 +10,12 @@ from ttd.runconfig import RunConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_config_is_the_documented_yaml():
-    cfg = demo_config("out/demo")
+def test_demo_config_is_the_documented_yaml_with_its_paths_moved():
+    cfg = demo_config("/tmp/elsewhere/")
     twin = RunConfig.model_validate(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()))
-    assert cfg.model_dump(mode="json") == twin.model_dump(mode="json")
+    assert cfg.store == "/tmp/elsewhere/store" and cfg.synth.out == "/tmp/elsewhere/synth"
+    assert cfg.distill.out == "/tmp/elsewhere/ttd-lora"
+    assert demo_config("out/demo").model_dump(mode="json") == twin.model_dump(mode="json")
     assert cfg.stages() == ["synth", "parse", "score", "distill", "evaluate"]
     assert cfg.model.name is None and cfg.model.pretrained is None  # the embedded base model
 

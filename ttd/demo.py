@@ -1,6 +1,6 @@
 """`ttd demo`: the whole pipeline on TagMask-Synth with the embedded base model, offline, on a laptop CPU.
 
-The demo is one RunConfig (the same file format as `ttd run --config`; configs/demo.yaml is its YAML twin): synthesise
+The demo is one RunConfig, configs/demo.yaml (the file `ttd run --config` reads; shipped in the wheel): synthesise
 a small TagMask-Synth corpus and eval set, parse, score with one local Ray actor, distill (LoRA) and evaluate the
 base model and the fine-tuned one; then the report. Nothing is pre-trained: the embedded base model is shipped in
 the package. This module builds the config and the base-vs-TTD table; the CLI runs the flow.
@@ -8,30 +8,37 @@ the package. This module builds the config and the base-vs-TTD table; the CLI ru
 
 from __future__ import annotations
 
+from importlib import resources
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .runconfig import RunConfig
 
-# What the demo trains on and for how long: sized to finish in a few minutes on 2 CPU cores.
-DEMO_TRAIN = 800
-DEMO_EVAL = 200
-DEMO_DISTILL_STEPS = 100
+DEMO_OUT = "out/demo"  # the YAML's output folder; `ttd demo --out` moves every path under it
+
+
+def demo_yaml() -> Path:
+    """configs/demo.yaml: shipped inside the wheel as ttd/demo.yaml; in a checkout it sits in configs/."""
+    packaged = resources.files("ttd") / "demo.yaml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def demo_config(out: str) -> RunConfig:
+    """The settings of configs/demo.yaml (the one copy of them), with its paths under `out`."""
     out = out.rstrip("/")
-    return RunConfig.model_validate({
-        "name": "demo",
-        "store": f"{out}/store",
-        "synth": {"out": f"{out}/synth", "train": DEMO_TRAIN, "eval": DEMO_EVAL, "pretrain": 0, "seed": 0,
-                  "config": {"shard_size": 200}},
-        "parse": {"policy": "words"},
-        "score": {"head": "maskclip", "selection": "pixel", "threshold": 0.4},
-        "ray": {"workers": 1},
-        "evaluate": {},
-        "distill": {"enabled": True, "out": f"{out}/ttd-lora", "seed": 0, "config": {"steps": DEMO_DISTILL_STEPS}},
-        "flow": {"shards_per_batch": 2, "retries": 2, "retry_delay_seconds": 5},
-    })
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: moved(v) for k, v in value.items()}
+        if isinstance(value, str) and (value == DEMO_OUT or value.startswith(DEMO_OUT + "/")):
+            return out + value[len(DEMO_OUT):]
+        return value
+
+    return RunConfig.model_validate(moved(yaml.safe_load(demo_yaml().read_text())))
 
 
 ROWS = (
