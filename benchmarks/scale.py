@@ -99,11 +99,13 @@ def commit_empty_scores(store_uri: str, corpus_uri: str) -> int:
     config = ScoreConfig().resolved("cpu")
     store, corpus = Store(store_uri), open_corpus(corpus_uri)
     planned = [p for p in plan(corpus, store, score_spec(config, model_identity(MODEL, None))) if p.status == TODO]
+    committed = store.committed(SCORE_STAGE, corpus.name)
     empty = {t: schemas.get(t).arrow.empty_table() for t in ("relevancy", "masks", "errors")}
 
-    def commit(p) -> None:
+    def commit(p) -> None:  # fresh where no score manifest exists: the benchmark's own store, no killed run left files
         store.commit(SCORE_STAGE, p.shard.partition, p.fingerprint, empty, stage_version=SCORE_VERSION,
-                     config=result_config(config), model_id="benchmark", input_fingerprint=p.input_fingerprint)
+                     config=result_config(config), model_id="benchmark", input_fingerprint=p.input_fingerprint,
+                     fresh=p.shard.name not in committed)
 
     with ThreadPoolExecutor(16) as pool:  # the store's requests overlap, as a run's shards do
         list(pool.map(commit, planned))
