@@ -37,7 +37,17 @@ from .score_pipeline import (
     Timings,
     decode_one,
 )
-from .stage import Held, PlannedShard, StageSpec, Summary, WorkerSpec, finish_run, plan, run_here, run_on_ray
+from .stage import (
+    PlannedShard,
+    StageSpec,
+    Summary,
+    WorkerSpec,
+    finish_run,
+    held_unless_done,
+    plan,
+    run_here,
+    run_on_ray,
+)
 from .store import Store, fingerprint
 
 log = logging.getLogger(__name__)
@@ -156,7 +166,8 @@ class ShardScorer:
             held = claim(self.store, STAGE, job.shard.partition, state=state)
             holder = held.__enter__()
             job.claim = held  # released by _finish, or after a failure
-            manifest = None if holder is not None else self.store.manifest(STAGE, job.shard.partition)
+            if holder is None:
+                job.held = held_unless_done(self.store, STAGE, job.shard.partition, job.fingerprint, state)
         except TTDError:
             raise
         except Exception as exc:  # noqa: BLE001 - the store failed this shard's claim: the run goes on
@@ -165,10 +176,9 @@ class ShardScorer:
         if holder is not None:
             job.skipped = {"skipped": "claimed", "holder": holder}
             return
-        if manifest is not None and manifest.get("fingerprint") == job.fingerprint:
+        if job.held is None:
             job.skipped = {"skipped": "done"}
             return
-        job.held = Held(manifest is not None, state)
         job.candidates, job.captions = self._candidates(job.shard)
         for item in self.corpus.read_shard(job.shard):
             if isinstance(item, ReadIssue):

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -234,6 +234,16 @@ class Held:
         return not self.had_manifest and not self.claim_state.get("taken_over")
 
 
+def held_unless_done(store: Store, stage: str, partition: Mapping[str, str], fp: str,
+                     claim_state: dict[str, Any]) -> Held | None:
+    """Once the shard's claim is held: None when it was committed under fingerprint `fp` since planning, else what
+    the commit needs to know of it."""
+    manifest = store.manifest(stage, partition)
+    if manifest is not None and manifest.get("fingerprint") == fp:
+        return None
+    return Held(manifest is not None, claim_state)
+
+
 def run_claimed(store: Store, stage: str, job: PlannedShard,
                 work: Callable[[Held], dict[str, Any]]) -> dict[str, Any]:
     """One shard's work under its claim: skipped when another run holds the shard or committed it since planning.
@@ -243,10 +253,10 @@ def run_claimed(store: Store, stage: str, job: PlannedShard,
         with claim(store, stage, job.shard.partition, state=state) as holder:
             if holder is not None:
                 return {"shard": name, "skipped": "claimed", "holder": holder}
-            manifest = store.manifest(stage, job.shard.partition)
-            if manifest is not None and manifest.get("fingerprint") == job.fingerprint:
+            held = held_unless_done(store, stage, job.shard.partition, job.fingerprint, state)
+            if held is None:
                 return {"shard": name, "skipped": "done"}
-            return {"shard": name, **work(Held(manifest is not None, state))}
+            return {"shard": name, **work(held)}
     except TTDError:
         raise
     except Exception as exc:  # noqa: BLE001 - this shard's problem (an unreadable file, a failed claim or write)

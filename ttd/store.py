@@ -356,13 +356,6 @@ class Store:
             # written outside tables/ first: a reader of the folders never sees a shard that is not committed
             staged.append((self._write_parquet(f"{staging}/{name}.parquet", table), self.root.join(rel)))
             files[name], rows[name], versions[name] = [rel], table.num_rows, schema.version
-        try:
-            self._move_all(staged)
-        except BaseException:
-            self._undo_moves(stage, partition, [final for _, final in staged])
-            raise
-        if self.root.protocol == "file":  # object stores have no empty folders to leave behind
-            self._remove_empty(staging)
         doc = {
             "stage": stage,
             "stage_version": stage_version,
@@ -378,6 +371,9 @@ class Store:
             "committed_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds"),
         }
         try:
+            self._move_all(staged)
+            if self.root.protocol == "file":  # object stores have no empty folders to leave behind
+                self._remove_empty(staging)
             self._atomic_write(self._manifest_path(stage, partition),
                                json.dumps(doc, indent=1, sort_keys=True).encode())
         except BaseException:
