@@ -72,7 +72,14 @@ CANDIDATES = {
     # the defaults on ten times the pseudo-labelled images (300 steps of 32 see 9,600 of the 20,000 once)
     "ttd-20k": {"corpus": "20k", "settings": {}},
 }
-CONTROL = {"w_distill": 0.0, "w_tag": 0.0, "w_contrastive": 1.0}
+# every candidate above was one round (the defaults before session 12): kept so, their figures reproduce
+CANDIDATES = {n: {**c, "settings": {"refresh_rounds": 0, **c["settings"]}} for n, c in CANDIDATES.items()}
+# session 12: ttd-2k-r2's procedure as the product's default (`refresh_rounds` 1: `ttd distill` trains a round,
+# re-scores the corpus with it into OUT/refresh/, and trains again from the base), each seed refreshed by its own
+# first round (ttd-2k-r2 used seed 0's for every seed)
+CANDIDATES["ttd-2k-refresh"] = {"corpus": "2k", "settings": {}}
+# contrastive-only: the targets play no part, so a refreshed round would train the same weights again
+CONTROL = {"w_distill": 0.0, "w_tag": 0.0, "w_contrastive": 1.0, "refresh_rounds": 0}
 
 
 def store_for(out: Path, corpus: str) -> Path:
@@ -167,7 +174,8 @@ def chosen(out: Path) -> str:
 
 
 # settings that change nothing once L_distill and L_tag are off: candidates differing only in these share a control
-NO_EFFECT_ON_CONTROL = {"union_threshold", "head", "w_distill", "w_tag", "tag_target", "keep_contrast", "threshold"}
+NO_EFFECT_ON_CONTROL = {"union_threshold", "head", "w_distill", "w_tag", "tag_target", "keep_contrast", "threshold",
+                        "refresh_rounds"}
 
 
 def control_of(name: str, out: Path | None = None) -> tuple[str, dict]:

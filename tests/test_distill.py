@@ -144,7 +144,7 @@ def scored(tmp_path_factory):
     return base, store
 
 
-QUICK = dict(steps=6, batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1, lr=5e-3)
+QUICK = dict(steps=6, batch_size=8, warmup_steps=1, checkpoint_every=2, log_every=1, lr=5e-3, refresh_rounds=0)
 
 
 def test_short_fine_tune_lowers_l_distill_on_held_out_pairs(scored):
@@ -231,6 +231,58 @@ def test_the_text_tower_can_have_its_own_rank_and_learning_rate(scored, tmp_path
     assert moved["visual"] > 1e-4 and moved["text"] < 1e-8, moved  # B starts at zero; the text lr is ~0
     tuned = load_model(lora=str(out))  # the artefact records the per-tower rank and loads
     assert "+lora-" in tuned.model_id
+
+
+def test_a_refresh_round_trains_again_from_the_base_on_pseudo_labels_rescored_by_the_round_before(scored, tmp_path):
+    base, store = scored
+    corpus = str(base / "synth" / "train")
+    before = sorted((m["shard"], m["fingerprint"]) for m in Store(store).manifests("score"))
+    one = DistillConfig(**{**QUICK, "steps": 3})
+    plain = run_distill(corpus, store, str(tmp_path / "plain"), one, model="ttd-micro", seed=5)
+    cfg = one.model_copy(update={"refresh_rounds": 1})
+
+    class Crash(Exception):
+        pass
+
+    seen = []
+
+    def crash_in_round_two(step, _losses):
+        seen.append(step)
+        if step == 5:  # round 2's second step: its checkpoint at step 2 is written
+            raise Crash
+
+    out = tmp_path / "refreshed"
+    with pytest.raises(Crash):
+        run_distill(corpus, store, str(out), cfg, model="ttd-micro", seed=5, progress=crash_in_round_two)
+    assert seen == [1, 2, 3, 4, 5]  # progress counts the steps of both rounds
+    summary = run_distill(corpus, store, str(out), cfg, model="ttd-micro", seed=5)
+    assert summary["resumed_from"] == 2 and summary["fingerprint"] != plain["fingerprint"]
+    # round 1 is the plain run: same fingerprint, same weights
+    teacher = out / "refresh" / "round-1"
+    first = json.loads((teacher / "lora.json").read_text())
+    assert first["fingerprint"] == plain["fingerprint"]
+    a, b = load_file(str(tmp_path / "plain" / "lora.safetensors")), load_file(str(teacher / "lora.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the refreshed pseudo-labels: the same candidates, scored by round 1's model, in a store of their own
+    refreshed = str(out / "refresh" / "labels-1")
+    tuned_id = load_model(lora=str(teacher)).model_id
+    assert {m["model_id"] for m in Store(refreshed).manifests("score")} == {tuned_id}
+    from ttd.sql import query
+
+    q = "SELECT key, tag_index, text, pixel_score FROM relevancy WHERE corpus = 'train' ORDER BY key, tag_index"
+    old, new = query(store, q).to_pylist(), query(refreshed, q).to_pylist()
+    assert [(r["key"], r["text"]) for r in old] == [(r["key"], r["text"]) for r in new]
+    assert any(abs(x["pixel_score"] - y["pixel_score"]) > 1e-4 for x, y in zip(old, new))
+    # the store's own pseudo-labels are untouched; the artefact says where its targets came from
+    assert sorted((m["shard"], m["fingerprint"]) for m in Store(store).manifests("score")) == before
+    final = json.loads((out / "lora.json").read_text())
+    assert final["refreshed"] == [{"round": 1, "teacher": str(teacher), "labels": refreshed}]
+    assert final["config"]["refresh_rounds"] == 1 and final["fingerprint"] == summary["fingerprint"]
+    # an uninterrupted run gives the same weights; a second run is skipped
+    straight = run_distill(corpus, store, str(tmp_path / "straight"), cfg, model="ttd-micro", seed=5)
+    c, d = load_file(str(out / "lora.safetensors")), load_file(str(tmp_path / "straight" / "lora.safetensors"))
+    assert straight["fingerprint"] == summary["fingerprint"] and all(torch.equal(c[k], d[k]) for k in c)
+    assert run_distill(corpus, store, str(out), cfg, model="ttd-micro", seed=5)["skipped"]
 
 
 class Payload:

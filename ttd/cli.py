@@ -289,6 +289,10 @@ def distill(
                                                            "control.")] = None,
     head: Annotated[str | None, typer.Option(help="Dense head trained through (default maskclip, the scoring and "
                                                   "evaluation head).")] = None,
+    refresh_rounds: Annotated[int | None, typer.Option(help="Refresh the targets N times: re-score the corpus with "
+                                                       "the fine-tuned model (into OUT/refresh/, the store's "
+                                                       "pseudo-labels are kept) and train again from the base "
+                                                       "(default 1; 0: one round).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with DistillConfig fields (docs/METHOD.md); flags "
                                                 "override it.")] = None,
     num_workers: Annotated[int, typer.Option(help="Data-parallel training workers through Ray Train (1: in "
@@ -306,14 +310,14 @@ def distill(
 
     overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr, "lora_rank": lora_rank,
                                    "w_distill": w_distill, "w_tag": w_tag, "w_contrastive": w_contrastive,
-                                   "head": head}.items() if v is not None}
+                                   "head": head, "refresh_rounds": refresh_rounds}.items() if v is not None}
     if full:
         overrides["lora"] = False
     cfg = load_yaml(DistillConfig, config, overrides)
     if num_workers < 1:
         raise TTDError("--num-workers must be >= 1")
     with _progress(not as_json) as bar:
-        task = bar.add_task("distill", total=cfg.steps, rate="")
+        task = bar.add_task("distill", total=cfg.steps * (cfg.refresh_rounds + 1), rate="")
 
         def step(n, losses):
             bar.update(task, completed=n, rate=f"loss {losses['loss']:.4f} (distill {losses['distill']:.4f}, "
@@ -332,7 +336,8 @@ def distill(
     elif summary["skipped"]:
         err.print(f"already distilled: {summary['artefact']} holds this run ({summary['fingerprint']})")
     else:
-        err.print(f"distilled {summary['steps']} steps in {summary['seconds']} s (final losses "
+        rounds = f" x {cfg.refresh_rounds + 1} rounds" if cfg.refresh_rounds else ""
+        err.print(f"distilled {summary['steps']} steps{rounds} in {summary['seconds']} s (final losses "
                   f"{summary['final']}): use --lora {summary['artefact']}")
 
 

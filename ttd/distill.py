@@ -47,6 +47,7 @@ from .models.dense import HEADS, encode_image_dense
 from .models.loading import ARTEFACT_CONFIG, LORA_CONFIG, LORA_WEIGHTS, load_model, model_identity
 from .models.lora import TARGETS, TOWERS, add_lora, lora_state
 from .pretrain import geometry_and_norm, lr_at, param_groups, save_artefact
+from .refresh import rescore
 from .relevancy import encode_trimmed, trimmable
 from .store import Store, fingerprint
 
@@ -55,7 +56,9 @@ log = logging.getLogger(__name__)
 STAGE = "distill"
 STAGE_VERSION = 1
 _PERF_FIELDS = {"checkpoint_every", "log_every", "decode_threads"}
-_PER_TOWER_FIELDS = ("text_lora_rank", "text_lr")
+REFRESH_DIR = "refresh"  # inside an artefact folder: the intermediate rounds and their refreshed pseudo-labels
+# fields added after artefacts existed: they enter the fingerprint only when set, so older artefacts keep theirs
+_WHEN_SET_FIELDS = ("text_lora_rank", "text_lr", "refresh_rounds")
 
 
 class DistillConfig(pydantic.BaseModel):
@@ -85,6 +88,10 @@ class DistillConfig(pydantic.BaseModel):
         "maskclip", description="Dense head the heatmaps are trained through (maskclip: the one that scores and "
         "evaluates by default; chosen on val, docs/METHOD.md); 'scoring': the head that made the pseudo-labels "
         "(from the score stage's manifests), so student and teacher maps are the same function.")
+    refresh_rounds: int = pydantic.Field(
+        1, ge=0, le=5, description="Refresh the targets this many times: after a round of training, re-score the "
+        "corpus with the fine-tuned model and train again from the base on the refreshed pseudo-labels (chosen on "
+        "val, docs/METHOD.md); each round costs one training and one scoring of the corpus.")
     w_distill: float = pydantic.Field(1.0, ge=0)
     w_tag: float = pydantic.Field(1.0, ge=0)
     w_contrastive: float = pydantic.Field(0.1, ge=0)
@@ -127,8 +134,7 @@ class DistillConfig(pydantic.BaseModel):
         return self
 
     def result_config(self) -> dict[str, Any]:
-        # the per-tower fields count only when set: artefacts trained before they existed keep their fingerprint
-        unset = {f for f in _PER_TOWER_FIELDS if getattr(self, f) is None}
+        unset = {f for f in _WHEN_SET_FIELDS if not getattr(self, f)}
         return self.model_dump(mode="json", exclude=_PERF_FIELDS | unset)
 
 
@@ -459,13 +465,19 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
                 world: int = 1, corpus_name: str | None = None) -> dict[str, Any]:
     """Fine-tune and write the artefact at `out_uri` (a local folder); returns a summary.
 
+    With `refresh_rounds` R > 0, R + 1 rounds: each trains from the base model, the first on the store's
+    pseudo-labels, every later one on the corpus re-scored by the round before (`ttd.refresh`; the intermediate
+    rounds' artefacts and refreshed stores are kept under `out_uri/refresh/`, the store is never written to but
+    for the training logs). `progress` counts the steps of all rounds.
+
     Data-parallel (`world` > 1, one call per rank inside an initialised torch.distributed group, as Ray Train's
     workers are): every rank reads the same stream and trains on its share of each batch; gradients are averaged
-    across ranks before each step, so the weights stay identical on every rank; rank 0 alone writes.
+    across ranks before each step, so the weights stay identical on every rank; rank 0 alone writes (and
+    re-scores between rounds while the other ranks wait).
 
     Skipped when `out_uri` already holds an artefact with this run's fingerprint. A checkpoint is written every
-    `checkpoint_every` steps under `out_uri/checkpoint/`; a re-run with the same inputs resumes from it exactly.
-    `progress(step, losses)` is called after every step."""
+    `checkpoint_every` steps under `out_uri/checkpoint/`; a re-run with the same inputs resumes from it exactly
+    (a finished round is not trained again; a refresh continues shard by shard)."""
     t0 = time.perf_counter()
     config = config or DistillConfig()
     if out_uri.startswith("file://"):
@@ -476,19 +488,57 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
     corpus, store = _scored_corpus(corpus_uri, store_uri, corpus_name)
     config = with_scoring_settings(config, store, corpus.name)
     data_fp, shard_names = _data_fingerprint(store, corpus.name)
-    shards = [s for s in corpus.shards() if s.name in set(shard_names)]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(seed)
     model_id = model_identity(model, pretrained)  # planning needs the identity only: the model loads if there is work
-    # as given (None, None: the embedded base model), so `--lora OUT` alone reloads exactly this base
-    base = {"name": model, "pretrained": str(Path(pretrained).resolve()) if pretrained and
-            Path(pretrained).exists() else pretrained, "model_id": model_id}
     fp = fingerprint(STAGE, STAGE_VERSION, config.result_config(), model_id, data_fp, seed)
     if _artefact_fingerprint(out) == fp:
         return {"artefact": str(out), "skipped": True, "fingerprint": fp, "seconds": round(time.perf_counter() - t0, 2)}
     if out.exists() and any(out.iterdir()) and _artefact_fingerprint(out) is None \
-            and not (out / CHECKPOINT_DIR).exists():
+            and not (out / CHECKPOINT_DIR).exists() and not (out / REFRESH_DIR).exists():
         raise TTDError(f"--out {out_uri!r} exists and is not a ttd distill artefact: give an empty or new folder")
+    # as given (None, None: the embedded base model), so `--lora OUT` alone reloads exactly this base
+    base = {"name": model, "pretrained": str(Path(pretrained).resolve()) if pretrained and
+            Path(pretrained).exists() else pretrained, "model_id": model_id}
+    labels, refreshed = store, []
+    one_round = config.model_copy(update={"refresh_rounds": 0})
+    for r in range(1, config.refresh_rounds + 1):
+        done = (r - 1) * config.steps  # steps of the rounds before, for `progress`
+        teacher = out / REFRESH_DIR / f"round-{r}"
+        run_distill(corpus_uri, labels.uri, str(teacher), one_round, model=model, pretrained=pretrained, seed=seed,
+                    device=device, progress=(lambda n, s, d=done: progress(d + n, s)) if progress else None,
+                    rank=rank, world=world, corpus_name=corpus.name)
+        target = out / REFRESH_DIR / f"labels-{r}"
+        if rank == 0:
+            log.info("round %d of %d: re-scoring %s with %s", r, config.refresh_rounds + 1, corpus.name, teacher)
+            rescore(corpus_uri, corpus.name, shard_names, store, str(teacher), str(target), model=model,
+                    pretrained=pretrained, device=str(dev))
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # the other ranks wait for rank 0's refreshed pseudo-labels
+        labels = Store(str(target))
+        refreshed.append({"round": r, "teacher": str(teacher), "labels": str(target)})
+    shift = config.refresh_rounds * config.steps
+    result = _train_round(
+        corpus, labels, out, one_round, fp=fp, data_fp=data_fp, model=model, pretrained=pretrained, seed=seed,
+        dev=dev, progress=(lambda n, s: progress(shift + n, s)) if progress else None, rank=rank, world=world,
+        meta={"base": base, "config": config.model_dump(mode="json"), "corpus": corpus_uri, "store": store_uri,
+              "refreshed": refreshed},
+        log_store=store, log_config=config)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def _train_round(corpus, labels: Store, out: Path, config: DistillConfig, *, fp: str, data_fp: str,
+                 model: str | None, pretrained: str | None, seed: int, dev: torch.device,
+                 progress: Callable[[int, dict[str, float]], None] | None, rank: int, world: int,
+                 meta: dict[str, Any], log_store: Store, log_config: DistillConfig) -> dict[str, Any]:
+    """One round: train from the base on `labels`' pseudo-labels, write the artefact (fingerprint `fp`) at `out`
+    and commit the training log to `log_store`."""
+    t0 = time.perf_counter()
+    labelled = {m["shard"] for m in labels.manifests("score") if m.get("corpus") == corpus.name}
+    shards = [s for s in corpus.shards() if s.name in labelled]
+    torch.manual_seed(seed)
     bundle = load_model(model, pretrained, device=dev)
 
     net = bundle.model
@@ -508,7 +558,7 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
     if resumed:
         log.info("resuming %s from step %d", out, start)
 
-    stream = DistillStream(corpus, store, shards, config, seed).items(skip=consumed)
+    stream = DistillStream(corpus, labels, shards, config, seed).items(skip=consumed)
     pool = ThreadPoolExecutor(config.decode_threads)
     clip_loss = open_clip.ClipLoss()
     micro = config.batch_size // config.grad_accum
@@ -574,8 +624,7 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
         torch.use_deterministic_algorithms(deterministic)
     net.eval()
     seconds = time.perf_counter() - t0
-    meta = {"fingerprint": fp, "base": base, "config": config.model_dump(mode="json"), "seed": seed,
-            "corpus": corpus_uri, "corpus_name": corpus.name, "store": store_uri, "data_fingerprint": data_fp,
+    meta = {"fingerprint": fp, **meta, "seed": seed, "corpus_name": corpus.name, "data_fingerprint": data_fp,
             "steps": config.steps, "ttd_version": __version__, "train_seconds": round(seconds, 1)}
     result = {"artefact": str(out), "skipped": False, "fingerprint": fp, "steps": config.steps,
               "resumed_from": start, "final": {k: round(v, 5) for k, v in last.items()}, "seconds": round(seconds, 1),
@@ -598,9 +647,9 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
     else:
         save_artefact(out, bundle, {"kind": "distill", **meta})
     table = pa.Table.from_pylist(log_rows, schema=schemas.get("train_log").arrow)
-    store.commit(STAGE, {"run": fp}, fp, {"train_log": table}, stage_version=STAGE_VERSION,
-                 config={**config.result_config(), "seed": seed, "artefact": str(out)}, model_id=bundle.model_id,
-                 input_fingerprint=data_fp)
+    log_store.commit(STAGE, {"run": fp}, fp, {"train_log": table}, stage_version=STAGE_VERSION,
+                     config={**log_config.result_config(), "seed": seed, "artefact": str(out)},
+                     model_id=bundle.model_id, input_fingerprint=data_fp)
     checkpoints.remove(out / CHECKPOINT_DIR)
     return result
 
