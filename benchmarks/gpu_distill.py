@@ -7,7 +7,7 @@ samples/s and peak memory for
 - naive: full fine-tuning, fp32 (no autocast), the text tower run on the full 77-token context;
 - ours:  LoRA (rank 8, both towers, every block) with bf16 autocast and tokens cut after the longest prompt.
 
-Both run the same losses (`ttd.distill.losses`) on the same batches, so the ratio is the speed-up of our path.
+Both run the same losses (`ttd.stages.distill.losses`) on the same batches, so the ratio is the speed-up of our path.
 
     python benchmarks/gpu_distill.py                       # on the GPU machine
     python benchmarks/gpu_distill.py --device cpu --smoke  # anywhere: tiny sizes, checks the script runs
@@ -24,9 +24,9 @@ import time
 import open_clip
 import torch
 
-from ttd.distill import Batch, DistillConfig, losses
 from ttd.models import load_model
 from ttd.models.lora import add_lora
+from ttd.stages.distill import Batch, DistillConfig, losses
 
 
 def sync(device: torch.device) -> None:
@@ -55,7 +55,7 @@ def make_batch(bundle, batch: int, tags_per_caption: int, distinct_tags: int, de
 
 def train_rate(model, batch: Batch, config: DistillConfig, params, steps: int, device: torch.device,
                amp: bool, trim: bool) -> tuple[float, float]:
-    import ttd.distill as distill
+    import ttd.stages.distill as distill
 
     opt = torch.optim.AdamW(params, lr=1e-4)
     clip_loss = open_clip.ClipLoss()

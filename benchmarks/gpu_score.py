@@ -36,11 +36,11 @@ from ttd.corpus import open_corpus
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key
 from ttd.models import load_model
 from ttd.models.dense import encode_image_dense
-from ttd.relevancy import ScoreConfig
-from ttd.score import ShardScorer, stage_spec
-from ttd.stage import plan
-from ttd.store import Store
-from ttd.uri import resolve
+from ttd.models.relevancy import ScoreConfig
+from ttd.stages.engine import plan
+from ttd.stages.score import ShardScorer, stage_spec
+from ttd.store.store import Store
+from ttd.store.uri import resolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 

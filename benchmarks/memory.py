@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-TTD = [sys.executable, "-m", "ttd.cli"]
+TTD = [sys.executable, "-m", "ttd.cli.main"]
 SLACK, FIXED_MIB = 1.10, 32.0
 
 

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key  # noqa: E402
-from ttd.uri import resolve  # noqa: E402
+from ttd.store.uri import resolve  # noqa: E402
 
 # ---------------------------------------------------------------- captions
 
@@ -129,7 +129,7 @@ def write_corpus(uri: str, captions: list[str], shards: int) -> None:
 # ---------------------------------------------------------------- measurements
 
 def naive_rate(captions: list[str]) -> float:
-    from ttd.nlp import load_english
+    from ttd.text.nlp import load_english
 
     nlp = load_english()  # every component: what `spacy.load(...)` gives
     nlp(captions[0])
@@ -155,7 +155,7 @@ def tokenizer_rate(captions: list[str]) -> float:
 
 def stage_rate(corpus: str, store: str, repeat: int = 1, **config) -> tuple[float, dict]:
     """Best of `repeat` runs, each into a fresh store (a second run into the same store would skip every shard)."""
-    from ttd.parse import ParseConfig, run_parse
+    from ttd.stages.parse import ParseConfig, run_parse
 
     best, summary = 0.0, {}
     for i in range(repeat):
@@ -169,7 +169,7 @@ COLD = """
 import json, sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, {root!r})
-from ttd.parse import ParseConfig, run_parse
+from ttd.stages.parse import ParseConfig, run_parse
 s = run_parse({corpus!r}, {store!r}, ParseConfig(workers={workers}))
 print(json.dumps({{"seconds": time.perf_counter() - t0, "captions": s["captions"], "parsed": s["parsed"]}}))
 """
@@ -255,7 +255,7 @@ def main() -> None:
         print(f"calibration: blank tokenizer alone       {r['blank_tokenizer']:>9,.0f} captions/s  (the issue's "
               "machine: about 169,000)")
 
-        from ttd.tags import english_pipeline
+        from ttd.text.tags import english_pipeline
 
         for tagger in (True, False):  # warm, as in a long-running worker: model loaded, every word seen once
             for _ in english_pipeline(tagger).tokenizer.pipe(captions):

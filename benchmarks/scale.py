@@ -43,24 +43,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import jpeg  # noqa: E402  tests/conftest.py: a tiny JPEG
 from faultproxy import FaultProxy  # noqa: E402  tests/faultproxy.py: the latency in front of the S3 server
 
-from ttd import schemas  # noqa: E402
 from ttd.corpus import open_corpus  # noqa: E402
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key  # noqa: E402
-from ttd.nlp import english_model_id  # noqa: E402
-from ttd.parse import STAGE as PARSE_STAGE  # noqa: E402
-from ttd.parse import ParseConfig, run_parse  # noqa: E402
-from ttd.parse import stage_spec as parse_spec  # noqa: E402
-from ttd.relevancy import ScoreConfig  # noqa: E402
-from ttd.score import STAGE as SCORE_STAGE  # noqa: E402
-from ttd.score import STAGE_VERSION as SCORE_VERSION  # noqa: E402
-from ttd.score import result_config, run_score  # noqa: E402
-from ttd.score import stage_spec as score_spec  # noqa: E402
-from ttd.stage import TODO, plan  # noqa: E402
-from ttd.store import Store  # noqa: E402
+from ttd.models.relevancy import ScoreConfig  # noqa: E402
+from ttd.stages.engine import TODO, plan  # noqa: E402
+from ttd.stages.parse import STAGE as PARSE_STAGE  # noqa: E402
+from ttd.stages.parse import ParseConfig, run_parse  # noqa: E402
+from ttd.stages.parse import stage_spec as parse_spec  # noqa: E402
+from ttd.stages.score import STAGE as SCORE_STAGE  # noqa: E402
+from ttd.stages.score import STAGE_VERSION as SCORE_VERSION  # noqa: E402
+from ttd.stages.score import result_config, run_score  # noqa: E402
+from ttd.stages.score import stage_spec as score_spec  # noqa: E402
+from ttd.store import schemas  # noqa: E402
+from ttd.store.store import Store  # noqa: E402
+from ttd.text.nlp import english_model_id  # noqa: E402
 
 MODEL = "ttd-micro"
 PARSE = ParseConfig(tagger=False)
-TTD = [sys.executable, "-m", "ttd.cli"]
+TTD = [sys.executable, "-m", "ttd.cli.main"]
 
 
 def timed(fn, *args, **kw) -> tuple[float, object]:
@@ -79,7 +79,7 @@ def cold(cmd: list[str], env: dict[str, str]) -> float:
 
 def add_shards(root: str, first: int, n: int) -> None:
     """`n` one-sample shards numbered from `first` (build_corpus numbers from 0)."""
-    from ttd.uri import resolve
+    from ttd.store.uri import resolve
 
     loc = resolve(root)
     for s in range(first, first + n):

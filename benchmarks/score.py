@@ -9,7 +9,7 @@
    scoring, rows, write). The serial schedule then pays the sum of the stages, the pipelined one about the slowest.
    Run at torch's 1 and default intra-op threads, best of 3; per-stage timings printed; with the real model, serial
    and pipelined tables are checked equal byte for byte.
-3. post: one batch's post-processing, batched on the device (`ttd.score_batch`: one gather, one batched matmul,
+3. post: one batch's post-processing, batched on the device (`ttd.stages.score_batch`: one gather, one batched matmul,
    normalisation and quantisation batched, Arrow columns from arrays) against the per-sample loop it replaced
    (per sample four host copies, per tag a normalise/quantise and a Python dict).
 4. decode: one core's cost per image of host decoding (PIL decode, resize to 224, crop) of 400x300 and 1024x768
@@ -36,16 +36,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ttd import schemas
 from ttd.corpus import Sample, open_corpus
-from ttd.heatmap import quantise
 from ttd.models import load_model
 from ttd.models.dense import encode_image_dense
-from ttd.relevancy import ScoreConfig, encode_tags, encode_texts, normalisations, normalise, raw_scores
-from ttd.score import ShardScorer, run_score, stage_spec
-from ttd.score_batch import Candidates, batch_tables, compute, to_host
-from ttd.stage import plan
-from ttd.store import Store
+from ttd.models.relevancy import ScoreConfig, encode_tags, encode_texts, normalisations, normalise, raw_scores
+from ttd.stages.engine import plan
+from ttd.stages.score import ShardScorer, run_score, stage_spec
+from ttd.stages.score_batch import Candidates, batch_tables, compute, to_host
+from ttd.store import schemas
+from ttd.store.heatmap import quantise
+from ttd.store.store import Store
 from ttd.synth.generate import SynthConfig, synthesize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 def parse_tags(corpus: str, store: str) -> None:
     """The real parse stage when it exists; the tests' whitespace splitter otherwise."""
     try:
-        from ttd.parse import ParseConfig, run_parse
+        from ttd.stages.parse import ParseConfig, run_parse
     except ImportError:
         from conftest import write_simple_tags
 
@@ -271,7 +271,7 @@ def post_section(batch: int, grid: int, dim: int, tags_per_caption: int, vocabul
     """Two measures: the whole of a batch's scoring after the forward (heatmap matmul included: FLOP-bound on a
     CPU, the same work on both sides), and what follows the heatmaps (normalise, select, quantise, copies, rows),
     the part a GPU does not hide."""
-    from ttd.score_batch import finish, heatmaps
+    from ttd.stages.score_batch import finish, heatmaps
 
     g = torch.Generator().manual_seed(0)
     global_emb, dense = torch.randn(batch, dim, generator=g), torch.randn(batch, grid, grid, dim, generator=g)
@@ -332,7 +332,7 @@ def decode_section(images: int) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_score import _jpeg
 
-    from ttd.score_pipeline import device_decodable, host_array
+    from ttd.stages.score_pipeline import device_decodable, host_array
 
     steps = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
 

@@ -47,7 +47,7 @@ def data(out: Path) -> None:
 
 def pretrain(out: Path, steps: int | None = None) -> dict:
     """The embedded preset on the pretrain split; a snapshot of the weights every SNAPSHOT_EVERY steps."""
-    from ttd.pretrain import preset, run_pretrain
+    from ttd.train.pretrain import preset, run_pretrain
 
     base, snaps = out / "base", out / "snapshots"
     snaps.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def snapshot_model(out: Path, snapshot: Path) -> Path:
     import torch
 
     from ttd.models.loading import load_model, load_state_dict
-    from ttd.pretrain import save_artefact
+    from ttd.train.pretrain import save_artefact
 
     dest = out / "snapshot-models" / snapshot.stem
     if (dest / "model.json").exists():
@@ -92,8 +92,8 @@ def snapshot_model(out: Path, snapshot: Path) -> Path:
 
 
 def evaluate(out: Path, model_dir: Path, split: str, label: str, thresholds=THRESHOLDS) -> None:
-    from ttd.relevancy import ScoreConfig
-    from ttd.tagmask_eval import TagmaskEvalConfig, run_tagmask_eval
+    from ttd.eval.tagmask import TagmaskEvalConfig, run_tagmask_eval
+    from ttd.models.relevancy import ScoreConfig
 
     for t in thresholds if split == "val" else (None,):
         job = f"{label}-{split}-t{t}"
@@ -115,10 +115,10 @@ STOP_WORDS_SQL = ("SELECT t.is_stop, avg(r.selected::INT) AS selection_rate, cou
 
 def stop_words(out: Path, split: str) -> None:
     """`ttd parse` and `ttd score` (product defaults) of a labelled split, then README's stop-word query."""
-    from ttd.parse import ParseConfig, run_parse
-    from ttd.relevancy import ScoreConfig
-    from ttd.score import run_score
-    from ttd.sql import query
+    from ttd.models.relevancy import ScoreConfig
+    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.stages.score import run_score
+    from ttd.store.sql import query
 
     job = f"stopwords-{split}"
     if job in results(out):
@@ -151,7 +151,7 @@ def levers(out: Path) -> None:
     import open_clip
 
     from ttd.models.loading import CONFIG_DIR
-    from ttd.pretrain import preset, run_pretrain
+    from ttd.train.pretrain import preset, run_pretrain
 
     base_cfg = json.loads((CONFIG_DIR / "ttd-tiny.json").read_text())
     for name, vision in LEVERS.items():
@@ -167,7 +167,7 @@ def levers(out: Path) -> None:
 
 
 def anneal(out: Path, snapshot: str, steps: int, lr: float) -> None:
-    from ttd.pretrain import PretrainConfig, run_pretrain
+    from ttd.train.pretrain import PretrainConfig, run_pretrain
 
     start = snapshot_model(out, out / "snapshots" / f"{snapshot}.safetensors")
     dest = out / "anneal" / f"{snapshot}-{steps}-{lr}"
@@ -179,8 +179,8 @@ def anneal(out: Path, snapshot: str, steps: int, lr: float) -> None:
 
 
 def heads(out: Path, snapshot: str) -> None:
-    from ttd.relevancy import ScoreConfig
-    from ttd.tagmask_eval import TagmaskEvalConfig, run_tagmask_eval
+    from ttd.eval.tagmask import TagmaskEvalConfig, run_tagmask_eval
+    from ttd.models.relevancy import ScoreConfig
 
     model = snapshot_model(out, out / "snapshots" / f"{snapshot}.safetensors")
     for head in ("sclip", "clearclip", "naclip"):

@@ -18,9 +18,9 @@ import argparse
 import itertools
 import json
 
-from ttd.parse import ParseConfig
+from ttd.eval.tagmask import noun_predictions, word_targets
+from ttd.stages.parse import ParseConfig
 from ttd.synth.generate import SampleMaker, SynthConfig
-from ttd.tagmask_eval import noun_predictions, word_targets
 
 KNOBS = {"p_medium": (0.3, 0.6), "p_stuff_adjective": (0.3, 0.6), "p_outside": (0.2, 0.4), "p_abstract": (0.6,),
          "p_absent": (0.5,), "p_lead": (0.6,)}

@@ -6,7 +6,7 @@ heatmap reach its target, and does a fine-tune lower L_distill?
            the union's own mIoU beside. `--loss` mse | l1 (the two distances), binary (the union binarised at the
            caption threshold), ce (cross-entropy between the softmax-normalised maps).
   losses   Mean L_distill / L_tag / L_contrastive of the base model or a fine-tune (`--lora`) on 256 pairs of a scored
-           corpus: `ttd.distill.validation_losses`.
+           corpus: `ttd.stages.distill.validation_losses`.
 
     python experiments/caption_target.py oracle --root OUT/synth/eval --pretrained OUT/base [--captions 60] \\
         [--steps 150] [--loss mse]
@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from ttd.corpus import ReadIssue, open_corpus
-from ttd.distill import DistillConfig, distill_loss, validation_losses
-from ttd.metrics_sql import CAPTION_CLASS_ID, SELECTED_UNION_CLASS_ID
+from ttd.eval.metrics_sql import CAPTION_CLASS_ID, SELECTED_UNION_CLASS_ID
+from ttd.eval.tagmask import caption_counts, caption_heatmap, load_ground_truth, read_mask, selected_union
+from ttd.models import relevancy as rel
 from ttd.models.loading import load_model
-from ttd.parse import ParseConfig
-from ttd.relevancy import ScoreConfig, dense_features, encode_tags, encode_texts, normalisations, normalise, raw_scores
-from ttd.tagmask_eval import caption_counts, caption_heatmap, load_ground_truth, read_mask, selected_union
+from ttd.models.relevancy import ScoreConfig
+from ttd.stages.distill import DistillConfig, distill_loss, validation_losses
+from ttd.stages.parse import ParseConfig
 
 
 def _iou(rows: list[dict], class_id: int) -> float | None:
@@ -49,7 +50,7 @@ def oracle(root: str, pretrained: str, captions: int, steps: int, form: str, lr:
     torch.manual_seed(0)
     bundle = load_model(None, pretrained, device=torch.device("cpu"))
     cfg = ScoreConfig(threshold=threshold)
-    norms = normalisations(cfg, bundle.model)
+    norms = rel.normalisations(cfg, bundle.model)
     words = ParseConfig(policy="words").parser()
     mentions, loc = load_ground_truth(root)
     corpus = open_corpus(root)
@@ -65,11 +66,11 @@ def oracle(root: str, pretrained: str, captions: int, steps: int, form: str, lr:
                 continue
             with torch.no_grad():
                 image = bundle.preprocess(item.image())[None]
-                global_emb, dense = dense_features(bundle.model, image, cfg.head)
-                cap = encode_texts(bundle, [item.caption])[0]
-                tags = encode_tags(bundle, list(parsed.lower), cfg.templates)
-                *raw, maps = raw_scores(global_emb[0], dense[0], cap, tags)
-            selected = normalise(raw[-1].numpy(), *norms["pixel"]) >= threshold
+                global_emb, dense = rel.dense_features(bundle.model, image, cfg.head)
+                cap = rel.encode_texts(bundle, [item.caption])[0]
+                tags = rel.encode_tags(bundle, list(parsed.lower), cfg.templates)
+                *raw, maps = rel.raw_scores(global_emb[0], dense[0], cap, tags)
+            selected = rel.normalise(raw[-1].numpy(), *norms["pixel"]) >= threshold
             if not selected.any():
                 continue
             class_map = read_mask(loc, item.key)

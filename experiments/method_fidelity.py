@@ -47,9 +47,9 @@ def store_for(out: Path, threshold: float) -> Path:
 
 
 def job_data(out: Path, threshold: float = 0.5) -> dict:
-    from ttd.parse import ParseConfig, run_parse
-    from ttd.relevancy import ScoreConfig
-    from ttd.score import run_score
+    from ttd.models.relevancy import ScoreConfig
+    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.stages.score import run_score
     from ttd.synth.generate import SynthConfig, synthesize
 
     synth = out / "synth"
@@ -64,7 +64,7 @@ def job_data(out: Path, threshold: float = 0.5) -> dict:
 
 
 def job_distill(out: Path, name: str, seed: int, settings: dict, threshold: float = 0.5) -> dict:
-    from ttd.distill import DistillConfig, run_distill
+    from ttd.stages.distill import DistillConfig, run_distill
 
     summary = run_distill(str(out / "synth" / "train"), str(store_for(out, threshold)),
                           str(out / "runs" / f"{name}-s{seed}"), DistillConfig(**settings), seed=seed)
@@ -72,8 +72,8 @@ def job_distill(out: Path, name: str, seed: int, settings: dict, threshold: floa
 
 
 def job_evaluate(out: Path, split: str, lora: str | None, threshold: float) -> dict:
-    from ttd.relevancy import ScoreConfig
-    from ttd.tagmask_eval import TagmaskEvalConfig, run_tagmask_eval
+    from ttd.eval.tagmask import TagmaskEvalConfig, run_tagmask_eval
+    from ttd.models.relevancy import ScoreConfig
 
     config = TagmaskEvalConfig(score=ScoreConfig(threshold=threshold))
     summary = run_tagmask_eval(str(out / "synth" / split), str(out / "evalstore"), config,

@@ -89,9 +89,9 @@ def store_for(out: Path, corpus: str) -> Path:
 # ---------------------------------------------------------------- one job, in its own process
 
 def job_data(out: Path, corpus: str) -> dict:
-    from ttd.parse import ParseConfig, run_parse
-    from ttd.relevancy import ScoreConfig
-    from ttd.score import run_score
+    from ttd.models.relevancy import ScoreConfig
+    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.stages.score import run_score
     from ttd.synth.generate import synthesize
 
     if corpus == "20k" and not (out / "synth-20k" / "synth.json").exists():
@@ -104,7 +104,7 @@ def job_data(out: Path, corpus: str) -> dict:
 
 
 def job_distill(out: Path, job: dict) -> dict:
-    from ttd.distill import DistillConfig, run_distill
+    from ttd.stages.distill import DistillConfig, run_distill
 
     summary = run_distill(str(out / CORPORA[job["corpus"]]), str(store_for(out, job["corpus"])),
                           str(out / "runs" / job["run"]), DistillConfig(**job["settings"]), seed=job["seed"],
@@ -113,7 +113,7 @@ def job_distill(out: Path, job: dict) -> dict:
 
 
 def job_evaluate(out: Path, job: dict) -> dict:
-    from ttd.tagmask_eval import run_tagmask_eval
+    from ttd.eval.tagmask import run_tagmask_eval
 
     lora = str(out / "runs" / job["run"]) if job.get("run") else None
     summary = run_tagmask_eval(str(out / "synth" / job["split"]), str(out / "evalstore"), pretrained=str(out / "base"),
@@ -212,7 +212,7 @@ def report_jobs(out: Path, candidate: str | None = None) -> list[dict]:
 def stop_word_lines(out: Path) -> list[str]:
     from base_model import STOP_WORDS_SQL  # README's stop-word query, beside this script
 
-    from ttd.sql import query
+    from ttd.store.sql import query
 
     lines = []
     for corpus in CORPORA:

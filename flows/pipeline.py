@@ -1,9 +1,9 @@
 """`ttd_pipeline`: the Prefect 3 flow over every stage. Thin: what to run, what is done and how to run it all live
-in `ttd.pipeline` (the library never imports Prefect); this module only turns those units into tasks.
+in `ttd.pipeline.units` (the library never imports Prefect); this module only turns those units into tasks.
 
     synth? -> pretrain? -> parse (batches of shards) -> score (batches) -> distill? -> evaluate (base[, fine-tuned])
 
-- Caching across runs: every task's cache key is the unit's key from `ttd.pipeline` (a hash of the stage
+- Caching across runs: every task's cache key is the unit's key from `ttd.pipeline.units` (a hash of the stage
   fingerprints of its shards, or of a single-unit stage's inputs and settings); results persist as JSON under
   `<store>/_prefect/results` (or `flow.result_storage`), so a re-run over the same corpus restores every task from
   the cache, and a re-run after new shards arrive runs only the batches that hold them. A unit whose output the
@@ -41,10 +41,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
-from ttd import pipeline as lib
 from ttd.config import deep_merge
 from ttd.errors import TTDError
-from ttd.runconfig import RunConfig, resolve_run_config
+from ttd.pipeline import units as lib
+from ttd.pipeline.runconfig import RunConfig, resolve_run_config
 
 # ---------------------------------------------------------------- task options
 
@@ -262,7 +262,7 @@ MASKED_LOGGERS = ("prefect", "prefect.flow_runs", "prefect.task_runs", "ttd", ""
 
 
 def _mask_prefect_handlers() -> None:
-    from ttd.redact import mask_handlers
+    from ttd.pipeline.redact import mask_handlers
 
     mask_handlers(*(logging.getLogger(name) for name in MASKED_LOGGERS))
 
@@ -275,7 +275,7 @@ def _library_logs_in_prefect() -> Iterator[None]:
     the worker's log and the Prefect server is the same masked line."""
     from prefect.logging.handlers import APILogHandler
 
-    from ttd.redact import mask_handlers
+    from ttd.pipeline.redact import mask_handlers
 
     logger = logging.getLogger("ttd")
     level, added = logger.level, None

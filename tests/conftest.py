@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key
-from ttd.uri import resolve
+from ttd.store.uri import resolve
 
 
 @pytest.fixture(scope="session")
@@ -90,9 +90,9 @@ def write_simple_tags(store_uri: str, corpus_uri: str, fingerprint: str = "simpl
     """Commit a `parse`-stage `tags` table made by splitting captions on spaces (tests of later stages only)."""
     import pyarrow as pa
 
-    from ttd import schemas
     from ttd.corpus import Sample, open_corpus
-    from ttd.store import Store
+    from ttd.store import schemas
+    from ttd.store.store import Store
 
     store = Store(store_uri, create=True)
     corpus = open_corpus(corpus_uri)
@@ -156,7 +156,7 @@ def outside_rows(store: str, table: str, cols: list[str]) -> dict[str, list[tupl
 
 def committed_rows(store: str, table: str, cols: list[str]) -> list[tuple]:
     """The same table's rows as ttd reads them: the files its manifests name."""
-    from ttd.store import MARKER, Store
+    from ttd.store.store import MARKER, Store
 
     if not Path(store, MARKER).exists():  # killed before the store was made
         return []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-TTD = [sys.executable, "-m", "ttd.cli"]
+TTD = [sys.executable, "-m", "ttd.cli.main"]
 
 
 def ttd(*args, check=True):
@@ -176,7 +176,8 @@ def test_s3_problems_are_one_error_line_within_seconds(env):
 
 def test_readers_of_the_store_do_not_import_torch():
     """`ttd show`, `ttd report` and `ttd sql` read Parquet and draw: torch and open_clip cost seconds to import."""
-    code = "import sys, ttd.show, ttd.report, ttd.sql; print(sorted({'torch', 'open_clip'} & set(sys.modules)))"
+    code = ("import sys, ttd.report.show, ttd.report.report, ttd.store.sql; "
+            "print(sorted({'torch', 'open_clip'} & set(sys.modules)))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert proc.stdout.strip() == "[]"
 

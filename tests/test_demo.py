@@ -4,8 +4,8 @@ from pathlib import Path
 
 import yaml
 
-from ttd.demo import comparison_rows, comparison_text, demo_config
-from ttd.runconfig import RunConfig
+from ttd.cli.demo import comparison_rows, comparison_text, demo_config
+from ttd.pipeline.runconfig import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

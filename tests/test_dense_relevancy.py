@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ttd.heatmap import dequantise, quantise
 from ttd.models import load_model
 from ttd.models.dense import HEADS, encode_image_dense
-from ttd.relevancy import ScoreConfig, normalise, raw_scores
+from ttd.models.relevancy import ScoreConfig, normalise, raw_scores
+from ttd.store.heatmap import dequantise, quantise
 
 
 @pytest.fixture(scope="module")

@@ -180,7 +180,7 @@ def test_nightly_deployment_is_scheduled_and_runs_only_new_shards(prefect, tmp_p
             "logs": {"flow_run_id": {"any_": [first["id"]]}}, "limit": 200})]
         return lines if any(m.startswith("score corpus: 2 shard(s) committed") for m in lines) else []
 
-    wait_for("the `ttd.score` logger's INFO line in the run's logs", logged, 30, prefect)
+    wait_for("the `ttd.stages.score` logger's INFO line in the run's logs", logged, 30, prefect)
     table = artefact_of(prefect, first["id"])
     assert table is not None and table["type"] == "markdown" and table["key"] == "ttd-nightly-new-shards-corpus"
     assert "| score | done | 2 | 0 | 0 | 0 |" in table["data"], table["data"]

@@ -7,7 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ttd.distill import (
+from ttd.errors import TTDError
+from ttd.models import load_model
+from ttd.models.lora import add_lora, merge_lora
+from ttd.stages.distill import (
     DistillConfig,
     distill_loss,
     raw_tag_loss,
@@ -18,10 +21,7 @@ from ttd.distill import (
     union_of_selected,
     validation_losses,
 )
-from ttd.errors import TTDError
-from ttd.models import load_model
-from ttd.models.lora import add_lora, merge_lora
-from ttd.store import Store
+from ttd.store.store import Store
 
 # ---------------------------------------------------------------- losses by hand
 
@@ -131,8 +131,8 @@ def test_lora_starts_at_the_base_model_and_merges_exactly():
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     """A TagMask-Synth train and held-out split, parsed and scored by ttd-micro (random weights) in one store."""
-    from ttd.parse import ParseConfig, run_parse
-    from ttd.score import run_score
+    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.stages.score import run_score
     from ttd.synth.generate import synthesize
 
     base = tmp_path_factory.mktemp("distill")
@@ -164,7 +164,7 @@ def test_short_fine_tune_lowers_l_distill_on_held_out_pairs(scored):
     # a second run with the same inputs is skipped; the training log is in the store
     again = run_distill(str(base / "synth" / "train"), store, str(base / "lora"), cfg, model="ttd-micro")
     assert again["skipped"] and again["fingerprint"] == summary["fingerprint"]
-    from ttd.sql import query
+    from ttd.store.sql import query
 
     rows = query(store, "SELECT count(*) AS n, min(loss_distill) AS lo FROM train_log").to_pylist()
     assert rows[0]["n"] == 24 and rows[0]["lo"] is not None
@@ -198,8 +198,8 @@ def test_resume_after_a_crash_gives_the_same_weights(scored, tmp_path):
 
 
 def test_lora_artefact_is_used_by_score_and_evaluate(scored, tmp_path):
-    from ttd.score import run_score
-    from ttd.tagmask_eval import TagmaskEvalConfig, run_tagmask_eval
+    from ttd.eval.tagmask import TagmaskEvalConfig, run_tagmask_eval
+    from ttd.stages.score import run_score
 
     base, store = scored
     out = str(tmp_path / "lora")
@@ -233,11 +233,28 @@ def test_the_text_tower_can_have_its_own_rank_and_learning_rate(scored, tmp_path
     assert "+lora-" in tuned.model_id
 
 
-def test_a_refresh_round_trains_again_from_the_base_on_pseudo_labels_rescored_by_the_round_before(scored, tmp_path):
-    base, store = scored
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory):
+    """A 32-image train split in two shards, parsed (with the tagger: per-shard stats differ) and scored."""
+    from ttd.stages.parse import run_parse
+    from ttd.stages.score import run_score
+    from ttd.synth.generate import SynthConfig, synthesize
+
+    base = tmp_path_factory.mktemp("refresh")
+    synthesize(str(base / "synth"), train=32, eval=0, seed=4, config=SynthConfig(shard_size=16))
+    store = str(base / "store")
+    run_parse(str(base / "synth" / "train"), store)
+    run_score(str(base / "synth" / "train"), store, model="ttd-micro", workers=0)
+    return base, store
+
+
+def test_a_refresh_round_trains_again_from_the_base_on_pseudo_labels_rescored_by_the_round_before(two_shards,
+                                                                                                    tmp_path):
+    base, store = two_shards
     corpus = str(base / "synth" / "train")
+    assert len(Store(store).manifests("parse")) == 2
     before = sorted((m["shard"], m["fingerprint"]) for m in Store(store).manifests("score"))
-    one = DistillConfig(**{**QUICK, "steps": 3})
+    one = DistillConfig(**{**QUICK, "steps": 3, "batch_size": 4})
     plain = run_distill(corpus, store, str(tmp_path / "plain"), one, model="ttd-micro", seed=5)
     cfg = one.model_copy(update={"refresh_rounds": 1})
 
@@ -267,7 +284,7 @@ def test_a_refresh_round_trains_again_from_the_base_on_pseudo_labels_rescored_by
     refreshed = str(out / "refresh" / "labels-1")
     tuned_id = load_model(lora=str(teacher)).model_id
     assert {m["model_id"] for m in Store(refreshed).manifests("score")} == {tuned_id}
-    from ttd.sql import query
+    from ttd.store.sql import query
 
     q = "SELECT key, tag_index, text, pixel_score FROM relevancy WHERE corpus = 'train' ORDER BY key, tag_index"
     old, new = query(store, q).to_pylist(), query(refreshed, q).to_pylist()
@@ -337,7 +354,7 @@ def test_ray_train_data_parallel_matches_one_worker(scored, tmp_path):
     """Two Ray Train ranks, gradients averaged every step: the weights match one worker's up to float summation
     order (amplified by Adam's normalisation: a few learning rates at most) and the contrastive term's smaller
     per-rank batch of negatives."""
-    from ttd.distill_ray import run_distill_ray
+    from ttd.stages.distill_ray import run_distill_ray
 
     base, store = scored
     corpus = str(base / "synth" / "train")
@@ -355,8 +372,8 @@ def test_ray_train_data_parallel_matches_one_worker(scored, tmp_path):
 def test_paper_mode_trains_through_the_head_and_prompts_that_made_the_pseudo_labels(scored, tmp_path):
     """`head: scoring` and `templates: None` come from the score stage's manifests (maskclip and its 4-prompt
     ensemble here), so the student's tag maps are the same function as the teacher's; the artefact records them."""
-    from ttd.distill import with_scoring_settings
-    from ttd.relevancy import DEFAULT_TEMPLATES
+    from ttd.models.relevancy import DEFAULT_TEMPLATES
+    from ttd.stages.distill import with_scoring_settings
 
     base, store = scored
     cfg = DistillConfig(head="scoring", templates=None, tag_target="paper")

@@ -25,10 +25,10 @@ from uuid import UUID  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from ttd import pipeline as lib  # noqa: E402
 from ttd.errors import TTDError  # noqa: E402
-from ttd.runconfig import RunConfig, flag_specs, load_run_config, overrides_from_flags  # noqa: E402
-from ttd.store import Store  # noqa: E402
+from ttd.pipeline import units as lib  # noqa: E402
+from ttd.pipeline.runconfig import RunConfig, flag_specs, load_run_config, overrides_from_flags  # noqa: E402
+from ttd.store.store import Store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("tags", "captions", "relevancy", "masks", "errors")
@@ -233,7 +233,7 @@ def test_a_flow_killed_mid_stage_resumes_to_the_same_tables(first_run, synth, tm
     script = tmp_path / "slow_flow.py"
     script.write_text(
         "import json, sys, time\n"
-        "from ttd.store import Store\n"
+        "from ttd.store.store import Store\n"
         "real = Store.commit\n"
         "def commit(self, stage, *a, **k):\n"
         "    doc = real(self, stage, *a, **k)\n"
@@ -321,7 +321,7 @@ def test_flow_with_the_store_and_its_cache_on_s3(prefect_api, synth, tmp_path, s
 def test_ttd_run_twice_reports_every_stage_done(prefect_api, synth, tmp_path):
     from typer.testing import CliRunner
 
-    from ttd.cli import app
+    from ttd.cli.main import app
 
     add_shards(synth, tmp_path / "corpus", ["00000", "00001"])
     cfg = make_config(tmp_path).model_dump(mode="json", exclude_defaults=True)
@@ -342,7 +342,7 @@ def test_ttd_run_twice_reports_every_stage_done(prefect_api, synth, tmp_path):
 def test_ttd_run_flags_and_one_line_errors(tmp_path):
     from typer.testing import CliRunner
 
-    from ttd.cli import app
+    from ttd.cli.main import app
 
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"corpus": "c", "store": "s", "parse": {"policy": "content"}}))
@@ -394,7 +394,7 @@ def test_example_configs_are_valid(name):
 def _planned(members):
     """PlannedShards from (name, fingerprint or None while waiting, done)."""
     from ttd.corpus import ShardRef
-    from ttd.stage import PlannedShard
+    from ttd.stages.engine import PlannedShard
 
     return [PlannedShard(ShardRef("c", name, (f"{name}.tar",), fp is not None, f"in-{name}"),
                          "waiting" if fp is None else "done" if done else "todo", fp, f"in-{name}")
@@ -406,7 +406,7 @@ def test_batches_keep_their_members_and_keys_follow_fingerprints():
     batches = lib.make_batches("score", "s3://b/store", _planned(members), 2)
     assert [(b.shards, b.waiting, b.done) for b in batches] == [(["a", "b"], [], True), (["c"], ["d"], False)]
     # a batch carries its runnable members as planned, and they survive a trip through JSON (a task parameter)
-    from ttd.stage import PlannedShard
+    from ttd.stages.engine import PlannedShard
 
     carried = [PlannedShard.from_dict(json.loads(json.dumps(p))) for p in batches[1].planned]
     assert carried == _planned(members)[2:3]
@@ -469,8 +469,8 @@ def test_only_transient_failures_are_retried():
 
 def test_stage_shard_filters(synth, tmp_path):
     """run_parse / run_score on a batch: only the named shards run; an unknown name is one clear line."""
-    from ttd.parse import ParseConfig, run_parse
-    from ttd.score import run_score
+    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.stages.score import run_score
 
     corpus, store = tmp_path / "corpus", str(tmp_path / "store")
     add_shards(synth, corpus, ["00000", "00001", "00002"])

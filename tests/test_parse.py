@@ -7,15 +7,15 @@ import pyarrow.compute as pc
 import pytest
 from conftest import build_corpus, committed_rows, jpeg, outside_rows
 
-from ttd import schemas
 from ttd.corpus import Caption, ReadIssue, ShardRef, open_corpus
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key
 from ttd.errors import TTDError
-from ttd.parse import ParseConfig, parse_shard, run_parse
-from ttd.sql import query
-from ttd.store import Store
-from ttd.tags import CaptionParser, Parsed, TagColumns, clean_caption, compound_nouns
-from ttd.uri import resolve
+from ttd.stages.parse import ParseConfig, parse_shard, run_parse
+from ttd.store import schemas
+from ttd.store.sql import query
+from ttd.store.store import Store
+from ttd.store.uri import resolve
+from ttd.text.tags import CaptionParser, Parsed, TagColumns, clean_caption, compound_nouns
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +365,7 @@ def test_stage_on_s3(s3_bucket):
 def test_batched_tokenizer_path_equals_the_per_caption_path(monkeypatch, policy):
     """Without the tagger, captions are tokenised many at a time as one Doc and candidates built with array
     operations; the result must be exactly what tokenising each caption alone gives."""
-    from ttd import tags
+    from ttd.text import tags
 
     monkeypatch.setattr(tags, "FAST_CHUNK", 4)  # several chunks, captions at every chunk edge
     texts = ["Two hot dogs and a fire truck near the traffic lights, what a moment!", "hot", "dog hot dog",
@@ -390,7 +390,7 @@ def test_two_corpora_in_folders_of_the_same_name_never_share_rows(tmp_path):
     """`A/train` then `B/train` into one store: both default to the name "train" and the second would land in the
     first's partitions, replacing its rows. The store refuses it with one clear line (A's rows intact); under its
     own name B sits beside A; distill refuses to read B's images against A's labels."""
-    from ttd.distill import run_distill
+    from ttd.stages.distill import run_distill
 
     a, b, store = str(tmp_path / "A" / "train"), str(tmp_path / "B" / "train"), str(tmp_path / "store")
     build_corpus(a, shards=2, per_shard=12, failed_per_shard=0)
@@ -463,9 +463,9 @@ def test_what_is_committed_is_exactly_what_outside_readers_see(tmp_path, monkeyp
 def test_a_batch_handed_its_planned_shards_does_not_plan_again(tmp_path, monkeypatch):
     """The flow plans once; a batch given its planned shards neither lists the corpus nor reads manifests."""
     from ttd.corpus.img2dataset import WebDatasetCorpus
-    from ttd.nlp import english_model_id
-    from ttd.parse import stage_spec
-    from ttd.stage import PlannedShard, plan
+    from ttd.stages.engine import PlannedShard, plan
+    from ttd.stages.parse import stage_spec
+    from ttd.text.nlp import english_model_id
 
     corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
     build_corpus(corpus, shards=3, per_shard=2)
@@ -477,7 +477,7 @@ def test_a_batch_handed_its_planned_shards_does_not_plan_again(tmp_path, monkeyp
         raise AssertionError("the batch planned again")
 
     monkeypatch.setattr(WebDatasetCorpus, "shards", no_listing)
-    monkeypatch.setattr("ttd.parse.plan", no_listing)
+    monkeypatch.setattr("ttd.stages.parse.plan", no_listing)
     summary = run_parse(corpus, store, cfg, planned=handed)
     assert summary["done"] == 2 and summary["shards"] == 2
     monkeypatch.undo()

@@ -8,7 +8,7 @@ import torch
 
 from ttd.errors import TTDError
 from ttd.models import load_model
-from ttd.pretrain import PretrainConfig, lr_at, run_pretrain
+from ttd.train.pretrain import PretrainConfig, lr_at, run_pretrain
 
 
 def digest(path):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import free_port, ray_node
 
-from ttd.store import Store
+from ttd.store.store import Store
 
 BIN = Path(sys.executable).parent
 

@@ -14,7 +14,7 @@ from PIL import Image
 from ttd.corpus import ReadIssue, Sample, ShardStats, open_corpus
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key
 from ttd.errors import ImageDecodeError, TTDError
-from ttd.uri import resolve
+from ttd.store.uri import resolve
 
 
 def read_all(corpus):

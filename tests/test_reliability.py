@@ -22,11 +22,11 @@ from conftest import build_corpus, committed_rows, outside_rows, write_simple_ta
 from faultproxy import FaultProxy
 from safetensors.torch import load_file
 
-from ttd.redact import MASK
-from ttd.sql import query
-from ttd.store import Store
+from ttd.pipeline.redact import MASK
+from ttd.store.sql import query
+from ttd.store.store import Store
 
-TTD = [sys.executable, "-m", "ttd.cli"]
+TTD = [sys.executable, "-m", "ttd.cli.main"]
 REL_COLS = ["corpus", "shard", "key", "tag_index", "pixel_raw", "image_raw", "text_raw", "selected"]
 MASK_COLS = ["corpus", "shard", "key", "tag_index", "heatmap", "vmin", "vmax"]
 TAG_COLS = ["corpus", "shard", "key", "tag_index", "text", "lemma", "pos", "char_start", "char_end"]
@@ -188,8 +188,8 @@ def test_parse_killed_ten_times_resumes_to_the_same_tables(tmp_path):
 
 @pytest.mark.slow
 def test_distill_killed_ten_times_resumes_to_the_same_weights(tmp_path):
-    from ttd.parse import ParseConfig, run_parse
-    from ttd.score import run_score
+    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.stages.score import run_score
     from ttd.synth.generate import synthesize
 
     synthesize(str(tmp_path / "synth"), train=24, eval=0, seed=4)
@@ -402,8 +402,8 @@ def test_bad_run_configs_are_one_clear_line(tmp_path, bad):
 
 
 def test_a_checkpoint_naming_a_file_outside_its_folder_is_refused(tmp_path):
-    from ttd.checkpoints import load as load_checkpoint
     from ttd.errors import TTDError
+    from ttd.train.checkpoints import load as load_checkpoint
 
     weights = {"w": torch.nn.Parameter(torch.zeros(2))}
     opt = torch.optim.AdamW(weights.values())
@@ -417,7 +417,7 @@ def test_a_claim_whose_create_reply_was_lost_is_still_ours(tmp_path, monkeypatch
     """On S3 a create-if-absent PUT can succeed while its reply is lost; the retried PUT then finds the object and
     fails. The claim found there is this call's own (same owner): the shard is held, not "claimed elsewhere" (which
     left a shard unscored in the S3-faults test above, once in a few runs)."""
-    from ttd import claims
+    from ttd.store import claims
 
     store = Store(str(tmp_path / "store"), create=True)
     real = claims._create_exclusive
@@ -433,7 +433,7 @@ def test_a_claim_whose_create_reply_was_lost_is_still_ours(tmp_path, monkeypatch
 
 
 def test_garbage_and_stale_claims_are_taken_over_live_ones_respected(tmp_path):
-    from ttd.claims import claim, claim_path
+    from ttd.store.claims import claim, claim_path
 
     store = Store(str(tmp_path / "s"), create=True)
     part = {"corpus": "c", "shard": "00000"}
@@ -446,7 +446,7 @@ def test_garbage_and_stale_claims_are_taken_over_live_ones_respected(tmp_path):
             assert other is not None and other["pid"] == os.getpid()
     assert not path.exists()  # released
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    from ttd.claims import _MACHINE
+    from ttd.store.claims import _MACHINE
 
     path.write_text(json.dumps({"owner": "x", "machine": _MACHINE, "pid": int(dead.stdout), "heartbeat": time.time(),
                                 "ttl": 600}))  # a killed run on this machine: stale at once
@@ -465,7 +465,7 @@ def test_garbage_and_stale_claims_are_taken_over_live_ones_respected(tmp_path):
 def test_stale_claims_on_committed_shards_are_cleared(tmp_path):
     """A run killed between its commit and its claim's release leaves a claim that no later run takes over (they
     skip the committed shard); the end of each run clears it, and nothing else."""
-    from ttd.claims import _MACHINE, claim_path, clear_stale
+    from ttd.store.claims import _MACHINE, claim_path, clear_stale
 
     store = Store(str(tmp_path / "s"), create=True)
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

@@ -12,19 +12,19 @@ import pytest
 from conftest import write_simple_tags
 from PIL import Image
 
-from ttd import schemas
-from ttd.report import MAX_CURVE_POINTS, _connect, build_report, training_curves
-from ttd.sql import query
-from ttd.store import Store
-from ttd.tagmask_eval import TagmaskEvalConfig, run_tagmask_eval, store_metrics
+from ttd.eval.tagmask import TagmaskEvalConfig, run_tagmask_eval, store_metrics
+from ttd.report.report import MAX_CURVE_POINTS, _connect, build_report, training_curves
+from ttd.store import schemas
+from ttd.store.sql import query
+from ttd.store.store import Store
 
-TTD = [sys.executable, "-m", "ttd.cli"]
+TTD = [sys.executable, "-m", "ttd.cli.main"]
 
 
 @pytest.fixture(scope="module")
 def store_two_runs(tmp_path_factory):
     """Scored train shard, two TagMask evaluations (maskclip vs sclip head), a training log and an error row."""
-    from ttd.score import run_score
+    from ttd.stages.score import run_score
     from ttd.synth.generate import synthesize
 
     base = tmp_path_factory.mktemp("report")
@@ -175,7 +175,7 @@ def test_report_numbers_plots_and_samples(store_two_runs, tmp_path):
 def test_runs_are_labelled_by_what_the_model_is(tmp_path):
     """The base model, TTD or the contrastive-only control, read from the LoRA artefact the evaluation loaded."""
     from ttd.models.loading import model_role
-    from ttd.report import EvalRun
+    from ttd.report.report import EvalRun
 
     def artefact(name: str, **weights: float) -> str:
         (tmp_path / name).mkdir()
@@ -257,7 +257,7 @@ def test_show_draws_every_candidate_one_scale_and_says_what_it_left_out():
     import io
 
     from ttd.corpus import Sample
-    from ttd.show import draw_figure
+    from ttd.report.show import draw_figure
 
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), "white").save(buf, format="PNG")

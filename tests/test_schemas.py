@@ -4,8 +4,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from ttd import schemas
 from ttd.errors import SchemaError
+from ttd.store import schemas
 
 REQUIRED = {"tags", "relevancy", "masks", "errors", "eval_predictions", "eval_counts", "metrics", "train_log",
             "manifest"}

@@ -14,12 +14,12 @@ from conftest import build_corpus, free_port, jpeg, ray_node, write_simple_tags
 from PIL import Image
 
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key
-from ttd.relevancy import ScoreConfig
-from ttd.score import run_score
-from ttd.sql import query
-from ttd.stage import SHARDS_PER_CALL
-from ttd.store import Store
-from ttd.uri import resolve
+from ttd.models.relevancy import ScoreConfig
+from ttd.stages.engine import SHARDS_PER_CALL
+from ttd.stages.score import run_score
+from ttd.store.sql import query
+from ttd.store.store import Store
+from ttd.store.uri import resolve
 
 MODEL = "ttd-micro"
 
@@ -61,12 +61,12 @@ def test_score_fills_relevancy_and_masks_and_is_incremental(tmp_path):
 
 
 def test_a_run_with_nothing_to_do_loads_no_model(tmp_path, monkeypatch):
-    import ttd.score
+    import ttd.stages.score
 
     corpus, store, _ = scored(tmp_path)
     loads = []
-    real = ttd.score.load_model
-    monkeypatch.setattr(ttd.score, "load_model", lambda *a, **kw: loads.append(a) or real(*a, **kw))
+    real = ttd.stages.score.load_model
+    monkeypatch.setattr(ttd.stages.score, "load_model", lambda *a, **kw: loads.append(a) or real(*a, **kw))
     again = run_score(corpus, store, model=MODEL, workers=0)
     assert again["skipped_done"] == 2 and loads == []  # planned from the model's identity alone
     changed = run_score(corpus, store, ScoreConfig(threshold=0.7), model=MODEL, workers=0)
@@ -230,7 +230,7 @@ def test_ray_path_against_a_real_local_cluster(tmp_path, ray_head):
     assert first["done"] == 2 and first["workers"] == 2 and first["waiting"] == ["00002"]
     import ray
 
-    from ttd import stage as score_ray
+    from ttd.stages import engine as score_ray
 
     pids = ray.get([a.alive.remote() for a in score_ray._ACTORS["actors"]])
     stats.with_suffix(".held").rename(stats)
@@ -316,10 +316,10 @@ def test_the_device_step_keeps_every_tensor_on_the_models_device(tmp_path):
     fails to combine. Every output is on the model's device, until the one copy back per batch."""
     import torch
 
-    from ttd import score_pipeline
     from ttd.corpus import open_corpus
-    from ttd.score import ShardScorer, stage_spec
-    from ttd.stage import plan
+    from ttd.stages import score_pipeline
+    from ttd.stages.engine import plan
+    from ttd.stages.score import ShardScorer, stage_spec
 
     corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
     build_corpus(corpus, shards=1, per_shard=4)
@@ -376,7 +376,7 @@ def test_the_ray_pool_grows_as_gpus_join_the_cluster(tmp_path, ray_gpu_head):
     the next batch. The kept actor scores again (its model loaded once) and a new actor starts for the new GPU."""
     import ray
 
-    from ttd import stage as score_ray
+    from ttd.stages import engine as score_ray
 
     address = ray_gpu_head[0]
     corpus, store = str(tmp_path / "c"), str(tmp_path / "s")

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from ttd.heatmap import quantise
-from ttd.relevancy import normalise, raw_scores
-from ttd.score_batch import Candidates, DeviceMismatch, ShardCandidates, batch_tables, compute, to_host
+from ttd.models.relevancy import normalise, raw_scores
+from ttd.stages.score_batch import Candidates, DeviceMismatch, ShardCandidates, batch_tables, compute, to_host
+from ttd.store.heatmap import quantise
 
 NORMS = {"pixel": ("minmax", 100.0), "image": ("softmax", 100.0), "text": ("softmax", 50.0)}
 
@@ -104,7 +104,7 @@ def test_the_baselines_softmax_over_a_captions_tags_by_hand():
     # the batched form: padding ignored (gets 0), each row its own distribution
     x = torch.tensor([[0.30, 0.28, 0.20], [0.5, 9.0, 9.0]])
     valid = torch.tensor([[True, True, True], [True, False, False]])
-    from ttd.score_batch import normalise_rows
+    from ttd.stages.score_batch import normalise_rows
 
     rows = normalise_rows(x, valid, "softmax", 100.0).numpy()
     np.testing.assert_allclose(rows[0], expected, rtol=1e-5)
@@ -113,7 +113,7 @@ def test_the_baselines_softmax_over_a_captions_tags_by_hand():
 
 def test_the_softmax_temperature_is_clips_or_the_models_logit_scale():
     from ttd.models import load_model
-    from ttd.relevancy import ScoreConfig, model_logit_scale, normalisations
+    from ttd.models.relevancy import ScoreConfig, model_logit_scale, normalisations
 
     model = load_model("ttd-micro", None, device="cpu").model
     with torch.no_grad():

@@ -15,10 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ttd.errors import TTDError
-from ttd.models import load_model
-from ttd.models.dense import encode_image_dense
-from ttd.segeval import datasets as D
-from ttd.segeval.infer import (
+from ttd.eval.segmentation import datasets as D
+from ttd.eval.segmentation.infer import (
     SegEvalConfig,
     Segmenter,
     TextClassifier,
@@ -28,7 +26,7 @@ from ttd.segeval.infer import (
     resolve_config,
     window_boxes,
 )
-from ttd.segeval.metrics import (
+from ttd.eval.segmentation.metrics import (
     PER_CLASS_SQL,
     confusion,
     image_counts,
@@ -37,6 +35,8 @@ from ttd.segeval.metrics import (
     sql_metrics_of,
     totals,
 )
+from ttd.models import load_model
+from ttd.models.dense import encode_image_dense
 
 H, W = 24, 40  # fixture image size: small, and not square, so rows and columns cannot be swapped unnoticed
 
@@ -440,10 +440,10 @@ SMALL = dict(short_side=32, window=32, stride=16, scales=(1.0, 0.5), pamr_iterat
 
 
 def test_run_segeval_on_voc_writes_counts_and_metrics_and_skips_a_rerun(voc_root, tmp_path):
-    from ttd.segeval import run_segeval
-    from ttd.segeval.cli import evaluate_segmentation_command
-    from ttd.sql import query
-    from ttd.store import Store
+    from ttd.eval.segmentation import run_segeval
+    from ttd.eval.segmentation.cli import evaluate_segmentation_command
+    from ttd.store.sql import query
+    from ttd.store.store import Store
 
     root, labels = voc_root
     store = str(tmp_path / "store")
@@ -489,8 +489,8 @@ def test_run_segeval_on_voc_writes_counts_and_metrics_and_skips_a_rerun(voc_root
 
 
 def test_run_records_bad_samples_as_errors_and_evaluates_the_rest(voc_root, tmp_path):
-    from ttd.segeval import run_segeval
-    from ttd.sql import query
+    from ttd.eval.segmentation import run_segeval
+    from ttd.store.sql import query
 
     root, labels = voc_root
     bad = list(labels)[1]
@@ -506,7 +506,7 @@ def test_run_records_bad_samples_as_errors_and_evaluates_the_rest(voc_root, tmp_
 
 
 def test_cli_body_prints_json_and_rejects_unknown_dataset(voc_root, tmp_path, capsys):
-    from ttd.segeval.cli import evaluate_segmentation_command
+    from ttd.eval.segmentation.cli import evaluate_segmentation_command
 
     root, _ = voc_root
     with pytest.raises(TTDError, match="--dataset must be one of"):

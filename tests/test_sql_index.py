@@ -7,9 +7,9 @@ from conftest import build_corpus, jpeg
 
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key
 from ttd.errors import TTDError, UnsafeQueryError
-from ttd.index import run_index
-from ttd.sql import query
-from ttd.uri import resolve
+from ttd.stages.index import run_index
+from ttd.store.sql import query
+from ttd.store.uri import resolve
 
 
 def scalar(store, sql, corpora=()):
@@ -132,7 +132,7 @@ def test_sql_over_s3(s3_bucket, monkeypatch, mode):
     import duckdb
 
     if mode == "httpfs":
-        from ttd.sql import _enable_httpfs
+        from ttd.store.sql import _enable_httpfs
 
         if not _enable_httpfs(duckdb.connect()):  # CI installs duckdb-ext-httpfs (constraints.txt), so this runs
             pytest.skip("DuckDB's httpfs extension is not installed and cannot be downloaded offline")
@@ -165,7 +165,7 @@ def test_sql_accepts_the_read_statements_a_reader_needs(tmp_path):
 def test_sql_results_render_like_duckdb_and_write_with_its_writers(tmp_path):
     import duckdb
 
-    from ttd.sql import plain, render, write
+    from ttd.store.sql import plain, render, write
 
     table = pa.table({"key": ["a", "b", "c"], "score": pa.array([0.338, 0.5, 1 / 3], pa.float32()),
                       "heatmap": pa.array([b"\x00C,E2H", b"", None])})
@@ -190,9 +190,9 @@ def test_sql_results_render_like_duckdb_and_write_with_its_writers(tmp_path):
 def test_compaction_keeps_every_query_the_same_and_never_serves_a_re_committed_shard(tmp_path):
     """`ttd compact` copies many shards' rows into a few parts; `ttd sql` reads the parts while their shards keep
     the fingerprints they were made from, and a shard re-committed since from its own files."""
-    from ttd.compact import compact
-    from ttd.parse import ParseConfig, run_parse
-    from ttd.store import Store
+    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.store.compact import compact
+    from ttd.store.store import Store
 
     corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
     build_corpus(corpus, shards=5, per_shard=4)

@@ -4,9 +4,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from ttd import schemas
 from ttd.errors import SchemaError, TTDError
-from ttd.store import Store, fingerprint
+from ttd.store import schemas
+from ttd.store.store import Store, fingerprint
 
 
 def errors_rows(n, stage="read", prefix="k"):
@@ -176,7 +176,7 @@ def test_the_manifest_index_saves_reads_and_never_serves_a_stale_manifest(tmp_pa
     """Planning reads a stage's manifests through one listing and its index: after the first bulk read the index
     holds them all, the next plan reads only what changed, and a manifest rewritten since is read, not taken from
     the index."""
-    from ttd.store import INDEX_REWRITE_AFTER
+    from ttd.store.store import INDEX_REWRITE_AFTER
 
     store = Store(str(tmp_path / "s"), create=True)
     shards = [f"{i:05d}" for i in range(INDEX_REWRITE_AFTER + 6)]

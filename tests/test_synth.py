@@ -370,9 +370,9 @@ def test_the_cc3m_style_puts_the_noun_baseline_in_the_papers_band():
     """The default caption style of train/val/eval: the product's own noun parser selects words at about the
     paper's CC3M-TagMask precision and recall (59.8 / 83.7): nouns for what is not drawn (the medium, places and
     people outside the vocabulary), visible stuff named by adjectives."""
-    from ttd.parse import ParseConfig
+    from ttd.eval.tagmask import noun_predictions, word_targets
+    from ttd.stages.parse import ParseConfig
     from ttd.synth.generate import SampleMaker
-    from ttd.tagmask_eval import noun_predictions, word_targets
 
     maker = SampleMaker(SynthConfig())
     samples = [maker.make(11, "val", i) for i in range(200)]

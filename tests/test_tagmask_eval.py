@@ -5,9 +5,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from ttd import schemas
-from ttd.metrics_sql import CAPTION_CLASS_ID, SELECTED_UNION_CLASS_ID, tagmask_metrics
-from ttd.tagmask_eval import (
+from ttd.eval.metrics_sql import CAPTION_CLASS_ID, SELECTED_UNION_CLASS_ID, tagmask_metrics
+from ttd.eval.tagmask import (
     caption_counts,
     noun_predictions,
     run_tagmask_eval,
@@ -15,6 +14,7 @@ from ttd.tagmask_eval import (
     table_text,
     word_targets,
 )
+from ttd.store import schemas
 
 
 def predictions(rows):
@@ -172,7 +172,7 @@ def test_evaluation_end_to_end(tmp_path):
 
 def test_the_papers_caption_protocol_by_name():
     """448 short side, four scales, flip and PAMR: the paper's segmentation protocol, named `paper`."""
-    from ttd.tagmask_eval import CaptionProtocol, TagmaskEvalConfig
+    from ttd.eval.tagmask import CaptionProtocol, TagmaskEvalConfig
 
     proto = TagmaskEvalConfig(caption="paper").caption
     assert (proto.short_side, proto.scales, proto.flip, proto.pamr) == (448, (1.0, 0.5, 1.5, 2.0), True, True)
@@ -187,7 +187,7 @@ def test_flipped_features_are_mirror_symmetric():
     """`flip`: features averaged with the mirror image's (mirrored back), so a mirrored image gets exactly the
     mirrored map, which one forward alone does not (the patch grid is not symmetric)."""
     from ttd.models import load_model
-    from ttd.relevancy import dense_features
+    from ttd.models.relevancy import dense_features
 
     model = load_model("ttd-micro", None, device="cpu").model
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -202,8 +202,8 @@ def test_flipped_features_are_mirror_symmetric():
 
 @pytest.mark.slow
 def test_the_papers_caption_protocol_end_to_end(tmp_path):
+    from ttd.eval.tagmask import TagmaskEvalConfig
     from ttd.synth.generate import synthesize
-    from ttd.tagmask_eval import TagmaskEvalConfig
 
     synthesize(str(tmp_path / "synth"), train=0, eval=3, seed=5)
     root, store = str(tmp_path / "synth" / "eval"), str(tmp_path / "store")

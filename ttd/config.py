@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import pydantic
 import yaml
 
-from .errors import TTDError
+from ttd.errors import TTDError
 
 M = TypeVar("M", bound=pydantic.BaseModel)
+
+
+def _every_template_has_a_slot(templates: tuple[str, ...]) -> tuple[str, ...]:
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError("every template needs one '{}' slot for the tag or class name")
+    return templates
+
+
+# prompt templates ("a photo of a {}."), as the score, distill and segmentation configs take them
+Templates = Annotated[tuple[str, ...], pydantic.AfterValidator(_every_template_has_a_slot)]
 
 
 def deep_merge(base: dict, over: dict) -> dict:

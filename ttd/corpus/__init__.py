@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import posixpath
 
-from ..errors import TTDError
-from ..store import check_name
-from ..uri import resolve
-from .base import DEFAULT_MAX_PIXELS, Caption, Corpus, ReadIssue, Sample, ShardRef, ShardStats, decode_image
-from .img2dataset import FilesCorpus, ParquetCorpus, WebDatasetCorpus
-from .manifest import ManifestCorpus
+from ttd.corpus.base import DEFAULT_MAX_PIXELS, Caption, Corpus, ReadIssue, Sample, ShardRef, ShardStats, decode_image
+from ttd.corpus.img2dataset import FilesCorpus, ParquetCorpus, WebDatasetCorpus
+from ttd.corpus.manifest import ManifestCorpus
+from ttd.errors import TTDError
+from ttd.store.store import check_name
+from ttd.store.uri import resolve
 
 FORMATS = {"webdataset": WebDatasetCorpus, "parquet": ParquetCorpus, "files": FilesCorpus,
            "manifest": ManifestCorpus}

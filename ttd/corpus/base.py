@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import ImageDecodeError
-from ..store import fingerprint
-from ..uri import Location
+from ttd.errors import ImageDecodeError
+from ttd.store.store import fingerprint
+from ttd.store.uri import Location
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow.parquet as pq
 
-from . import tarscan
-from .base import (
+from ttd.corpus import tarscan
+from ttd.corpus.base import (
     Caption,
     Corpus,
     ReadIssue,
@@ -346,7 +346,9 @@ class ParquetCorpus(_Img2datasetCorpus):
             return self._issue(shard, None, "missing_image", f"no image column among {names}", stats, source=source)
         return f, pf, image_col
 
-    def read_shard(self, shard: ShardRef, stats: ShardStats | None = None) -> Iterator[Sample | ReadIssue]:
+    def _read(self, shard: ShardRef, stats: ShardStats | None, rows) -> Iterator:
+        """`rows(pf, image_col, source)`'s items from the shard's open file; an unreadable file or a failure part
+        way through becomes a ReadIssue after the items read so far."""
         source = self.loc.uri(shard.paths[0])
         opened = self._open(shard, stats, source)
         if isinstance(opened, ReadIssue):
@@ -355,49 +357,44 @@ class ParquetCorpus(_Img2datasetCorpus):
         f, pf, image_col = opened
         with f:
             try:
-                for batch in pf.iter_batches(batch_size=self.batch_rows):
-                    for row in batch.to_pylist():
-                        key = str(row.get("key"))
-                        status = row.get("status") or "success"
-                        if status != "success":
-                            if stats is not None:
-                                stats.skipped_status[status] += 1
-                            continue
-                        data = row.pop(image_col)
-                        caption = row.get("caption")
-                        if stats is not None:
-                            stats.samples += 1
-                        yield Sample(self.name, shard.name, key, caption, data or b"", row, source, self.max_pixels)
+                yield from rows(pf, image_col, source)
             except Exception as exc:
                 yield self._issue(shard, None, "truncated_shard", f"{type(exc).__name__}: {exc}", stats,
                                   source=source)
 
+    @staticmethod
+    def _kept(status: str | None, stats: ShardStats | None) -> bool:
+        """img2dataset's rows that failed to download are counted by status and left out."""
+        status = status or "success"
+        if status != "success":
+            if stats is not None:
+                stats.skipped_status[status] += 1
+            return False
+        if stats is not None:
+            stats.samples += 1
+        return True
+
+    def read_shard(self, shard: ShardRef, stats: ShardStats | None = None) -> Iterator[Sample | ReadIssue]:
+        def rows(pf, image_col, source):
+            for batch in pf.iter_batches(batch_size=self.batch_rows):
+                for row in batch.to_pylist():
+                    if self._kept(row.get("status"), stats):
+                        data = row.pop(image_col)
+                        yield Sample(self.name, shard.name, str(row.get("key")), row.get("caption"), data or b"",
+                                     row, source, self.max_pixels)
+
+        return self._read(shard, stats, rows)
+
     def read_captions(self, shard: ShardRef, stats: ShardStats | None = None) -> Iterator[Caption | ReadIssue]:
         """Only the key, status and caption columns are read: image bytes never leave the file."""
-        source = self.loc.uri(shard.paths[0])
-        opened = self._open(shard, stats, source)
-        if isinstance(opened, ReadIssue):
-            yield opened
-            return
-        f, pf, _ = opened
-        with f:
-            names = pf.schema_arrow.names
-            columns = [c for c in CAPTION_META_COLUMNS if c in names]
-            try:
-                for batch in pf.iter_batches(batch_size=4096, columns=columns):
-                    n = batch.num_rows
-                    keys = batch.column("key").to_pylist() if "key" in columns else [None] * n
-                    statuses = batch.column("status").to_pylist() if "status" in columns else [None] * n
-                    captions = batch.column("caption").to_pylist() if "caption" in columns else [None] * n
-                    for key, status, caption in zip(keys, statuses, captions):
-                        status = status or "success"
-                        if status != "success":
-                            if stats is not None:
-                                stats.skipped_status[status] += 1
-                            continue
-                        if stats is not None:
-                            stats.samples += 1
+        def rows(pf, _image_col, source):
+            columns = [c for c in CAPTION_META_COLUMNS if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=4096, columns=columns):
+                n = batch.num_rows
+                keys, statuses, captions = (batch.column(c).to_pylist() if c in columns else [None] * n
+                                            for c in ("key", "status", "caption"))
+                for key, status, caption in zip(keys, statuses, captions):
+                    if self._kept(status, stats):
                         yield Caption(str(key), caption, source)
-            except Exception as exc:
-                yield self._issue(shard, None, "truncated_shard", f"{type(exc).__name__}: {exc}", stats,
-                                  source=source)
+
+        return self._read(shard, stats, rows)

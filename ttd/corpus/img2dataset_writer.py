@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..uri import Location
+from ttd.store.uri import Location
 
 OUTPUT_FORMATS = ("webdataset", "parquet", "files")
 

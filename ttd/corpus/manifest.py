@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 
-from ..errors import TTDError
-from ..store import fingerprint
-from ..uri import resolve
-from .base import Corpus, ReadIssue, Sample, ShardRef, ShardStats, files_fingerprint
+from ttd.corpus.base import Corpus, ReadIssue, Sample, ShardRef, ShardStats, files_fingerprint
+from ttd.errors import TTDError
+from ttd.store.store import fingerprint
+from ttd.store.uri import resolve
 
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "url")
 CAPTION_COLUMNS = ("caption", "text")

@@ -1,1 +1,1 @@
-from .loading import ClipBundle, load_model, model_identity  # noqa: F401
+from ttd.models.loading import ClipBundle, load_model, model_identity  # noqa: F401

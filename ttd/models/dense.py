@@ -25,7 +25,7 @@ NACLIP_STD = 5.0  # patches
 
 
 def check_head(head: str) -> str:
-    from ..errors import TTDError
+    from ttd.errors import TTDError
 
     if head not in HEADS:
         raise TTDError(f"unknown dense head {head!r}: use one of {', '.join(HEADS)}")

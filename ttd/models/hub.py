@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import open_clip
 
-from ..errors import TTDError
+from ttd.errors import TTDError
 
 PROBE_TIMEOUT_S = 5.0
 # what open_clip looks for in a hub repository named without a file (its HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME)

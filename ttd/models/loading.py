@@ -20,8 +20,8 @@ from typing import Any
 import open_clip
 import torch
 
-from ..errors import TTDError
-from .hub import pretrained_source, weights_available
+from ttd.errors import TTDError
+from ttd.models.hub import pretrained_source, weights_available
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def _check_lora_base(lora: str, doc: dict, base_id: str) -> None:
 
 
 def _load_with_lora(name: str | None, pretrained: str | None, device, seed: int, lora: str) -> ClipBundle:
-    from .lora import add_lora, load_lora_state, merge_lora
+    from ttd.models.lora import add_lora, load_lora_state, merge_lora
 
     doc = read_lora_manifest(lora)
     bundle = load_model(*_lora_base(name, pretrained, doc), device=device, seed=seed)

@@ -16,8 +16,8 @@ import numpy as np
 import pydantic
 from pydantic import Field
 
-from .render import randint, weighted_index
-from .vocabulary import ClassInfo, Vocabulary
+from ttd.synth.render import randint, weighted_index
+from ttd.synth.vocabulary import ClassInfo, Vocabulary
 
 
 class CaptionStyle(pydantic.BaseModel):

@@ -27,10 +27,10 @@ import pydantic
 from PIL import Image
 from pydantic import Field
 
-from ..corpus.img2dataset_writer import OUTPUT_FORMATS, ShardWriter, make_key
-from ..errors import TTDError
-from ..uri import Location, resolve
-from .captions import (
+from ttd.corpus.img2dataset_writer import OUTPUT_FORMATS, ShardWriter, make_key
+from ttd.errors import TTDError
+from ttd.store.uri import Location, resolve
+from ttd.synth.captions import (
     ALT_TEXT,
     CC3M,
     CC3M_ALT_TEXT,
@@ -41,8 +41,8 @@ from .captions import (
     Mention,
     ThingFact,
 )
-from .render import Rendered, Renderer, Scene, sample_scene
-from .vocabulary import MAX_STUFF_CLASSES, MAX_THING_CLASSES, Vocabulary, build_vocabulary
+from ttd.synth.render import Rendered, Renderer, Scene, sample_scene
+from ttd.synth.vocabulary import MAX_STUFF_CLASSES, MAX_THING_CLASSES, Vocabulary, build_vocabulary
 
 __all__ = ["ALT_TEXT", "MULTI_OBJECT", "CaptionStyle", "SynthConfig", "synthesize", "make_sample", "Sample",
            "GENERATOR_VERSION", "SPLIT_CODES"]

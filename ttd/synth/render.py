@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .vocabulary import PALETTE, Vocabulary
+from ttd.synth.vocabulary import PALETTE, Vocabulary
 
 Arr = np.ndarray
 STUFF_TEXTURES = ("fine", "blotchy", "streaks_h", "streaks_v", "ripples", "tiles", "speckle")

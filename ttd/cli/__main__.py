@@ -1,0 +1,3 @@
+from ttd.cli.main import main
+
+main()

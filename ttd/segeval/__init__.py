@@ -1,9 +1,0 @@
-"""Open-vocabulary semantic segmentation evaluation on the standard eval sets (VOC, Context, COCO, Cityscapes, ADE).
-
-datasets.py reads the layouts, infer.py is the protocol (sliding windows, scales, flip, PAMR, background), metrics.py
-the counts and the SQL metrics, run.py the stage that commits them, cli.py the `ttd evaluate` body. docs/SEGEVAL.md.
-"""
-
-from .datasets import DATASETS, SegDataset, open_dataset  # noqa: F401
-from .infer import SegEvalConfig, Segmenter  # noqa: F401
-from .run import run_segeval  # noqa: F401

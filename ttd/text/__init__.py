@@ -1,0 +1,1 @@
+"""Captions to candidate tags: the spaCy model (`nlp`) and the parser with its policies (`tags`)."""
