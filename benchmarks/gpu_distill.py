@@ -24,9 +24,11 @@ import time
 import open_clip
 import torch
 
+from ttd.configs import DistillConfig
 from ttd.models import load_model
 from ttd.models.lora import add_lora
-from ttd.stages.distill import Batch, DistillConfig, losses
+from ttd.train.distill_data import Batch
+from ttd.train.distill_losses import losses
 
 
 def sync(device: torch.device) -> None:

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ttd.configs import ScoreConfig
 from ttd.corpus import open_corpus
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key
 from ttd.models import load_model
 from ttd.models.dense import encode_image_dense
-from ttd.models.relevancy import ScoreConfig
 from ttd.stages.engine import plan
 from ttd.stages.score import ShardScorer, stage_spec
 from ttd.store.store import Store

@@ -155,7 +155,8 @@ def tokenizer_rate(captions: list[str]) -> float:
 
 def stage_rate(corpus: str, store: str, repeat: int = 1, **config) -> tuple[float, dict]:
     """Best of `repeat` runs, each into a fresh store (a second run into the same store would skip every shard)."""
-    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.configs import ParseConfig
+    from ttd.stages.parse import run_parse
 
     best, summary = 0.0, {}
     for i in range(repeat):

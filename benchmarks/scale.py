@@ -43,12 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import jpeg  # noqa: E402  tests/conftest.py: a tiny JPEG
 from faultproxy import FaultProxy  # noqa: E402  tests/faultproxy.py: the latency in front of the S3 server
 
+from ttd.configs import ParseConfig, ScoreConfig
 from ttd.corpus import open_corpus  # noqa: E402
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key  # noqa: E402
-from ttd.models.relevancy import ScoreConfig  # noqa: E402
 from ttd.stages.engine import TODO, plan  # noqa: E402
 from ttd.stages.parse import STAGE as PARSE_STAGE  # noqa: E402
-from ttd.stages.parse import ParseConfig, run_parse  # noqa: E402
+from ttd.stages.parse import run_parse
 from ttd.stages.parse import stage_spec as parse_spec  # noqa: E402
 from ttd.stages.score import STAGE as SCORE_STAGE  # noqa: E402
 from ttd.stages.score import STAGE_VERSION as SCORE_VERSION  # noqa: E402

@@ -36,10 +36,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ttd.configs import ScoreConfig
 from ttd.corpus import Sample, open_corpus
 from ttd.models import load_model
 from ttd.models.dense import encode_image_dense
-from ttd.models.relevancy import ScoreConfig, encode_tags, encode_texts, normalisations, normalise, raw_scores
+from ttd.models.relevancy import encode_tags, encode_texts, normalisations, normalise, raw_scores
 from ttd.stages.engine import plan
 from ttd.stages.score import ShardScorer, run_score, stage_spec
 from ttd.stages.score_batch import Candidates, batch_tables, compute, to_host
@@ -54,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 def parse_tags(corpus: str, store: str) -> None:
     """The real parse stage when it exists; the tests' whitespace splitter otherwise."""
     try:
-        from ttd.stages.parse import ParseConfig, run_parse
+        from ttd.configs import ParseConfig
+        from ttd.stages.parse import run_parse
     except ImportError:
         from conftest import write_simple_tags
 

@@ -47,7 +47,8 @@ def data(out: Path) -> None:
 
 def pretrain(out: Path, steps: int | None = None) -> dict:
     """The embedded preset on the pretrain split; a snapshot of the weights every SNAPSHOT_EVERY steps."""
-    from ttd.train.pretrain import preset, run_pretrain
+    from ttd.configs import preset
+    from ttd.train.pretrain import run_pretrain
 
     base, snaps = out / "base", out / "snapshots"
     snaps.mkdir(parents=True, exist_ok=True)
@@ -76,7 +77,8 @@ def snapshot_model(out: Path, snapshot: Path) -> Path:
     """A snapshot's weights as a model artefact (fp16, like the shipped model)."""
     import torch
 
-    from ttd.models.loading import load_model, load_state_dict
+    from ttd.models.artefact import load_state_dict
+    from ttd.models.loading import load_model
     from ttd.train.pretrain import save_artefact
 
     dest = out / "snapshot-models" / snapshot.stem
@@ -92,8 +94,8 @@ def snapshot_model(out: Path, snapshot: Path) -> Path:
 
 
 def evaluate(out: Path, model_dir: Path, split: str, label: str, thresholds=THRESHOLDS) -> None:
-    from ttd.eval.tagmask import TagmaskEvalConfig, run_tagmask_eval
-    from ttd.models.relevancy import ScoreConfig
+    from ttd.configs import ScoreConfig, TagmaskEvalConfig
+    from ttd.eval.tagmask import run_tagmask_eval
 
     for t in thresholds if split == "val" else (None,):
         job = f"{label}-{split}-t{t}"
@@ -115,8 +117,8 @@ STOP_WORDS_SQL = ("SELECT t.is_stop, avg(r.selected::INT) AS selection_rate, cou
 
 def stop_words(out: Path, split: str) -> None:
     """`ttd parse` and `ttd score` (product defaults) of a labelled split, then README's stop-word query."""
-    from ttd.models.relevancy import ScoreConfig
-    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.configs import ParseConfig, ScoreConfig
+    from ttd.stages.parse import run_parse
     from ttd.stages.score import run_score
     from ttd.store.sql import query
 
@@ -150,8 +152,9 @@ LEVERS = {"tiny-96-p8": {}, "tiny-96-p12": {"patch_size": 12}, "tiny-96-p16": {"
 def levers(out: Path) -> None:
     import open_clip
 
+    from ttd.configs import preset
     from ttd.models.loading import CONFIG_DIR
-    from ttd.train.pretrain import preset, run_pretrain
+    from ttd.train.pretrain import run_pretrain
 
     base_cfg = json.loads((CONFIG_DIR / "ttd-tiny.json").read_text())
     for name, vision in LEVERS.items():
@@ -167,7 +170,8 @@ def levers(out: Path) -> None:
 
 
 def anneal(out: Path, snapshot: str, steps: int, lr: float) -> None:
-    from ttd.train.pretrain import PretrainConfig, run_pretrain
+    from ttd.configs import PretrainConfig
+    from ttd.train.pretrain import run_pretrain
 
     start = snapshot_model(out, out / "snapshots" / f"{snapshot}.safetensors")
     dest = out / "anneal" / f"{snapshot}-{steps}-{lr}"
@@ -179,8 +183,8 @@ def anneal(out: Path, snapshot: str, steps: int, lr: float) -> None:
 
 
 def heads(out: Path, snapshot: str) -> None:
-    from ttd.eval.tagmask import TagmaskEvalConfig, run_tagmask_eval
-    from ttd.models.relevancy import ScoreConfig
+    from ttd.configs import ScoreConfig, TagmaskEvalConfig
+    from ttd.eval.tagmask import run_tagmask_eval
 
     model = snapshot_model(out, out / "snapshots" / f"{snapshot}.safetensors")
     for head in ("sclip", "clearclip", "naclip"):

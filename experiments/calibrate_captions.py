@@ -18,9 +18,10 @@ import argparse
 import itertools
 import json
 
+from ttd.configs import ParseConfig
 from ttd.eval.tagmask import noun_predictions, word_targets
-from ttd.stages.parse import ParseConfig
 from ttd.synth.generate import SampleMaker, SynthConfig
+from ttd.text.tags import CaptionParser
 
 KNOBS = {"p_medium": (0.3, 0.6), "p_stuff_adjective": (0.3, 0.6), "p_outside": (0.2, 0.4), "p_abstract": (0.6,),
          "p_absent": (0.5,), "p_lead": (0.6,)}
@@ -32,7 +33,8 @@ def noun_baseline(style: dict, n: int, seed: int, split: str = "val") -> dict:
     maker = SampleMaker(cfg)
     samples = [maker.make(seed, split, i) for i in range(n)]
     captions = [s.caption for s in samples]
-    words, nouns = ParseConfig(policy="words").parser(), ParseConfig(policy="nouns").parser()
+    words = CaptionParser.from_config(ParseConfig(policy="words"))
+    nouns = CaptionParser.from_config(ParseConfig(policy="nouns"))
     tp = fp = fn = n_words = 0
     for s, p, q in zip(samples, words.parse(captions), nouns.parse(captions)):
         mentions = [{"char_start": m.start, "char_end": m.end, "visible": m.visible} for m in s.mentions]

@@ -23,14 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ttd.configs import DistillConfig, ParseConfig, ScoreConfig
 from ttd.corpus import ReadIssue, open_corpus
 from ttd.eval.metrics_sql import CAPTION_CLASS_ID, SELECTED_UNION_CLASS_ID
 from ttd.eval.tagmask import caption_counts, caption_heatmap, load_ground_truth, read_mask, selected_union
 from ttd.models import relevancy as rel
 from ttd.models.loading import load_model
-from ttd.models.relevancy import ScoreConfig
-from ttd.stages.distill import DistillConfig, distill_loss, validation_losses
-from ttd.stages.parse import ParseConfig
+from ttd.stages.distill import validation_losses
+from ttd.text.tags import CaptionParser
+from ttd.train.distill_losses import distill_loss
 
 
 def _iou(rows: list[dict], class_id: int) -> float | None:
@@ -51,7 +52,7 @@ def oracle(root: str, pretrained: str, captions: int, steps: int, form: str, lr:
     bundle = load_model(None, pretrained, device=torch.device("cpu"))
     cfg = ScoreConfig(threshold=threshold)
     norms = rel.normalisations(cfg, bundle.model)
-    words = ParseConfig(policy="words").parser()
+    words = CaptionParser.from_config(ParseConfig(policy="words"))
     mentions, loc = load_ground_truth(root)
     corpus = open_corpus(root)
     before, after, union_iou, losses = [], [], [], []

@@ -47,8 +47,8 @@ def store_for(out: Path, threshold: float) -> Path:
 
 
 def job_data(out: Path, threshold: float = 0.5) -> dict:
-    from ttd.models.relevancy import ScoreConfig
-    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.configs import ParseConfig, ScoreConfig
+    from ttd.stages.parse import run_parse
     from ttd.stages.score import run_score
     from ttd.synth.generate import SynthConfig, synthesize
 
@@ -64,7 +64,8 @@ def job_data(out: Path, threshold: float = 0.5) -> dict:
 
 
 def job_distill(out: Path, name: str, seed: int, settings: dict, threshold: float = 0.5) -> dict:
-    from ttd.stages.distill import DistillConfig, run_distill
+    from ttd.configs import DistillConfig
+    from ttd.stages.distill import run_distill
 
     summary = run_distill(str(out / "synth" / "train"), str(store_for(out, threshold)),
                           str(out / "runs" / f"{name}-s{seed}"), DistillConfig(**settings), seed=seed)
@@ -72,8 +73,8 @@ def job_distill(out: Path, name: str, seed: int, settings: dict, threshold: floa
 
 
 def job_evaluate(out: Path, split: str, lora: str | None, threshold: float) -> dict:
-    from ttd.eval.tagmask import TagmaskEvalConfig, run_tagmask_eval
-    from ttd.models.relevancy import ScoreConfig
+    from ttd.configs import ScoreConfig, TagmaskEvalConfig
+    from ttd.eval.tagmask import run_tagmask_eval
 
     config = TagmaskEvalConfig(score=ScoreConfig(threshold=threshold))
     summary = run_tagmask_eval(str(out / "synth" / split), str(out / "evalstore"), config,

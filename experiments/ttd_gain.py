@@ -89,8 +89,8 @@ def store_for(out: Path, corpus: str) -> Path:
 # ---------------------------------------------------------------- one job, in its own process
 
 def job_data(out: Path, corpus: str) -> dict:
-    from ttd.models.relevancy import ScoreConfig
-    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.configs import ParseConfig, ScoreConfig
+    from ttd.stages.parse import run_parse
     from ttd.stages.score import run_score
     from ttd.synth.generate import synthesize
 
@@ -104,7 +104,8 @@ def job_data(out: Path, corpus: str) -> dict:
 
 
 def job_distill(out: Path, job: dict) -> dict:
-    from ttd.stages.distill import DistillConfig, run_distill
+    from ttd.configs import DistillConfig
+    from ttd.stages.distill import run_distill
 
     summary = run_distill(str(out / CORPORA[job["corpus"]]), str(store_for(out, job["corpus"])),
                           str(out / "runs" / job["run"]), DistillConfig(**job["settings"]), seed=job["seed"],

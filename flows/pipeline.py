@@ -41,7 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
-from ttd.config import deep_merge
+from ttd.configs import deep_merge
 from ttd.errors import TTDError
 from ttd.pipeline import units as lib
 from ttd.pipeline.runconfig import RunConfig, resolve_run_config

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from ttd.configs import HEADS, ScoreConfig
 from ttd.models import load_model
-from ttd.models.dense import HEADS, encode_image_dense
-from ttd.models.relevancy import ScoreConfig, normalise, raw_scores
+from ttd.models.dense import encode_image_dense
+from ttd.models.relevancy import normalise, raw_scores
 from ttd.store.heatmap import dequantise, quantise
 
 

@@ -7,21 +7,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ttd.configs import DistillConfig
 from ttd.errors import TTDError
 from ttd.models import load_model
 from ttd.models.lora import add_lora, merge_lora
-from ttd.stages.distill import (
-    DistillConfig,
+from ttd.stages.distill import run_distill, validation_losses
+from ttd.store.store import Store
+from ttd.train.distill_losses import (
     distill_loss,
     raw_tag_loss,
-    run_distill,
     scaled_target,
     tag_loss,
     teacher_tag_targets,
     union_of_selected,
-    validation_losses,
 )
-from ttd.store.store import Store
 
 # ---------------------------------------------------------------- losses by hand
 
@@ -131,7 +130,8 @@ def test_lora_starts_at_the_base_model_and_merges_exactly():
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     """A TagMask-Synth train and held-out split, parsed and scored by ttd-micro (random weights) in one store."""
-    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.configs import ParseConfig
+    from ttd.stages.parse import run_parse
     from ttd.stages.score import run_score
     from ttd.synth.generate import synthesize
 
@@ -198,7 +198,8 @@ def test_resume_after_a_crash_gives_the_same_weights(scored, tmp_path):
 
 
 def test_lora_artefact_is_used_by_score_and_evaluate(scored, tmp_path):
-    from ttd.eval.tagmask import TagmaskEvalConfig, run_tagmask_eval
+    from ttd.configs import TagmaskEvalConfig
+    from ttd.eval.tagmask import run_tagmask_eval
     from ttd.stages.score import run_score
 
     base, store = scored
@@ -372,7 +373,7 @@ def test_ray_train_data_parallel_matches_one_worker(scored, tmp_path):
 def test_paper_mode_trains_through_the_head_and_prompts_that_made_the_pseudo_labels(scored, tmp_path):
     """`head: scoring` and `templates: None` come from the score stage's manifests (maskclip and its 4-prompt
     ensemble here), so the student's tag maps are the same function as the teacher's; the artefact records them."""
-    from ttd.models.relevancy import DEFAULT_TEMPLATES
+    from ttd.configs import DEFAULT_TEMPLATES
     from ttd.stages.distill import with_scoring_settings
 
     base, store = scored

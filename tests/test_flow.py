@@ -25,9 +25,11 @@ from uuid import UUID  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
+from ttd.cli.options import overrides_from_flags  # noqa: E402
+from ttd.cli.run import run_flags  # noqa: E402
 from ttd.errors import TTDError  # noqa: E402
 from ttd.pipeline import units as lib  # noqa: E402
-from ttd.pipeline.runconfig import RunConfig, flag_specs, load_run_config, overrides_from_flags  # noqa: E402
+from ttd.pipeline.runconfig import RunConfig, load_run_config  # noqa: E402
 from ttd.store.store import Store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -366,7 +368,7 @@ def test_ttd_run_flags_and_one_line_errors(tmp_path):
 # ---------------------------------------------------------------- config, planning and failure rules
 
 def test_every_setting_is_a_flag():
-    specs = flag_specs()
+    specs = run_flags()
     flags = [s.flag for s in specs]
     assert len(flags) == len(set(flags))
     paths = {s.path for s in specs}
@@ -469,7 +471,8 @@ def test_only_transient_failures_are_retried():
 
 def test_stage_shard_filters(synth, tmp_path):
     """run_parse / run_score on a batch: only the named shards run; an unknown name is one clear line."""
-    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.configs import ParseConfig
+    from ttd.stages.parse import run_parse
     from ttd.stages.score import run_score
 
     corpus, store = tmp_path / "corpus", str(tmp_path / "store")

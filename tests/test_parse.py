@@ -7,10 +7,11 @@ import pyarrow.compute as pc
 import pytest
 from conftest import build_corpus, committed_rows, jpeg, outside_rows
 
+from ttd.configs import ParseConfig
 from ttd.corpus import Caption, ReadIssue, ShardRef, open_corpus
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key
 from ttd.errors import TTDError
-from ttd.stages.parse import ParseConfig, parse_shard, run_parse
+from ttd.stages.parse import parse_shard, run_parse
 from ttd.store import schemas
 from ttd.store.sql import query
 from ttd.store.store import Store
@@ -82,13 +83,13 @@ def test_nouns_without_tagger_is_a_clear_error():
     with pytest.raises(TTDError, match="needs POS tags"):
         CaptionParser("nouns", tagger=False)
     with pytest.raises(TTDError, match="needs POS tags"):
-        from ttd.config import build
+        from ttd.configs import build
 
         build(ParseConfig, {"policy": "nouns", "tagger": False})
 
 
 def test_config_from_yaml_with_flag_overrides(tmp_path):
-    from ttd.config import load_yaml
+    from ttd.configs import load_yaml
 
     path = tmp_path / "parse.yaml"
     path.write_text("policy: content\nmax_caption_chars: 200\nworkers: 4\n")
@@ -172,7 +173,7 @@ BAD = [None, "", "   ", "word " * 20_000, "собака бежит по трав
 def test_bad_captions_each_get_a_row_and_the_shard_commits(tmp_path):
     shard = ShardRef("fake", "00000", (), True, "fp")
     config = ParseConfig()
-    result = parse_shard(FakeCorpus(BAD), shard, config.parser(), config)
+    result = parse_shard(FakeCorpus(BAD), shard, CaptionParser.from_config(config), config)
     store = Store(str(tmp_path / "s"), create=True)
     store.commit("parse", shard.partition, "fp", result.tables)  # every string is storable
     caps = {r["key"]: r for r in store.read("captions").to_pylist()}
@@ -214,7 +215,8 @@ def test_a_caption_spacy_fails_on_is_an_error_row_not_a_lost_shard(tmp_path, mon
     monkeypatch.setattr(CaptionParser, "_candidates", flaky)
     config = ParseConfig(dedupe=False)
     shard = ShardRef("fake", "00000", (), True, "fp")
-    result = parse_shard(FakeCorpus(["a dog", "boom goes the cat", "a red bus"]), shard, config.parser(), config)
+    corpus = FakeCorpus(["a dog", "boom goes the cat", "a red bus"])
+    result = parse_shard(corpus, shard, CaptionParser.from_config(config), config)
     errors = result.tables["errors"].to_pylist()
     assert [(e["key"], e["error_type"]) for e in errors[1:]] == [("k01", "parse_failed")]
     assert "simulated spaCy failure" in errors[1]["message"]

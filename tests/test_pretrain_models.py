@@ -6,9 +6,11 @@ import pickle
 import pytest
 import torch
 
+from ttd.configs import PretrainConfig
 from ttd.errors import TTDError
 from ttd.models import load_model
-from ttd.train.pretrain import PretrainConfig, lr_at, run_pretrain
+from ttd.train.pretrain import run_pretrain
+from ttd.train.recipe import lr_at
 
 
 def digest(path):

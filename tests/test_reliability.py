@@ -188,7 +188,8 @@ def test_parse_killed_ten_times_resumes_to_the_same_tables(tmp_path):
 
 @pytest.mark.slow
 def test_distill_killed_ten_times_resumes_to_the_same_weights(tmp_path):
-    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.configs import ParseConfig
+    from ttd.stages.parse import run_parse
     from ttd.stages.score import run_score
     from ttd.synth.generate import synthesize
 

@@ -12,7 +12,8 @@ import pytest
 from conftest import write_simple_tags
 from PIL import Image
 
-from ttd.eval.tagmask import TagmaskEvalConfig, run_tagmask_eval, store_metrics
+from ttd.configs import TagmaskEvalConfig
+from ttd.eval.tagmask import run_tagmask_eval, store_metrics
 from ttd.report.report import MAX_CURVE_POINTS, _connect, build_report, training_curves
 from ttd.store import schemas
 from ttd.store.sql import query

@@ -13,8 +13,8 @@ import pytest
 from conftest import build_corpus, free_port, jpeg, ray_node, write_simple_tags
 from PIL import Image
 
+from ttd.configs import ScoreConfig
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key
-from ttd.models.relevancy import ScoreConfig
 from ttd.stages.engine import SHARDS_PER_CALL
 from ttd.stages.score import run_score
 from ttd.store.sql import query

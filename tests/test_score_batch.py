@@ -112,8 +112,9 @@ def test_the_baselines_softmax_over_a_captions_tags_by_hand():
 
 
 def test_the_softmax_temperature_is_clips_or_the_models_logit_scale():
+    from ttd.configs import ScoreConfig
     from ttd.models import load_model
-    from ttd.models.relevancy import ScoreConfig, model_logit_scale, normalisations
+    from ttd.models.relevancy import model_logit_scale, normalisations
 
     model = load_model("ttd-micro", None, device="cpu").model
     with torch.no_grad():

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ttd.configs import SegEvalConfig
 from ttd.errors import TTDError
 from ttd.eval.segmentation import datasets as D
 from ttd.eval.segmentation.infer import (
-    SegEvalConfig,
     Segmenter,
     TextClassifier,
     decide,

@@ -190,7 +190,8 @@ def test_sql_results_render_like_duckdb_and_write_with_its_writers(tmp_path):
 def test_compaction_keeps_every_query_the_same_and_never_serves_a_re_committed_shard(tmp_path):
     """`ttd compact` copies many shards' rows into a few parts; `ttd sql` reads the parts while their shards keep
     the fingerprints they were made from, and a shard re-committed since from its own files."""
-    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.configs import ParseConfig
+    from ttd.stages.parse import run_parse
     from ttd.store.compact import compact
     from ttd.store.store import Store
 

@@ -20,6 +20,7 @@ from ttd.synth.captions import CC3M, CC3M_ALT_TEXT, STUFF_ADJECTIVES, filler_wor
 from ttd.synth.generate import SampleMaker
 from ttd.synth.render import PART_EXTENT, PART_FNS, SHAPE_EXTENT, SHAPE_FNS
 from ttd.synth.vocabulary import MAX_THING_CLASSES, SHAPES, TEXTURES, thing_nouns
+from ttd.text.tags import CaptionParser
 
 SIZES = {"train": 23, "val": 14, "eval": 30, "pretrain": 12}
 CFG = SynthConfig(shard_size=10)
@@ -370,14 +371,15 @@ def test_the_cc3m_style_puts_the_noun_baseline_in_the_papers_band():
     """The default caption style of train/val/eval: the product's own noun parser selects words at about the
     paper's CC3M-TagMask precision and recall (59.8 / 83.7): nouns for what is not drawn (the medium, places and
     people outside the vocabulary), visible stuff named by adjectives."""
+    from ttd.configs import ParseConfig
     from ttd.eval.tagmask import noun_predictions, word_targets
-    from ttd.stages.parse import ParseConfig
     from ttd.synth.generate import SampleMaker
 
     maker = SampleMaker(SynthConfig())
     samples = [maker.make(11, "val", i) for i in range(200)]
     captions = [s.caption for s in samples]
-    words, nouns = ParseConfig(policy="words").parser(), ParseConfig(policy="nouns").parser()
+    words = CaptionParser.from_config(ParseConfig(policy="words"))
+    nouns = CaptionParser.from_config(ParseConfig(policy="nouns"))
     tp = fp = fn = 0
     for s, p, q in zip(samples, words.parse(captions), nouns.parse(captions)):
         spans = [{"char_start": m.start, "char_end": m.end, "visible": m.visible} for m in s.mentions]

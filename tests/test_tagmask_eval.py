@@ -172,7 +172,7 @@ def test_evaluation_end_to_end(tmp_path):
 
 def test_the_papers_caption_protocol_by_name():
     """448 short side, four scales, flip and PAMR: the paper's segmentation protocol, named `paper`."""
-    from ttd.eval.tagmask import CaptionProtocol, TagmaskEvalConfig
+    from ttd.configs import CaptionProtocol, TagmaskEvalConfig
 
     proto = TagmaskEvalConfig(caption="paper").caption
     assert (proto.short_side, proto.scales, proto.flip, proto.pamr) == (448, (1.0, 0.5, 1.5, 2.0), True, True)
@@ -202,7 +202,7 @@ def test_flipped_features_are_mirror_symmetric():
 
 @pytest.mark.slow
 def test_the_papers_caption_protocol_end_to_end(tmp_path):
-    from ttd.eval.tagmask import TagmaskEvalConfig
+    from ttd.configs import TagmaskEvalConfig
     from ttd.synth.generate import synthesize
 
     synthesize(str(tmp_path / "synth"), train=0, eval=3, seed=5)

@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ttd import __version__
+from ttd.cli.options import overrides, settings_command
 from ttd.errors import TTDError, storage_problem
 from ttd.pipeline.redact import RedactingFilter
 
@@ -121,7 +122,7 @@ def synth(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Write TagMask-Synth: a deterministic image-text corpus with exact ground-truth tags and masks."""
-    from ttd.config import load_yaml
+    from ttd.configs import load_yaml
     from ttd.synth.generate import SynthConfig, synthesize
 
     overrides = {k: v for k, v in {"n_thing_classes": classes, "image_size": image_size,
@@ -173,8 +174,9 @@ def _exit_if_shards_failed(summary: dict) -> None:
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=settings_command("ttd.configs:ScoreConfig", panel="Scoring settings (ScoreConfig)"))
 def score(
+    ctx: typer.Context,
     corpus: Annotated[str, typer.Option(help="Corpus URI (the one `ttd parse` read).")],
     store: Annotated[str, typer.Option(help="Store URI holding the corpus's `tags`.")],
     model: Annotated[str | None, typer.Option(help="open_clip model name (e.g. ViT-B-16) or a shipped config "
@@ -184,12 +186,8 @@ def score(
     lora: Annotated[str | None, typer.Option(help="LoRA artefact written by `ttd distill`: merged into the base "
                                              "model (the one its manifest names unless --model/--pretrained).")]
     = None,
-    head: Annotated[str | None, typer.Option(help="Dense head: maskclip, sclip, clearclip or naclip.")] = None,
-    threshold: Annotated[float | None, typer.Option(help="Selection threshold on the normalised score.")] = None,
-    selection: Annotated[str | None, typer.Option(help="Score that selects tags: pixel (TTD), image or text.")]
-    = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per forward pass.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML with ScoreConfig fields (docs/METHOD.md).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML with ScoreConfig fields (docs/METHOD.md); the "
+                                                "settings' flags override it.")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")]
     = None,
     workers: Annotated[int | None, typer.Option(help="Scorer actors (default: one per GPU, else 1); 0 scores "
@@ -201,13 +199,10 @@ def score(
 ) -> None:
     """Score every candidate tag against its image (pixel, image and text relevancy), select the image-relevant
     tags and store their heatmaps as pseudo-labels (`relevancy`, `masks`). Done shards are skipped."""
-    from ttd.config import load_yaml
-    from ttd.models.relevancy import ScoreConfig
+    from ttd.configs import ScoreConfig, load_yaml
     from ttd.stages.score import run_score
 
-    overrides = {k: v for k, v in {"head": head, "threshold": threshold, "selection": selection,
-                                   "batch_size": batch_size}.items() if v is not None}
-    cfg = load_yaml(ScoreConfig, config, overrides)
+    cfg = load_yaml(ScoreConfig, config, overrides(ctx))
     if workers is not None and workers < 0:
         raise TTDError("--workers must be >= 0")
     with _progress(not as_json) as bar:
@@ -226,29 +221,26 @@ def score(
     _exit_if_shards_failed(summary)
 
 
-@app.command()
+@app.command(cls=settings_command("ttd.configs:PretrainConfig", panel="Training settings (PretrainConfig)"))
 def pretrain(
+    ctx: typer.Context,
     corpus: Annotated[str, typer.Option(help="Image-text corpus (e.g. TagMask-Synth's OUT/pretrain).")],
     out: Annotated[str, typer.Option(help="Output folder: model.safetensors, model.json, train_log.parquet.")],
     seed: Annotated[int, typer.Option(help="Seed of initialisation and data order: same seed, same weights.")] = 0,
     preset: Annotated[str, typer.Option(help="quick (minutes, for tests and smoke runs) or default (the embedded "
                                         "base model's recipe).")] = "default",
-    model: Annotated[str | None, typer.Option(help="Model config to train (default: ttd-tiny).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimiser steps (overrides the preset).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Pairs per step (overrides the preset).")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML with PretrainConfig fields.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML with PretrainConfig fields, over the preset; the "
+                                                "settings' flags override both.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Contrastive pre-training of a tiny open_clip ViT: the embedded base model, trained offline."""
-    from ttd.config import load_yaml
-    from ttd.train.pretrain import PRESETS, PretrainConfig, run_pretrain
+    from ttd.configs import PRESETS, PretrainConfig, load_yaml
+    from ttd.train.pretrain import run_pretrain
 
     if preset not in PRESETS:
         raise TTDError(f"unknown --preset {preset!r}: use one of {', '.join(PRESETS)}")
-    overrides = {k: v for k, v in {"model": model, "steps": steps, "batch_size": batch_size}.items()
-                 if v is not None}
-    cfg = load_yaml(PretrainConfig, config, overrides, defaults=PRESETS[preset])
+    cfg = load_yaml(PretrainConfig, config, overrides(ctx), defaults=PRESETS[preset])
     with _progress(not as_json) as bar:
         tasks = {"load": bar.add_task("load", total=cfg.max_samples, rate=""),
                  "train": bar.add_task("train", total=cfg.steps, rate="")}
@@ -261,34 +253,19 @@ def pretrain(
           f"{summary['seconds']} s (final loss {summary['final_loss']:.3f}): --pretrained {summary['out']}")
 
 
-@app.command()
+@app.command(cls=settings_command("ttd.configs:DistillConfig", panel="Training settings (DistillConfig)"))
 def distill(
+    ctx: typer.Context,
     corpus: Annotated[str, typer.Option(help="Corpus URI: the images that `ttd score` pseudo-labelled.")],
     store: Annotated[str, typer.Option(help="Store URI holding the corpus's `relevancy` and `masks`.")],
     out: Annotated[str, typer.Option(help="Output folder: lora.safetensors + lora.json (or a full model with "
-                                          "--full), usable as `--lora OUT` (or `--pretrained OUT`).")],
+                                          "--no-lora), usable as `--lora OUT` (or `--pretrained OUT`).")],
     corpus_name: Annotated[str | None, typer.Option(help="Name of the corpus in the store, as parse and score "
                                                     "were given it (default: the folder name).")] = None,
     model: Annotated[str | None, typer.Option(help="Base model name (optional with an artefact).")] = None,
     pretrained: Annotated[str | None, typer.Option(help="Base weights: pretrained tag, file or ttd artefact (the "
                                                       "model that scored the pseudo-labels).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of LoRA initialisation and data order.")] = 0,
-    steps: Annotated[int | None, typer.Option(help="Optimiser steps (default 300).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Samples per step (default 32).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 1e-4).")] = None,
-    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank (default 8).")] = None,
-    full: Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")] = False,
-    w_distill: Annotated[float | None, typer.Option(help="Weight of L_distill (default 1).")] = None,
-    w_tag: Annotated[float | None, typer.Option(help="Weight of L_tag (default 1).")] = None,
-    w_contrastive: Annotated[float | None, typer.Option(help="Weight of the contrastive term (default 0.1); "
-                                                           "with the other two at 0: the contrastive-only "
-                                                           "control.")] = None,
-    head: Annotated[str | None, typer.Option(help="Dense head trained through (default maskclip, the scoring and "
-                                                  "evaluation head).")] = None,
-    refresh_rounds: Annotated[int | None, typer.Option(help="Refresh the targets N times: re-score the corpus with "
-                                                       "the fine-tuned model (into OUT/refresh/, the store's "
-                                                       "pseudo-labels are kept) and train again from the base "
-                                                       "(default 1; 0: one round).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with DistillConfig fields (docs/METHOD.md); flags "
                                                 "override it.")] = None,
     num_workers: Annotated[int, typer.Option(help="Data-parallel training workers through Ray Train (1: in "
@@ -301,15 +278,10 @@ def distill(
     """TTD fine-tuning: the caption's heatmap is pulled toward the union of its selected tags' heatmaps
     (L_distill), each tag's heatmap toward its own or a zero map (L_tag). Resumes from its last checkpoint;
     skipped when OUT already holds this exact run."""
-    from ttd.config import load_yaml
-    from ttd.stages.distill import DistillConfig, run_distill
+    from ttd.configs import DistillConfig, load_yaml
+    from ttd.stages.distill import run_distill
 
-    overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr, "lora_rank": lora_rank,
-                                   "w_distill": w_distill, "w_tag": w_tag, "w_contrastive": w_contrastive,
-                                   "head": head, "refresh_rounds": refresh_rounds}.items() if v is not None}
-    if full:
-        overrides["lora"] = False
-    cfg = load_yaml(DistillConfig, config, overrides)
+    cfg = load_yaml(DistillConfig, config, overrides(ctx))
     if num_workers < 1:
         raise TTDError("--num-workers must be >= 1")
     with _progress(not as_json) as bar:
@@ -364,8 +336,8 @@ def evaluate(
     """Evaluate a model: tag selection (P/R/F1/accuracy/mAP by image-, text-, pixel-tag scoring and the noun
     baseline) and caption segmentation on TagMask-style data, or open-vocabulary segmentation (mIoU, mFPR, mFNR)."""
     if dataset == "tagmask":
-        from ttd.config import load_yaml
-        from ttd.eval.tagmask import TagmaskEvalConfig, run_tagmask_eval, table_text
+        from ttd.configs import TagmaskEvalConfig, load_yaml
+        from ttd.eval.tagmask import run_tagmask_eval, table_text
 
         overrides: dict[str, Any] = {"max_samples": max_samples} if max_samples else {}
         if head:
@@ -392,19 +364,11 @@ def evaluate(
                                   as_json, lora=lora)
 
 
-@app.command()
+@app.command(cls=settings_command("ttd.configs:ParseConfig", panel="Parsing settings (ParseConfig)"))
 def parse(
+    ctx: typer.Context,
     corpus: Annotated[str, typer.Option(help="Corpus URI: img2dataset output folder or a JSONL/CSV manifest.")],
     store: Annotated[str, typer.Option(help="Store URI (local path or s3://bucket/prefix); created if absent.")],
-    policy: Annotated[str | None, typer.Option(help="Candidates: words (every word, stop words flagged; the "
-                                                    "default), content (no stop words) or nouns (the noun "
-                                                    "baseline). See docs/METHOD.md.")] = None,
-    tagger: Annotated[bool | None, typer.Option("--tagger/--no-tagger", help="POS tags and lemmas (default), or "
-                                                "the tokenizer alone: much faster, pos null, lemma = lower "
-                                                "case.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Processes across shards (default 1).")] = None,
-    max_caption_chars: Annotated[int | None, typer.Option(help="Longer captions are truncated at a word "
-                                                               "boundary and flagged (default 1000).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with ParseConfig fields; flags override it.")] = None,
     corpus_format: Annotated[str, typer.Option(help="auto, webdataset, parquet, files or manifest.")] = "auto",
     corpus_name: Annotated[str | None, typer.Option(help="Name of the corpus in the store (default: the "
@@ -415,12 +379,10 @@ def parse(
 ) -> None:
     """Parse every shard's captions into candidate tags (tables `tags`, `captions`, `errors`); done shards are
     skipped, new ones parsed."""
-    from ttd.config import load_yaml
-    from ttd.stages.parse import ParseConfig, run_parse
+    from ttd.configs import ParseConfig, load_yaml
+    from ttd.stages.parse import run_parse
 
-    overrides = {k: v for k, v in {"policy": policy, "tagger": tagger, "workers": workers,
-                                   "max_caption_chars": max_caption_chars}.items() if v is not None}
-    cfg = load_yaml(ParseConfig, config, overrides)
+    cfg = load_yaml(ParseConfig, config, overrides(ctx))
     with _progress(not as_json) as bar:
         shards = ShardProgress(bar, "parse", "captions")
         summary = run_parse(corpus, store, cfg, fmt=corpus_format, name=corpus_name,

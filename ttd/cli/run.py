@@ -1,85 +1,32 @@
 """`ttd run`: the Prefect flow from the command line. Every RUN.yaml setting is also a flag (`--score-threshold 0.6`).
 
-The flags are built from `ttd.pipeline.runconfig.RunConfig` only when `ttd run` itself is parsed (RunCommand), so other
-commands never pay for importing the stage configs (torch, open_clip) at start-up.
+The flags are built from `ttd.pipeline.runconfig.RunConfig` when `ttd run` itself is parsed (`ttd.cli.options`).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any
 
-import click
 import typer
 import yaml
-from typer.core import TyperCommand
 
+from ttd.cli.options import FlagSpec, flag_specs, overrides, settings_command
 from ttd.errors import TTDError
 
-_SETTINGS = "ttd_run_settings"
+# `--model` and `--pretrained` are kept short, as in every other command; a caption style is one YAML value
+_SHORT = {("model", "name"): "model", ("model", "pretrained"): "pretrained"}
+_WHOLE = ("ttd.synth.captions:CaptionStyle",)
+RunCommand = settings_command("ttd.pipeline.runconfig:RunConfig", short=_SHORT, whole=_WHOLE)
 
 
-def _settings_command() -> click.Command:
-    """A throw-away Typer command whose options are RunConfig's settings, so Typer builds (and --help shows) them
-    like any hand-written option; RunCommand borrows its params."""
-    from ttd.pipeline.runconfig import flag_specs
+def run_flags() -> list[FlagSpec]:
+    """Every RUN.yaml setting as `ttd run` spells its flag."""
+    from ttd.pipeline.runconfig import RunConfig
+    from ttd.synth.captions import CaptionStyle
 
-    params, annotations = [], {}
-    for spec in flag_specs():
-        panel = f"Settings: {spec.path[0]}" if len(spec.path) > 1 else "Settings"
-        if spec.kind == "bool":
-            kind: Any = bool
-            option = typer.Option(f"--{spec.flag}/--no-{spec.flag}", help=spec.help, rich_help_panel=panel,
-                                  show_default=False)
-        else:
-            kind = {"int": int, "float": float}.get(spec.kind, str)
-            help_text = spec.help + (f" One of: {', '.join(spec.choices)}." if spec.choices else "")
-            option = typer.Option(f"--{spec.flag}", help=help_text, rich_help_panel=panel, show_default=False,
-                                  **({"metavar": "YAML"} if spec.kind == "yaml" else {}))
-        annotation = Annotated[Optional[kind], option]  # noqa: UP045 (a runtime annotation object)
-        params.append(inspect.Parameter(spec.dest, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                        annotation=annotation))
-        annotations[spec.dest] = annotation
-
-    def settings(**kwargs: Any) -> None:  # pragma: no cover - never invoked
-        pass
-
-    settings.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    settings.__annotations__ = annotations
-    sub = typer.Typer(add_completion=False)
-    sub.command()(settings)
-    return typer.main.get_command(sub)
-
-
-class RunCommand(TyperCommand):
-    """Adds the setting flags when `ttd run` is parsed (including for --help), not when the CLI starts, and hands
-    their values to the command through ctx.meta as {path: value}."""
-
-    _settings: dict[str, tuple[tuple[str, ...], str, str]] | None = None
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if self._settings is None:
-            from ttd.pipeline.runconfig import flag_specs
-
-            self._settings = {spec.dest: (spec.path, spec.kind, spec.flag) for spec in flag_specs()}
-            self.params.extend(_settings_command().params)
-        return super().parse_args(ctx, args)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        values: dict[tuple[str, ...], Any] = {}
-        for dest, (path, kind, flag) in (self._settings or {}).items():
-            value = ctx.params.pop(dest, None)
-            if value is not None and kind == "yaml":
-                try:
-                    value = yaml.safe_load(value)
-                except yaml.YAMLError as exc:
-                    raise TTDError(f"--{flag}: not a YAML value: "
-                                   f"{str(exc).splitlines()[0]}") from None
-            values[path] = value
-        ctx.meta[_SETTINGS] = values
-        return super().invoke(ctx)
+    return flag_specs(RunConfig, short=_SHORT, whole=(CaptionStyle,))
 
 
 def _stage_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -130,9 +77,9 @@ def run_flow(cfg, err) -> dict[str, Any]:
 
 def run_command(ctx: typer.Context, config: Path | None, as_json: bool, print_config: bool, err, out,
                 emit_json) -> None:
-    from ttd.pipeline.runconfig import load_run_config, overrides_from_flags
+    from ttd.pipeline.runconfig import load_run_config
 
-    cfg = load_run_config(config, overrides_from_flags(ctx.meta.get(_SETTINGS, {})))
+    cfg = load_run_config(config, overrides(ctx))
     if print_config:
         out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", markup=False,
                   highlight=False)

@@ -27,82 +27,28 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pydantic
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ttd.configs import SCORE_PERF_FIELDS, CaptionProtocol, ParseConfig, TagmaskEvalConfig
 from ttd.corpus import ReadIssue, open_corpus
 from ttd.errors import ImageDecodeError, TTDError
 from ttd.eval.metrics_sql import CAPTION_CLASS_ID, SELECTED_UNION_CLASS_ID, tagmask_metrics
 from ttd.models import load_model, model_identity
 from ttd.models.dense import encode_image_dense
 from ttd.models.loading import model_role
-from ttd.models.relevancy import (
-    SCORE_PERF_FIELDS,
-    ScoreConfig,
-    dense_features,
-    encode_tags,
-    encode_texts,
-    normalisations,
-    normalise,
-    raw_scores,
-)
-from ttd.stages.parse import ParseConfig
+from ttd.models.relevancy import dense_features, encode_tags, encode_texts, normalisations, normalise, raw_scores
 from ttd.store import schemas
 from ttd.store.store import Store, fingerprint
 from ttd.store.uri import resolve
+from ttd.text.tags import CaptionParser
 
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
 STAGE_VERSION = 2  # 2: the selected tags' union row (SELECTED_UNION_CLASS_ID)
 METHODS = ("pixel", "image", "text")
-
-
-class CaptionProtocol(pydantic.BaseModel):
-    """How the caption heatmap is made: one pass at the model's input size (`short_side` None, the default), or
-    windows over a resized image at several scales, flipped, refined by PAMR (the paper's: `paper()`)."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    short_side: int | None = pydantic.Field(None, ge=1, description="Resize the image's short side to this; None: "
-                                            "the model's own preprocessing, one forward.")
-    window: int = pydantic.Field(448, ge=1)
-    stride: int = pydantic.Field(224, ge=1)
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-    pamr: bool = pydantic.Field(False, description="Refine [1 - h, h] (h the normalised heatmap) by PAMR before the "
-                                                   "threshold (our reading for a single caption class).")
-    pamr_iterations: int = pydantic.Field(10, ge=0)
-    pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
-    pamr_sigma: float = pydantic.Field(0.1, gt=0)
-    batch_size: int = pydantic.Field(16, ge=1, description="Windows per forward (speed only).")
-
-    @classmethod
-    def paper(cls) -> CaptionProtocol:
-        return cls(short_side=448, scales=(1.0, 0.5, 1.5, 2.0), flip=True, pamr=True)
-
-
-CAPTION_PROTOCOLS = {"single": CaptionProtocol, "paper": CaptionProtocol.paper}
-
-
-class TagmaskEvalConfig(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    score: ScoreConfig = ScoreConfig()
-    bg_threshold: float = pydantic.Field(0.4, ge=0.0, le=1.0)  # the paper's value for captions
-    caption: CaptionProtocol = CaptionProtocol()
-    max_samples: int | None = pydantic.Field(None, ge=1)
-
-    @pydantic.field_validator("caption", mode="before")
-    @classmethod
-    def _named_protocol(cls, v):
-        if isinstance(v, str):
-            if v not in CAPTION_PROTOCOLS:
-                raise ValueError(f"unknown caption protocol {v!r}: use {', '.join(CAPTION_PROTOCOLS)} or its fields")
-            return CAPTION_PROTOCOLS[v]()
-        return v
 
 
 def load_ground_truth(root: str) -> tuple[dict[str, list[dict]], Any]:
@@ -229,7 +175,8 @@ def run_tagmask_eval(root: str, store_uri: str, config: TagmaskEvalConfig | None
         return {"run": run, "model_id": model_id, "skipped": True,
                 "metrics": store_metrics(store, run), "seconds": round(time.perf_counter() - t0, 2)}
     bundle = load_model(model, pretrained, device=dev, lora=lora)
-    words, nouns = ParseConfig(policy="words").parser(), ParseConfig(policy="nouns").parser()
+    words = CaptionParser.from_config(ParseConfig(policy="words"))
+    nouns = CaptionParser.from_config(ParseConfig(policy="nouns"))
     emb_cache: dict[str, torch.Tensor] = {}
     norms = normalisations(cfg, bundle.model)
     preds, counts = [], []
@@ -348,4 +295,4 @@ def table_text(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TagmaskEvalConfig", "run_tagmask_eval", "table_text"]
+__all__ = ["run_tagmask_eval", "table_text"]

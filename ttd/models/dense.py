@@ -20,7 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-HEADS = ("maskclip", "sclip", "clearclip", "naclip")
+from ttd.configs import HEADS
+
 NACLIP_STD = 5.0  # patches
 
 

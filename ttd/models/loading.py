@@ -8,10 +8,8 @@ ever read from safetensors, or from a torch file with `weights_only=True`: nothi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,14 @@ import open_clip
 import torch
 
 from ttd.errors import TTDError
+from ttd.models.artefact import (
+    ARTEFACT_WEIGHTS,
+    LORA_WEIGHTS,
+    file_digest,
+    load_state_dict,
+    read_artefact_config,
+    read_lora_manifest,
+)
 from ttd.models.hub import pretrained_source, weights_available
 
 log = logging.getLogger(__name__)
@@ -30,8 +36,6 @@ DEFAULT_MODEL = "ttd-tiny"
 # The embedded default base model: ttd-tiny pre-trained on TagMask-Synth by `ttd pretrain --preset embedded`
 # (model.json says how to reproduce it), fp16 weights, 16 MB. Used when neither a model nor weights are named.
 EMBEDDED_MODEL = Path(__file__).parent / "embedded" / "ttd-tiny-tagmask"
-ARTEFACT_CONFIG = "model.json"
-ARTEFACT_WEIGHTS = "model.safetensors"
 _registered = False
 
 
@@ -74,62 +78,9 @@ class ClipBundle:
         return int(self.model.visual.proj.shape[1])
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Weights from safetensors, or a torch file loaded with weights_only=True (a pickle with code is refused)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:
-            raise TTDError(f"{path} is not a readable safetensors file: {exc}") from None
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TTDError(f"refused to load {path}: not a plain tensor checkpoint ({type(exc).__name__}); ttd only "
-                       "loads safetensors or weights-only torch files") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise TTDError(f"{path} does not hold a state dict")
-    return state
-
-
-def read_artefact_config(path: Path) -> dict:
-    try:
-        return json.loads((path / ARTEFACT_CONFIG).read_text())
-    except (OSError, ValueError) as exc:
-        raise TTDError(f"{path} is not a ttd model artefact ({ARTEFACT_CONFIG} unreadable: {exc})") from None
-
-
 class _DropRandomInitWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "No pretrained weights loaded" not in record.getMessage()
-
-
-LORA_CONFIG = "lora.json"
-LORA_WEIGHTS = "lora.safetensors"
-
-
-def read_lora_manifest(path: str | os.PathLike) -> dict:
-    p = Path(path)
-    try:
-        doc = json.loads((p / LORA_CONFIG).read_text())
-    except (OSError, ValueError) as exc:
-        raise TTDError(f"--lora {str(path)!r} is not a ttd LoRA artefact ({LORA_CONFIG} unreadable: {exc}); "
-                       "`ttd distill` writes one") from None
-    if doc.get("kind") != "lora":
-        raise TTDError(f"--lora {str(path)!r}: {LORA_CONFIG} is not a LoRA manifest")
-    return doc
 
 
 def model_role(lora: str | None) -> str:
@@ -180,7 +131,7 @@ def resolve_model(name: str | None = None, pretrained: str | None = None, seed: 
                        "pointing at a ttd artefact")
     if tag:
         pretrained_source(name, tag)  # an unknown tag fails here, before anything is built or fetched
-    weights_id = _file_digest(weights) if weights else f"pretrained-{tag}" if tag else f"random-seed{seed}"
+    weights_id = file_digest(weights) if weights else f"pretrained-{tag}" if tag else f"random-seed{seed}"
     return ModelSource(name, tag, weights, f"{name}@{weights_id}")
 
 
@@ -193,7 +144,7 @@ def model_identity(name: str | None = None, pretrained: str | None = None, *, se
     doc = read_lora_manifest(lora)
     base_id = resolve_model(*_lora_base(name, pretrained, doc), seed).model_id
     _check_lora_base(lora, doc, base_id)
-    return f"{base_id}+lora-{_file_digest(Path(lora) / LORA_WEIGHTS)}"
+    return f"{base_id}+lora-{file_digest(Path(lora) / LORA_WEIGHTS)}"
 
 
 def load_model(name: str | None = None, pretrained: str | None = None, *, device: str | torch.device = "cpu",
@@ -277,5 +228,5 @@ def _load_with_lora(name: str | None, pretrained: str | None, device, seed: int,
     for p in bundle.model.parameters():
         p.requires_grad_(True)
     bundle.model.to(bundle.device).eval()
-    bundle.model_id = f"{bundle.model_id}+lora-{_file_digest(wpath)}"
+    bundle.model_id = f"{bundle.model_id}+lora-{file_digest(wpath)}"
     return bundle

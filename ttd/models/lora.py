@@ -18,9 +18,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-TARGETS = {"attn_in": ("attn", "in_proj_weight"), "attn_out": ("attn.out_proj", "weight"),
-           "mlp_fc": ("mlp.c_fc", "weight"), "mlp_proj": ("mlp.c_proj", "weight")}
-TOWERS = ("visual", "text")
+from ttd.configs import LORA_TARGETS
+from ttd.configs import LORA_TOWERS as TOWERS
+
+# where each of the configs' LoRA targets sits in an open_clip residual block: (module path, weight)
+TARGETS = dict(zip(LORA_TARGETS, (("attn", "in_proj_weight"), ("attn.out_proj", "weight"), ("mlp.c_fc", "weight"),
+                                  ("mlp.c_proj", "weight")), strict=True))
 
 
 class LowRankDelta(nn.Module):

@@ -11,70 +11,13 @@ Each is normalised across the caption's candidates, and the configured one is th
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
-import pydantic
 import torch
 import torch.nn.functional as F
 
-from ttd.config import Templates
-from ttd.models.dense import HEADS, encode_image_dense
+from ttd.configs import ScoreConfig
+from ttd.models.dense import encode_image_dense
 from ttd.stages.score_batch import Normalisations, on_device
-
-# A small prompt ensemble in the style of CLIP's zero-shot templates; configurable per run.
-DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of the {}.", "{}")
-
-
-# Settings that change speed, not results: left out of every fingerprint so tuning them never re-scores.
-SCORE_PERF_FIELDS = frozenset({"batch_size", "decode_threads", "decode_processes", "pipelined"})
-
-
-class ScoreConfig(pydantic.BaseModel):
-    """How tags are scored and selected. Defaults marked 'ours' in docs/METHOD.md: the paper leaves them open."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    head: Literal[HEADS] = "maskclip"
-    templates: Templates = DEFAULT_TEMPLATES
-    normalisation: Literal["minmax", "softmax", "none"] = pydantic.Field(
-        "minmax", description="Pixel-tag scores across a caption's candidates.")
-    baseline_normalisation: Literal["softmax", "minmax", "none"] = pydantic.Field(
-        "softmax", description="Image-tag and text-tag scores across a caption's candidates: 'softmax' (the paper's "
-        "baselines: a distribution over the tags at CLIP's temperature), or 'minmax' as pixel-tag.")
-    logit_scale: float | None = pydantic.Field(
-        100.0, gt=0, description="Inverse temperature of 'softmax': CLIP's logit scale, 100, as in the paper's models "
-        "(CLIP, TCL); None: the model's own learned scale (14 for the embedded base model, too flat to select).")
-    selection: Literal["pixel", "image", "text"] = "pixel"
-    threshold: float = pydantic.Field(0.4, ge=0.0, le=1.0, description="Selection threshold on the normalised "
-                                      "score; 0.4 chosen on TagMask-Synth's validation split (docs/BENCHMARKS.md).")
-    masks_for: Literal["selected", "all"] = "selected"
-    batch_size: int = pydantic.Field(64, ge=1, le=4096)
-    decode_threads: int = pydantic.Field(2, ge=1, le=64)
-    decode_processes: int = pydantic.Field(0, ge=0, le=256, description="Decode and resize in this many forked "
-                                           "processes instead of `decode_threads` threads (0: threads). On a GPU "
-                                           "node: about one per 300 images/s wanted.")
-    pipelined: bool = pydantic.Field(True, description="Overlap reading/decoding, the device and writing (threads "
-                                                       "joined by two-deep queues); false runs them in series.")
-    max_pixels: int = pydantic.Field(64_000_000, ge=1)
-    flip: bool = pydantic.Field(False, description="Average each image's dense features with its mirror image's "
-                                "(mirrored back), as the paper's scoring command does with --hflip; 2x the forwards.")
-    decoder: Literal["auto", "pil", "device"] = pydantic.Field(
-        "auto", description="Where JPEGs are decoded and resized: 'device' on the model's device (nvJPEG on CUDA), "
-        "PIL for what it cannot take (PNG, CMYK, 16-bit); 'pil' all on the host; 'auto' device on CUDA, else pil. "
-        "Scores differ in the last digits between the two, so the choice is part of the fingerprint.")
-    precision: Literal["auto", "fp32", "bf16"] = pydantic.Field(
-        "auto", description="The model's weights and activations: bf16 halves the bytes and doubles the GPU's "
-        "throughput, changing scores slightly (part of the fingerprint); 'auto' bf16 on CUDA, else fp32.")
-
-    def resolved(self, device_type: str) -> ScoreConfig:
-        """The settings with 'auto' decided for a model on `device_type` ("cuda", "cpu", ...): what a shard's
-        fingerprint records, so a store scored on a CPU is re-scored, not mixed, when the run moves to GPUs."""
-        cuda = device_type == "cuda"
-        return self.model_copy(update={
-            "decoder": ("device" if cuda else "pil") if self.decoder == "auto" else self.decoder,
-            "precision": ("bf16" if cuda else "fp32") if self.precision == "auto" else self.precision})
-
 
 
 def trimmable(model) -> bool:

@@ -3,8 +3,8 @@
 The sections reuse each stage's own config model (ParseConfig, ScoreConfig, SynthConfig, PretrainConfig), so a
 setting means the same in `ttd run` as in the stage's own command. Unknown keys are refused. Every setting is also a
 command-line flag named by its path: `score.threshold` is `--score-threshold`, `synth.config.image_size` is
-`--synth-config-image-size` (`flag_specs` lists them; `--model` and `--pretrained` are kept short, as in every other
-command). Precedence: defaults < the YAML file < flags.
+`--synth-config-image-size` (`ttd.cli.run.run_flags` lists them; `--model` and `--pretrained` are kept short, as in
+every other command). Precedence: defaults < the YAML file < flags.
 
 Paths left out are derived where there is one obvious answer: with a `synth` section the corpus defaults to
 `<synth.out>/train`, the evaluation set to `<synth.out>/eval` and the pre-training corpus to `<synth.out>/pretrain`;
@@ -13,23 +13,15 @@ with a `pretrain` section the model defaults to its artefact.
 
 from __future__ import annotations
 
-import types
-import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
 from pydantic import Field
 
-from ttd.config import build, deep_merge, load_yaml, read_yaml
-from ttd.models.relevancy import ScoreConfig
-from ttd.stages.distill import DistillConfig
-from ttd.stages.parse import ParseConfig
-from ttd.synth.captions import CaptionStyle
+from ttd.configs import PRESETS as PRETRAIN_PRESETS
+from ttd.configs import DistillConfig, ParseConfig, PretrainConfig, ScoreConfig, build, deep_merge, load_yaml, read_yaml
 from ttd.synth.generate import SynthConfig
-from ttd.train.pretrain import PRESETS as PRETRAIN_PRESETS
-from ttd.train.pretrain import PretrainConfig
 
 STAGES = ("synth", "pretrain", "parse", "score", "distill", "evaluate")
 Stage = Literal["synth", "pretrain", "parse", "score", "distill", "evaluate"]
@@ -205,79 +197,4 @@ def resolve_run_config(config: dict[str, Any] | None = None, config_path: str | 
     return build(RunConfig, data, source)
 
 
-# ---------------------------------------------------------------- every setting as a flag
-
-# Models that a single flag sets as a whole, with a YAML value (a caption style is a preset name or a mapping)
-_WHOLE_VALUE_MODELS: tuple[type[pydantic.BaseModel], ...] = (CaptionStyle,)
-_SHORT_FLAGS = {("model", "name"): "model", ("model", "pretrained"): "pretrained"}
-
-
-@dataclass(frozen=True)
-class FlagSpec:
-    """One leaf setting of RunConfig as a command-line flag."""
-
-    path: tuple[str, ...]
-    flag: str  # without the leading dashes
-    kind: str  # "str", "int", "float", "bool" (--x/--no-x) or "yaml" (lists, mappings, unions: parsed as YAML)
-    help: str
-    choices: tuple[str, ...] | None = None
-
-    @property
-    def dest(self) -> str:
-        return "__".join(self.path)
-
-
-def _unwrap_optional(annotation: Any) -> Any:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return annotation
-
-
-def _kind(annotation: Any) -> tuple[str, tuple[str, ...] | None]:
-    if annotation in (bool, str, int, float):
-        return annotation.__name__, None
-    if typing.get_origin(annotation) is Literal and all(isinstance(a, str) for a in typing.get_args(annotation)):
-        return "str", tuple(typing.get_args(annotation))
-    return "yaml", None
-
-
-def _is_section(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel) \
-        and not issubclass(annotation, _WHOLE_VALUE_MODELS)
-
-
-def flag_specs(model: type[pydantic.BaseModel] = RunConfig, prefix: tuple[str, ...] = ()) -> list[FlagSpec]:
-    """Every leaf setting of `model`, depth first, in declaration order."""
-    specs = []
-    for name, field in model.model_fields.items():
-        path = (*prefix, name)
-        annotation = _unwrap_optional(field.annotation)
-        if _is_section(annotation):
-            specs.extend(flag_specs(annotation, path))
-            continue
-        kind, choices = _kind(annotation)
-        flag = _SHORT_FLAGS.get(path) or "-".join(path).replace("_", "-")
-        help_text = (field.description or "").strip() or f"{model.__name__}.{name} ({'.'.join(path)} in RUN.yaml)."
-        if kind == "yaml":
-            help_text = (help_text + " (YAML value)").strip()
-        specs.append(FlagSpec(path, flag, kind, help_text, choices))
-    return specs
-
-
-def overrides_from_flags(values: dict[tuple[str, ...], Any]) -> dict[str, Any]:
-    """{("score", "threshold"): 0.6} -> {"score": {"threshold": 0.6}}; values that are None are left out."""
-    out: dict[str, Any] = {}
-    for path, value in values.items():
-        if value is None:
-            continue
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return out
-
-
-__all__ = ["RunConfig", "load_run_config", "resolve_run_config", "flag_specs", "overrides_from_flags", "FlagSpec",
-           "STAGES"]
+__all__ = ["RunConfig", "load_run_config", "resolve_run_config", "STAGES"]

@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ttd.configs import SCORE_PERF_FIELDS
 from ttd.corpus import default_name, open_corpus
 from ttd.errors import TTDError
-from ttd.models.relevancy import SCORE_PERF_FIELDS
+from ttd.models import artefact
 from ttd.pipeline.runconfig import RunConfig
 from ttd.stages.engine import DONE, PlannedShard, plan
 from ttd.store.store import Store, fingerprint
@@ -217,9 +218,9 @@ def pretrain_done(cfg: RunConfig) -> bool:
     step = cfg.pretrain
     assert step is not None
     out = Path(step.out)
-    if not (out / "model.safetensors").is_file():
+    if not (out / artefact.ARTEFACT_WEIGHTS).is_file():
         return False
-    doc = _read_json(str(out / "model.json")) or {}
+    doc = artefact.manifest(out) or {}
     return (doc.get("kind") == "pretrain" and doc.get("seed") == step.seed and doc.get("corpus") == step.corpus
             and doc.get("config") == step.config.model_dump())
 
@@ -268,7 +269,8 @@ def evaluate_unit(cfg: RunConfig, mid: str, lora: str | None = None) -> Unit:
 
 
 def run_evaluate(cfg: RunConfig, lora: str | None = None) -> dict[str, Any]:
-    from ttd.eval.tagmask import TagmaskEvalConfig, run_tagmask_eval
+    from ttd.configs import TagmaskEvalConfig
+    from ttd.eval.tagmask import run_tagmask_eval
 
     ev = cfg.evaluate
     assert ev is not None and ev.root is not None

@@ -8,17 +8,17 @@ rank 0 writes the checkpoints, the artefact and the training log. `--out` must b
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from ttd.configs import DistillConfig
 from ttd.errors import TTDError
-from ttd.models.loading import ARTEFACT_CONFIG, LORA_CONFIG
+from ttd.models import artefact
 from ttd.ray_local import ensure_ray
-from ttd.stages.distill import DistillConfig, run_distill
+from ttd.stages.distill import run_distill
 
 
 def _worker(args: dict[str, Any]) -> None:
@@ -67,6 +67,6 @@ def run_distill_ray(corpus_uri: str, store_uri: str, out_uri: str, config: Disti
             ray.shutdown()
     if result.error:
         raise TTDError(f"distributed distillation failed: {result.error}")
-    manifest = json.loads(Path(out, LORA_CONFIG if config.lora else ARTEFACT_CONFIG).read_text())
+    manifest = artefact.manifest(Path(out)) or {}
     return {"artefact": out, "skipped": False, "fingerprint": manifest["fingerprint"], "steps": config.steps,
             "num_workers": num_workers, "seconds": manifest.get("train_seconds"), "final": {}}

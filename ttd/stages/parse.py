@@ -14,14 +14,13 @@ import logging
 from collections.abc import Callable, Collection
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pydantic
-from pydantic import Field
 
+from ttd.configs import ParseConfig
 from ttd.corpus import Corpus, ReadIssue, ShardRef, ShardStats, open_corpus
 from ttd.corpus.base import Caption
 from ttd.stages.engine import (
@@ -46,52 +45,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "parse"
 STAGE_VERSION = 1
-OUTPUT_FIELDS = ("policy", "tagger", "compounds", "noun_pairs", "max_caption_chars")
-
-
-class ParseConfig(pydantic.BaseModel):
-    """How candidates are made. Only OUTPUT_FIELDS change the output (and so the fingerprint); the rest is speed."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    policy: Literal["words", "content", "nouns"] = Field(
-        "words", description="words: every word (stop words flagged, not dropped), as in the paper; content: no "
-                             "stop words; nouns: nouns and proper nouns only (the paper's noun-parsing baseline).")
-    tagger: bool = Field(True, description="Run spaCy's tagger and lemmatizer (POS, lemmas). False: tokenizer only, "
-                                           "pos null and lemma = lower-case form; about 10x faster.")
-    compounds: bool = Field(False, description="Also merge the multi-word nouns listed in "
-                            "ttd/data/compound_nouns.txt ('hot dog', 'teddy bear'). Off by default: the list was "
-                            "written alongside TagMask-Synth and holds every multi-word name of its vocabulary, which "
-                            "flatters the noun baseline there.")
-    noun_pairs: bool = Field(True, description="With the tagger: merge two adjacent nouns into one candidate ('fire "
-                                               "truck', 'dog bed'), the general compound rule, no list needed.")
-    max_caption_chars: int = Field(1000, ge=16, le=1_000_000,
-                                   description="Longer captions are cut at a word boundary and flagged.")
-    batch_size: int = Field(256, ge=1, le=100_000, description="Captions per spaCy batch (nlp.pipe).")
-    workers: int = Field(1, ge=1, le=512, description="Processes across shards; each loads the model once.")
-    dedupe: bool | None = Field(None, description="Parse each distinct caption once per shard (and recent ones "
-                                                  "across shards). Default: on with the tagger; off without it, "
-                                                  "where finding duplicates costs more than tokenising them "
-                                                  "(measured: 17,000 vs 19,700 captions/s).")
-    cache_size: int = Field(100_000, ge=0, description="Distinct captions remembered across shards per process.")
-
-    @pydantic.model_validator(mode="after")
-    def _nouns_need_the_tagger(self) -> ParseConfig:
-        if self.policy == "nouns" and not self.tagger:
-            raise ValueError("policy 'nouns' needs POS tags: run with the tagger (drop --no-tagger), or use policy "
-                             "words or content")
-        return self
-
-    @property
-    def deduplicate(self) -> bool:
-        return self.tagger if self.dedupe is None else self.dedupe
-
-    def output_config(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in OUTPUT_FIELDS}
-
-    def parser(self) -> CaptionParser:
-        return CaptionParser(self.policy, tagger=self.tagger, compounds=self.compounds, noun_pairs=self.noun_pairs,
-                             batch_size=self.batch_size, cache_size=self.cache_size if self.deduplicate else 0)
 
 
 @dataclass
@@ -283,7 +236,7 @@ class ParseWorker(SerialWorker):
                  io_threads: int = 1):
         super().__init__()
         self.config = ParseConfig(**config)
-        self.parser = self.config.parser()
+        self.parser = CaptionParser.from_config(self.config)
         self.corpus = open_corpus(corpus["uri"], fmt=corpus["format"], name=corpus["name"])
         self.store, self.model_id, self.threads = Store(store_uri), model_id, io_threads
 

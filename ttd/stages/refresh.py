@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ttd.configs import OUTPUT_FIELDS, ParseConfig, ScoreConfig
 from ttd.errors import TTDError
-from ttd.models.relevancy import ScoreConfig
-from ttd.stages.parse import OUTPUT_FIELDS, ParseConfig, run_parse
+from ttd.stages.parse import run_parse
 from ttd.stages.score import run_score
 from ttd.store.store import Store
 

@@ -19,10 +19,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import torch
 
+from ttd.configs import SCORE_PERF_FIELDS, ScoreConfig
 from ttd.corpus import ReadIssue, Sample, ShardRef, open_corpus
 from ttd.errors import TTDError
 from ttd.models import load_model, model_identity, relevancy
-from ttd.models.relevancy import SCORE_PERF_FIELDS, ScoreConfig
 from ttd.ray_local import ensure_ray
 from ttd.stages import score_pipeline
 from ttd.stages.engine import (

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from ttd.models.relevancy import ScoreConfig
+from ttd.configs import ScoreConfig
 
 log = logging.getLogger(__name__)
 

@@ -271,6 +271,12 @@ class CaptionParser:
     """Turns caption texts into candidates under one policy. Reuse it across shards: it keeps the model, a
     per-lexeme cache and (with `cache_size`) the results of recent captions."""
 
+    @classmethod
+    def from_config(cls, config) -> CaptionParser:
+        """The parser a `ttd.configs.ParseConfig` describes."""
+        return cls(config.policy, tagger=config.tagger, compounds=config.compounds, noun_pairs=config.noun_pairs,
+                   batch_size=config.batch_size, cache_size=config.cache_size if config.deduplicate else 0)
+
     def __init__(self, policy: str = "words", *, tagger: bool = True, compounds: bool = False,
                  noun_pairs: bool = True, batch_size: int = 256, cache_size: int = 0):
         if policy not in POLICIES:

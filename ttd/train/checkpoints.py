@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ttd.errors import TTDError
-from ttd.models.loading import load_state_dict
+from ttd.models.artefact import load_state_dict
 
 log = logging.getLogger(__name__)
 

@@ -11,84 +11,31 @@ several.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pydantic
 import torch
-from torchvision import transforms as T
 
 from ttd import __version__
+from ttd.configs import PRETRAIN_PERF_FIELDS, PretrainConfig
 from ttd.corpus import ReadIssue, open_corpus
 from ttd.errors import ImageDecodeError, TTDError
-from ttd.models.loading import ARTEFACT_CONFIG, ARTEFACT_WEIGHTS, load_model
+from ttd.models.artefact import ARTEFACT_CONFIG, save_model
+from ttd.models.loading import load_model
 from ttd.store import schemas
 from ttd.store.store import fingerprint
 from ttd.train import checkpoints
 from ttd.train.checkpoints import CHECKPOINT_DIR
+from ttd.train.recipe import adamw, geometry_and_norm, lr_at, param_groups
 
 log = logging.getLogger(__name__)
-
-
-class PretrainConfig(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str = "ttd-tiny"
-    pretrained: str | None = pydantic.Field(None, description="Start from these weights (a ttd model artefact "
-                                            "folder or a weights file for `model`) instead of random ones.")
-    steps: int = pydantic.Field(4000, ge=1)
-    batch_size: int = pydantic.Field(128, ge=2)
-    lr: float = pydantic.Field(1e-3, gt=0)
-    weight_decay: float = pydantic.Field(0.1, ge=0)
-    warmup_steps: int = pydantic.Field(200, ge=0)
-    max_samples: int | None = pydantic.Field(None, ge=2)
-    log_every: int = pydantic.Field(50, ge=1)
-    checkpoint_every: int = pydantic.Field(200, ge=1, description="Steps between checkpoints (resume after a kill).")
-    fp16_weights: bool = False  # store weights in fp16 (halves the artefact; the shipped default model uses it)
-
-
-_PERF_FIELDS = {"log_every", "checkpoint_every"}  # leave the weights as they are: not part of a run's identity
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # a few minutes on a 2-core CPU: enough for tests and a demo to have a model that is better than random
-    "quick": {"steps": 300, "batch_size": 64, "warmup_steps": 30},
-    # the embedded default base model shipped in the package (ttd/models/embedded): 2,000 steps of 128 (about
-    # 50 min on 2 idle CPU cores; a 4,000-step schedule already passed issue 16's targets at step 1,600) at a peak
-    # lr of 3e-4, stored in fp16. At 1e-3 the dense (patch) features, which pixel-tag scoring reads, collapsed
-    # after ~1,000 steps while the contrastive loss kept falling (docs/BENCHMARKS.md, "Base model (issue 16)").
-    "embedded": {"steps": 2000, "lr": 3e-4, "fp16_weights": True},
-    # the same recipe without fp16 storage
-    "default": {"lr": 3e-4},
-}
-
-
-def preset(name: str, **overrides: Any) -> PretrainConfig:
-    if name not in PRESETS:
-        raise TTDError(f"unknown pretrain preset {name!r}: use one of {', '.join(PRESETS)}")
-    return PretrainConfig(**{**PRESETS[name], **overrides})
-
-
-def geometry_and_norm(preprocess) -> tuple[Callable, torch.Tensor, torch.Tensor]:
-    """Split open_clip's preprocessing into the geometric part (run once) and Normalize (run per batch)."""
-    geo, mean, std = [], None, None
-    for t in preprocess.transforms:
-        if isinstance(t, T.Normalize):
-            mean, std = torch.tensor(t.mean).view(1, 3, 1, 1), torch.tensor(t.std).view(1, 3, 1, 1)
-        elif isinstance(t, (T.Resize, T.CenterCrop)):
-            geo.append(t)
-    if mean is None:
-        raise TTDError("model preprocessing has no Normalize step; cannot pre-train it")
-    return T.Compose(geo), mean, std
 
 
 def load_pairs(corpus_uri: str, bundle, max_samples: int | None, progress: Callable[[int], None] | None = None):
@@ -124,39 +71,6 @@ def load_pairs(corpus_uri: str, bundle, max_samples: int | None, progress: Calla
     return torch.stack(images), bundle.tokenizer(captions), captions
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float):
-    """No weight decay on gains, biases, embeddings and the temperature (the usual CLIP recipe)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        flat = p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith(".bias")
-        (no_decay if flat else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step: int, config: PretrainConfig) -> float:
-    """Linear warm-up, then cosine decay to zero."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return 0.5 * config.lr * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def save_artefact(out: Path, bundle, meta: dict[str, Any], fp16: bool = False) -> None:
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous().cpu()
-             for k, v in bundle.model.state_dict().items()}
-    tmp = out / (ARTEFACT_WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"ttd_version": __version__})
-    tmp.replace(out / ARTEFACT_WEIGHTS)
-    cfg = open_clip.get_model_config(bundle.name)
-    (out / ARTEFACT_CONFIG).write_text(json.dumps({"model": bundle.name, "model_cfg": cfg, **meta}, indent=2,
-                                                  sort_keys=True, default=str))
-
-
 def run_pretrain(corpus_uri: str, out_dir: str, config: PretrainConfig | None = None, *, seed: int = 0,
                  device: str | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Train and write `out_dir/model.safetensors`, `model.json` and `train_log.parquet`; returns a summary."""
@@ -177,10 +91,10 @@ def run_pretrain(corpus_uri: str, out_dir: str, config: PretrainConfig | None = 
     log.info("pre-training %s on %d pairs: %d steps of %d (%.1f epochs)", config.model, n, config.steps, batch,
              config.steps * batch / n)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = adamw(param_groups(model, config.weight_decay), config.lr)
     loss_fn = open_clip.ClipLoss()
     data_fp = fingerprint([s.fingerprint for s in open_corpus(corpus_uri).shards()], n)
-    fp = fingerprint("pretrain", config.model_dump(exclude=_PERF_FIELDS), seed, data_fp)
+    fp = fingerprint("pretrain", config.model_dump(exclude=PRETRAIN_PERF_FIELDS), seed, data_fp)
     trainable = dict(model.named_parameters())
     resumed = checkpoints.load(out / CHECKPOINT_DIR, fp, trainable, opt)
     start, _, log_rows, extra = resumed or (0, 0, [], {})
@@ -228,7 +142,7 @@ def run_pretrain(corpus_uri: str, out_dir: str, config: PretrainConfig | None = 
     seconds = extra.get("seconds", 0.0) + time.perf_counter() - t0
     meta = {"kind": "pretrain", "config": config.model_dump(), "seed": seed, "corpus": corpus_uri,
             "data_fingerprint": data_fp, "pairs": n, "ttd_version": __version__, "train_seconds": round(seconds, 1)}
-    save_artefact(out, bundle, meta, fp16=config.fp16_weights)
+    save_model(out, bundle, meta, fp16=config.fp16_weights)
     table = pa.Table.from_pylist(log_rows, schema=schemas.get("train_log").arrow)
     pq.write_table(schemas.get("train_log").conform(table), out / "train_log.parquet")
     checkpoints.remove(out / CHECKPOINT_DIR)  # the artefact is written: nothing to resume

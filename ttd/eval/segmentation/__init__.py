@@ -5,5 +5,5 @@ the counts and the SQL metrics, run.py the stage that commits them, cli.py the `
 """
 
 from ttd.eval.segmentation.datasets import DATASETS, SegDataset, open_dataset  # noqa: F401
-from ttd.eval.segmentation.infer import SegEvalConfig, Segmenter  # noqa: F401
+from ttd.eval.segmentation.infer import Segmenter  # noqa: F401
 from ttd.eval.segmentation.run import run_segeval  # noqa: F401

@@ -14,10 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ttd.config import load_yaml
+from ttd.configs import SegEvalConfig, load_yaml
 from ttd.errors import TTDError
 from ttd.eval.segmentation.datasets import DATASETS, open_dataset
-from ttd.eval.segmentation.infer import SegEvalConfig
 from ttd.eval.segmentation.run import run_segeval
 
 SHOWN = (("miou", "mIoU"), ("mfpr", "mFPR"), ("mfnr", "mFNR"))

@@ -21,74 +21,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import numpy as np
-import pydantic
 import torch
 import torch.nn.functional as F
 
-from ttd.config import Templates
+from ttd.configs import SEGEVAL_PERF_FIELDS, SegEvalConfig
 from ttd.eval.segmentation.datasets import get_spec
-from ttd.models.dense import HEADS, encode_image_dense
-from ttd.models.relevancy import DEFAULT_TEMPLATES, encode_tags
+from ttd.models.dense import encode_image_dense
+from ttd.models.relevancy import encode_tags
 
 log = logging.getLogger(__name__)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-# Settings that change speed or memory, not results: left out of the run fingerprint.
-PERF_FIELDS = {"batch_size", "images_per_step"}
 
 DenseFn = Callable[[torch.Tensor], torch.Tensor]  # [B, 3, h, w] normalised -> [B, gh, gw, D]
 T = TypeVar("T")
-
-
-class SegEvalConfig(pydantic.BaseModel):
-    """The evaluation protocol. Defaults are the paper's (TTD README): short side 448, window 448 / stride 224,
-    scales {1.0, 0.5, 1.5, 2.0}, flip, PAMR, background 0.40 or 0.45 by dataset (None = the dataset's value).
-    Temperature, PAMR's parameters and the templates are ours (docs/SEGEVAL.md)."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    head: Literal[HEADS] = "maskclip"
-    templates: Templates = DEFAULT_TEMPLATES
-    short_side: int | None = pydantic.Field(448, ge=1)  # None keeps the image's own size
-    window: int = pydantic.Field(448, ge=1)
-    stride: int = pydantic.Field(224, ge=1)
-    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
-    flip: bool = True
-    pamr: bool = True
-    pamr_iterations: int = pydantic.Field(10, ge=0)
-    pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
-    pamr_sigma: float = pydantic.Field(0.1, gt=0)  # affinity = -|dI| / (pamr_sigma * local std)
-    temperature: float = pydantic.Field(0.01, gt=0)  # CLIP's logit scale 100
-    bg_threshold: float | None = pydantic.Field(None, ge=0.0, le=1.0)
-    amp: bool = True  # float16 autocast for the image tower on CUDA; no effect on CPU
-    batch_size: int = pydantic.Field(32, ge=1, le=4096)  # windows per forward
-    images_per_step: int = pydantic.Field(4, ge=1, le=1024)  # images whose windows share the forwards
-    max_images: int | None = pydantic.Field(None, ge=1)
-
-
-    @pydantic.field_validator("scales")
-    @classmethod
-    def _scales_positive(cls, v):
-        if not v or any(s <= 0 for s in v):
-            raise ValueError("give at least one scale, each > 0")
-        return v
-
-    @pydantic.field_validator("pamr_dilations")
-    @classmethod
-    def _dilations_positive(cls, v):
-        if not v or any(d < 1 for d in v):
-            raise ValueError("give at least one dilation, each >= 1")
-        return v
-
-    @pydantic.model_validator(mode="after")
-    def _stride_fits(self):
-        if self.stride > self.window:
-            raise ValueError(f"stride {self.stride} is larger than the window {self.window}: pixels would be skipped")
-        return self
 
 
 def resolve_config(config: SegEvalConfig, dataset: str) -> SegEvalConfig:
@@ -99,7 +49,7 @@ def resolve_config(config: SegEvalConfig, dataset: str) -> SegEvalConfig:
 
 
 def result_config(config: SegEvalConfig) -> dict:
-    return config.model_dump(mode="json", exclude=PERF_FIELDS)
+    return config.model_dump(mode="json", exclude=SEGEVAL_PERF_FIELDS)
 
 
 # ---- geometry --------------------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import torch
 
+from ttd.configs import SegEvalConfig
 from ttd.eval.segmentation.datasets import SampleError, SegDataset, open_dataset
-from ttd.eval.segmentation.infer import SegEvalConfig, Segmenter, resolve_config, result_config
+from ttd.eval.segmentation.infer import Segmenter, resolve_config, result_config
 from ttd.eval.segmentation.metrics import SUMMARY_METRICS, image_counts, sql_metrics_of
 from ttd.models import load_model
 from ttd.store import schemas
