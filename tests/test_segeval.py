@@ -440,8 +440,8 @@ SMALL = dict(short_side=32, window=32, stride=16, scales=(1.0, 0.5), pamr_iterat
 
 
 def test_run_segeval_on_voc_writes_counts_and_metrics_and_skips_a_rerun(voc_root, tmp_path):
+    from ttd.cli.segmentation import evaluate_segmentation_command
     from ttd.eval.segmentation import run_segeval
-    from ttd.eval.segmentation.cli import evaluate_segmentation_command
     from ttd.store.sql import query
     from ttd.store.store import Store
 
@@ -506,7 +506,7 @@ def test_run_records_bad_samples_as_errors_and_evaluates_the_rest(voc_root, tmp_
 
 
 def test_cli_body_prints_json_and_rejects_unknown_dataset(voc_root, tmp_path, capsys):
-    from ttd.eval.segmentation.cli import evaluate_segmentation_command
+    from ttd.cli.segmentation import evaluate_segmentation_command
 
     root, _ = voc_root
     with pytest.raises(TTDError, match="--dataset must be one of"):

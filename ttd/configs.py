@@ -72,6 +72,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 # dense heads (ttd.models.dense): how a ViT's last block gives per-patch features
 HEADS = ("maskclip", "sclip", "clearclip", "naclip")
+# the segmentation benchmarks `ttd evaluate` reads (ttd.eval.segmentation.datasets: their layouts)
+SEGMENTATION_DATASETS = ("voc", "context", "coco-object", "coco-stuff", "cityscapes", "ade")
 # LoRA placement (ttd.models.lora)
 LORA_TOWERS = ("visual", "text")
 LORA_TARGETS = ("attn_in", "attn_out", "mlp_fc", "mlp_proj")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -14,12 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ttd import __version__
 from ttd.cli.options import overrides, settings_command
+from ttd.cli.output import ShardProgress, emit, emit_json, err, out, progress
+from ttd.configs import SEGMENTATION_DATASETS
 from ttd.errors import TTDError, storage_problem
 from ttd.pipeline.redact import RedactingFilter
 
@@ -31,8 +30,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-err = Console(stderr=True)
-out = Console()
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -55,43 +52,6 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
           _version: Annotated[bool, typer.Option("--version", help="Print the ttd version and exit.",
                                                  callback=_print_version, is_eager=True)] = False) -> None:
     _setup_logging(verbose)
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
-                    TimeRemainingColumn(), console=err, disable=not enabled, transient=False)
-
-
-class ShardProgress:
-    """A per-shard stage's bar: shards done of the shards to do (the total set when the stage has planned), the
-    rate in the user's unit (images, captions, samples), measured from when work starts, so loading a model or a
-    parser is not counted; the ETA follows from the shards' pace."""
-
-    def __init__(self, bar: Progress, name: str, unit: str):
-        self.bar, self.unit, self.items = bar, unit, 0
-        self.task = bar.add_task(f"{name} (shards)", total=None, rate="")
-
-    def start(self, shards: int) -> None:
-        self.items = 0
-        self.bar.reset(self.task, total=shards, rate="")
-
-    def shard(self, items: int) -> None:
-        self.items += items
-        elapsed = self.bar.tasks[self.task].elapsed or 1e-9
-        self.bar.update(self.task, advance=1, rate=f"{self.items / elapsed:,.1f} {self.unit}/s")
-
-
-def _emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def _emit(summary: dict, as_json: bool, line: str) -> None:
-    """A command's result: the summary as JSON on stdout with --json, else one line for a person on stderr."""
-    if as_json:
-        _emit_json(summary)
-    else:
-        err.print(line)
 
 
 @app.command()
@@ -131,12 +91,12 @@ def synth(
     for name, n in (("train", train), ("val", val), ("eval", eval), ("pretrain", pretrain)):
         if n < 0:
             raise TTDError(f"--{name} must be >= 0, got {n}")
-    with _progress(not as_json) as bar:
+    with progress(not as_json) as bar:
         tasks = {s: bar.add_task(s, total=n, rate="") for s, n in (("train", train), ("val", val), ("eval", eval),
                                                                     ("pretrain", pretrain)) if n}
         summary = synthesize(out_dir, train=train, val=val, eval=eval, pretrain=pretrain, seed=seed, config=cfg,
                              output_format=fmt, progress=lambda split, n: bar.advance(tasks[split], n))
-    _emit(summary, as_json, f"wrote TagMask-Synth to {out_dir}: " + ", ".join(
+    emit(summary, as_json, f"wrote TagMask-Synth to {out_dir}: " + ", ".join(
         f"{k}={v}" for k, v in summary.items() if isinstance(v, (int, float, str))))
 
 
@@ -155,12 +115,12 @@ def index(
     """Register a corpus in a store and check every shard; bad samples become rows of the `errors` table."""
     from ttd.stages.index import run_index
 
-    with _progress(not as_json) as bar:
+    with progress(not as_json) as bar:
         shards = ShardProgress(bar, "index", "samples")
         summary = run_index(corpus, store, fmt=corpus_format, name=corpus_name, decode=decode,
                             include_incomplete=include_incomplete, on_start=shards.start,
                             progress=lambda result: shards.shard(result.get("samples", 0)))
-    _emit(summary, as_json, f"indexed {summary['done']} shard(s), {summary['skipped_done']} already done, "
+    emit(summary, as_json, f"indexed {summary['done']} shard(s), {summary['skipped_done']} already done, "
           f"{len(summary['waiting'])} waiting; {summary['samples']} samples, {summary['errors']} errors, "
           f"{summary['warnings']} warnings")
     _exit_if_shards_failed(summary)
@@ -205,7 +165,7 @@ def score(
     cfg = load_yaml(ScoreConfig, config, overrides(ctx))
     if workers is not None and workers < 0:
         raise TTDError("--workers must be >= 0")
-    with _progress(not as_json) as bar:
+    with progress(not as_json) as bar:
         shards = ShardProgress(bar, "score", "images")
         summary = run_score(corpus, store, cfg, model=model, pretrained=pretrained, lora=lora, ray_address=ray_address,
                             workers=workers, device=device, fmt=corpus_format, name=corpus_name,
@@ -213,7 +173,7 @@ def score(
     if summary["shards"] and len(summary["unparsed"]) == summary["shards"]:
         raise TTDError(f"none of the {summary['shards']} shard(s) of {corpus!r} has tags in {store!r} yet: run "
                        f"`ttd parse --corpus {corpus} --store {store}` first")
-    _emit(summary, as_json, f"scored {summary['done']} shard(s), {summary['skipped_done']} already done, "
+    emit(summary, as_json, f"scored {summary['done']} shard(s), {summary['skipped_done']} already done, "
           f"{len(summary['claimed_elsewhere'])} held by another run, "
           f"{len(summary['unparsed'])} not parsed yet, {len(summary['waiting'])} waiting; "
           f"{summary['images']} images ({summary['images_per_s']} images/s), {summary['tags']} tags, "
@@ -241,7 +201,7 @@ def pretrain(
     if preset not in PRESETS:
         raise TTDError(f"unknown --preset {preset!r}: use one of {', '.join(PRESETS)}")
     cfg = load_yaml(PretrainConfig, config, overrides(ctx), defaults=PRESETS[preset])
-    with _progress(not as_json) as bar:
+    with progress(not as_json) as bar:
         tasks = {"load": bar.add_task("load", total=cfg.max_samples, rate=""),
                  "train": bar.add_task("train", total=cfg.steps, rate="")}
 
@@ -249,7 +209,7 @@ def pretrain(
             bar.update(tasks[phase], advance=n, rate=f"loss {loss:.3f}" if phase == "train" else "")
 
         summary = run_pretrain(corpus, out, cfg, seed=seed, device=device, progress=step)
-    _emit(summary, as_json, f"pre-trained {cfg.model} on {summary['pairs']} pairs, {summary['steps']} steps in "
+    emit(summary, as_json, f"pre-trained {cfg.model} on {summary['pairs']} pairs, {summary['steps']} steps in "
           f"{summary['seconds']} s (final loss {summary['final_loss']:.3f}): --pretrained {summary['out']}")
 
 
@@ -284,7 +244,7 @@ def distill(
     cfg = load_yaml(DistillConfig, config, overrides(ctx))
     if num_workers < 1:
         raise TTDError("--num-workers must be >= 1")
-    with _progress(not as_json) as bar:
+    with progress(not as_json) as bar:
         task = bar.add_task("distill", total=cfg.steps * (cfg.refresh_rounds + 1), rate="")
 
         def step(n, losses):
@@ -300,7 +260,7 @@ def distill(
             summary = run_distill(corpus, store, out, cfg, model=model, pretrained=pretrained, seed=seed,
                                   device=device, progress=step, corpus_name=corpus_name)
     if as_json:
-        _emit_json(summary)
+        emit_json(summary)
     elif summary["skipped"]:
         err.print(f"already distilled: {summary['artefact']} holds this run ({summary['fingerprint']})")
     else:
@@ -309,13 +269,12 @@ def distill(
                   f"{summary['final']}): use --lora {summary['artefact']}")
 
 
-SEG_DATASETS = ("voc", "context", "coco-object", "coco-stuff", "cityscapes", "ade")
 
 
 @app.command()
 def evaluate(
     dataset: Annotated[str, typer.Option(help="tagmask (TagMask-style eval set, e.g. `ttd synth`'s OUT/eval), or "
-                                         "a segmentation benchmark: " + ", ".join(SEG_DATASETS) + ".")],
+                                         "a segmentation benchmark: " + ", ".join(SEGMENTATION_DATASETS) + ".")],
     root: Annotated[str, typer.Option(help="Dataset root in its official layout (docs/SEGEVAL.md).")],
     store: Annotated[str, typer.Option(help="Store URI: eval_predictions, eval_counts and metrics go here.")],
     model: Annotated[str | None, typer.Option(help="open_clip model name or shipped config.")] = None,
@@ -345,20 +304,20 @@ def evaluate(
         if caption:
             overrides["caption"] = caption
         cfg = load_yaml(TagmaskEvalConfig, config, overrides)
-        with _progress(not as_json) as bar:
+        with progress(not as_json) as bar:
             task = bar.add_task("evaluate", total=cfg.max_samples, rate="")
             result = run_tagmask_eval(root, store, cfg, model=model, pretrained=pretrained, lora=lora, device=device,
                                       progress=lambda n: bar.advance(task, n))
         if as_json:
-            _emit_json(result)
+            emit_json(result)
         else:
             note = " (already evaluated: stored metrics)" if result["skipped"] else ""
             err.print(f"TagMask evaluation of {result['model_id']}, run {result['run']}{note}")
             out.print(table_text(result["metrics"]))
         return
-    if dataset not in SEG_DATASETS:
-        raise TTDError(f"unknown --dataset {dataset!r}: use tagmask or one of {', '.join(SEG_DATASETS)}")
-    from ttd.eval.segmentation.cli import evaluate_segmentation_command
+    if dataset not in SEGMENTATION_DATASETS:
+        raise TTDError(f"unknown --dataset {dataset!r}: use tagmask or one of {', '.join(SEGMENTATION_DATASETS)}")
+    from ttd.cli.segmentation import evaluate_segmentation_command
 
     evaluate_segmentation_command(dataset, root, store, model, pretrained, head, config, max_samples, device,
                                   as_json, lora=lora)
@@ -383,12 +342,12 @@ def parse(
     from ttd.stages.parse import run_parse
 
     cfg = load_yaml(ParseConfig, config, overrides(ctx))
-    with _progress(not as_json) as bar:
+    with progress(not as_json) as bar:
         shards = ShardProgress(bar, "parse", "captions")
         summary = run_parse(corpus, store, cfg, fmt=corpus_format, name=corpus_name,
                             include_incomplete=include_incomplete, on_start=shards.start,
                             progress=lambda result: shards.shard(result.get("captions", 0)))
-    _emit(summary, as_json, f"parsed {summary['done']} shard(s), {summary['skipped_done']} already done, "
+    emit(summary, as_json, f"parsed {summary['done']} shard(s), {summary['skipped_done']} already done, "
           f"{len(summary['claimed_elsewhere'])} held by another run, {len(summary['waiting'])} waiting; "
           f"{summary['captions']} captions ({summary['parsed']} "
           f"distinct parsed), {summary['tags']} tags, {summary['errors']} errors, "
@@ -411,7 +370,7 @@ def compact(
     from ttd.store.compact import compact as run_compact
 
     summary = run_compact(store, rows_per_file=rows_per_file, min_rows=min_rows)
-    _emit(summary, as_json, f"compacted: {summary['parts_written']} part(s) written "
+    emit(summary, as_json, f"compacted: {summary['parts_written']} part(s) written "
           f"({summary['rows_written']:,} rows), {summary['parts_dropped']} stale part(s) dropped, in "
           f"{summary['seconds']:.1f} s")
 
@@ -443,7 +402,7 @@ def sql(
     if out_file:
         err.print(f"wrote {result.num_rows} rows to {write(result, out_file, store)}", highlight=False)
     elif fmt == "json":
-        _emit_json(plain(result).to_pylist())
+        emit_json(plain(result).to_pylist())
     elif fmt == "csv":
         import pyarrow.csv as pacsv
 
@@ -486,7 +445,7 @@ def report(
 
     wanted = [r.strip() for r in runs.split(",") if r.strip()] if runs else None
     result = build_report(store, out_dir, samples=samples, runs=wanted)
-    _emit(result, as_json, f"wrote {result['markdown']} and {result['html']}: {len(result['runs'])} evaluation "
+    emit(result, as_json, f"wrote {result['markdown']} and {result['html']}: {len(result['runs'])} evaluation "
           f"run(s), {len(result['plots'])} chart(s), {len(result['samples'])} sample(s)")
 
 
@@ -507,7 +466,7 @@ def run(
     by its path, e.g. score.threshold is --score-threshold."""
     from ttd.cli.run import run_command
 
-    run_command(ctx, config, as_json, print_config, err, out, _emit_json)
+    run_command(ctx, config, as_json, print_config)
 
 
 @app.command()
@@ -534,7 +493,7 @@ def demo(
         home = os.path.abspath(f"{out_dir.rstrip('/')}/.prefect")
         os.makedirs(home, exist_ok=True)  # Prefect's SQLite cannot create its file in a missing folder
         os.environ["PREFECT_HOME"] = home
-    summary = run_flow(cfg, err)
+    summary = run_flow(cfg)
     stages = summary["stages"]
     base = (stages.get("evaluate", {}).get("result") or {}).get("metrics") or {}
     tuned = (stages.get("evaluate_distilled", {}).get("result") or {}).get("metrics") or {}
@@ -543,7 +502,7 @@ def demo(
     report = build_report(cfg.store, f"{out_dir.rstrip('/')}/report", samples=4)
     seconds = round(time.perf_counter() - t0, 1)
     if as_json:
-        _emit_json({"seconds": seconds, "store": cfg.store, "report": report["html"], "flow": summary,
+        emit_json({"seconds": seconds, "store": cfg.store, "report": report["html"], "flow": summary,
                     "comparison": comparison_rows(base, tuned)})
         return
     out.print(comparison_text(base, tuned), markup=False, highlight=False)

@@ -13,6 +13,7 @@ import typer
 import yaml
 
 from ttd.cli.options import FlagSpec, flag_specs, overrides, settings_command
+from ttd.cli.output import emit_json, err, out
 from ttd.errors import TTDError
 
 # `--model` and `--pretrained` are kept short, as in every other command; a caption style is one YAML value
@@ -43,7 +44,7 @@ def _stage_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
-def run_flow(cfg, err) -> dict[str, Any]:
+def run_flow(cfg) -> dict[str, Any]:
     """Run the flow for this RunConfig; returns its summary, or raises typer.Exit / TTDError with one line."""
     # NOTES: the temporary server's 20 s start-up limit fails under load
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
@@ -75,8 +76,7 @@ def run_flow(cfg, err) -> dict[str, Any]:
     return summary
 
 
-def run_command(ctx: typer.Context, config: Path | None, as_json: bool, print_config: bool, err, out,
-                emit_json) -> None:
+def run_command(ctx: typer.Context, config: Path | None, as_json: bool, print_config: bool) -> None:
     from ttd.pipeline.runconfig import load_run_config
 
     cfg = load_run_config(config, overrides(ctx))
@@ -84,7 +84,7 @@ def run_command(ctx: typer.Context, config: Path | None, as_json: bool, print_co
         out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="", markup=False,
                   highlight=False)
         return
-    summary = run_flow(cfg, err)
+    summary = run_flow(cfg)
     if as_json:
         emit_json(summary)
         return

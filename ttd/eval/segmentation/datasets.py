@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from ttd.configs import SEGMENTATION_DATASETS
 from ttd.errors import TTDError
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,9 @@ SPECS: dict[str, DatasetSpec] = {
         "annotations/validation/ID.png (0 = ignore, 1..150 = classes)",
         _find_ade, _ade),
 }
-DATASETS = tuple(SPECS)
+DATASETS = SEGMENTATION_DATASETS
+if set(SPECS) != set(DATASETS):  # one list of names (ttd.configs, for the CLI), one spec each here
+    raise ImportError(f"segmentation datasets {sorted(DATASETS)} and their specs {sorted(SPECS)} differ")
 
 
 @cache

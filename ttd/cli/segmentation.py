@@ -5,15 +5,12 @@ Progress and the result table go to stderr (rich); with `as_json` one JSON docum
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ttd.cli.output import emit_json, err, progress
 from ttd.configs import SegEvalConfig, load_yaml
 from ttd.errors import TTDError
 from ttd.eval.segmentation.datasets import DATASETS, open_dataset
@@ -33,9 +30,7 @@ def evaluate_segmentation_command(dataset: str, root: str, store: str, model: st
     overrides = {k: v for k, v in {"head": head, "max_images": max_images}.items() if v is not None}
     config = load_yaml(SegEvalConfig, config_path, overrides)
     open_dataset(dataset, root, config.max_images)  # a wrong layout is reported before any progress bar appears
-    err = Console(stderr=True)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err, disable=as_json) as bar:
+    with progress(not as_json) as bar:
         task = bar.add_task(f"evaluate {dataset}", total=None, rate="")
 
         def step(state: dict) -> None:
@@ -46,7 +41,7 @@ def evaluate_segmentation_command(dataset: str, root: str, store: str, model: st
         summary = run_segeval(dataset, root, store, config, model=model, pretrained=pretrained, lora=lora,
                               device=device, progress=step)
     if as_json:
-        sys.stdout.write(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+        emit_json(summary)
     else:
         err.print(_table(summary))
     return summary
