@@ -7,7 +7,8 @@ samples/s and peak memory for
 - naive: full fine-tuning, fp32 (no autocast), the text tower run on the full 77-token context;
 - ours:  LoRA (rank 8, both towers, every block) with bf16 autocast and tokens cut after the longest prompt.
 
-Both run the same losses (`ttd.stages.distill.losses`) on the same batches, so the ratio is the speed-up of our path.
+Both run the same losses (`ttd.train.distill_losses.losses`) on the same batches, so the ratio is the speed-up of
+our path.
 
     python benchmarks/gpu_distill.py                       # on the GPU machine
     python benchmarks/gpu_distill.py --device cpu --smoke  # anywhere: tiny sizes, checks the script runs
@@ -57,29 +58,21 @@ def make_batch(bundle, batch: int, tags_per_caption: int, distinct_tags: int, de
 
 def train_rate(model, batch: Batch, config: DistillConfig, params, steps: int, device: torch.device,
                amp: bool, trim: bool) -> tuple[float, float]:
-    import ttd.stages.distill as distill
-
     opt = torch.optim.AdamW(params, lr=1e-4)
     clip_loss = open_clip.ClipLoss()
-    original = distill._text_features
-    if not trim:
-        distill._text_features = lambda m, tokens: m.encode_text(tokens)
-    try:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        for i in range(steps + 2):  # two warm-up steps
-            if i == 2:
-                sync(device)
-                t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = losses(model, batch, config, clip_loss)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            opt.step()
-        sync(device)
-        rate = batch.images.shape[0] * steps / (time.perf_counter() - t0)
-    finally:
-        distill._text_features = original
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(steps + 2):  # two warm-up steps
+        if i == 2:
+            sync(device)
+            t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = losses(model, batch, config, clip_loss, trim_text=trim)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+    sync(device)
+    rate = batch.images.shape[0] * steps / (time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return rate, peak
 

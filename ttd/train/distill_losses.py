@@ -97,21 +97,23 @@ def union_of_selected(targets: torch.Tensor, sample_of_tag: torch.Tensor, select
     return union, has
 
 
-def _text_features(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Text embeddings with gradients; tokens cut after the longest (exact under CLIP's causal mask)."""
-    return encode_trimmed(model, tokens) if trimmable(model) else model.encode_text(tokens)
+def _text_features(model, tokens: torch.Tensor, trim: bool) -> torch.Tensor:
+    """Text embeddings with gradients; with `trim`, tokens cut after the longest (exact under CLIP's causal mask)."""
+    return encode_trimmed(model, tokens) if trim and trimmable(model) else model.encode_text(tokens)
 
 
-def losses(model, batch: Batch, config: DistillConfig, clip_loss) -> dict[str, torch.Tensor]:
-    """The three terms and their weighted sum for one micro-batch."""
+def losses(model, batch: Batch, config: DistillConfig, clip_loss, *, trim_text: bool = True
+           ) -> dict[str, torch.Tensor]:
+    """The three terms and their weighted sum for one micro-batch (`trim_text` False: the text tower runs on the full
+    77 tokens, the naive baseline of benchmarks/gpu_distill.py)."""
     global_emb, dense = encode_image_dense(model, batch.images, config.head)
     dense = F.normalize(dense.float(), dim=-1)
-    caption = F.normalize(_text_features(model, batch.tokens).float(), dim=-1)
+    caption = F.normalize(_text_features(model, batch.tokens, trim_text).float(), dim=-1)
     caption_maps = torch.einsum("bhwd,bd->bhw", dense, caption)
     out: dict[str, torch.Tensor] = {}
     zero = caption_maps.sum() * 0.0
     if len(batch.tag_prompts) and (config.w_tag or config.w_distill):
-        tag_emb = _text_features(model, batch.tag_prompts).float()
+        tag_emb = _text_features(model, batch.tag_prompts, trim_text).float()
         tag_emb = F.normalize(F.normalize(tag_emb, dim=-1).reshape(-1, batch.n_templates, tag_emb.shape[-1])
                               .mean(1), dim=-1)
         targets = batch.targets
