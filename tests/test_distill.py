@@ -368,6 +368,12 @@ def test_ray_train_data_parallel_matches_one_worker(scored, tmp_path):
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 3 * cfg.steps * cfg.lr
     assert max(b[k].abs().max().item() for k in b if k.endswith("lora_B")) > 0  # it did train
+    # a refreshed run: rank 0 re-scores between the rounds while the other rank waits, then both train round two
+    refreshed = cfg.model_copy(update={"steps": 2, "refresh_rounds": 1})
+    run_distill_ray(corpus, store, str(tmp_path / "refreshed"), refreshed, model="ttd-micro", seed=3, num_workers=2)
+    doc = json.loads((tmp_path / "refreshed" / "lora.json").read_text())
+    assert [r["round"] for r in doc["refreshed"]] == [1] and doc["config"]["refresh_rounds"] == 1
+    assert Store(doc["refreshed"][0]["labels"]).manifests("score")
 
 
 def test_paper_mode_trains_through_the_head_and_prompts_that_made_the_pseudo_labels(scored, tmp_path):
