@@ -205,14 +205,19 @@ def test_distill_killed_ten_times_resumes_to_the_same_weights(tmp_path):
     run_ok([*cmd, "--out", str(tmp_path / "straight")])
     resumed = tmp_path / "resumed"
 
-    def step() -> int:
+    def checkpointed(folder: Path) -> int:
         try:
-            return json.loads((resumed / "checkpoint" / "state.json").read_text())["step"] + 1
+            return json.loads((folder / "checkpoint" / "state.json").read_text())["step"] + 1
         except (OSError, ValueError, KeyError):
             return 0
 
-    points = kill_at_random_points([*cmd, "--out", str(resumed)], step, steps, seed=3, slack_s=0.2)
-    assert len(points) == 10 and len({p for p, _ in points}) > 3
+    def step() -> int:  # both rounds (the default refreshes once): kills land in either, and in the re-scoring
+        first = resumed / "refresh" / "round-1"
+        return (steps if (first / "lora.json").exists() else checkpointed(first)) + checkpointed(resumed)
+
+    points = kill_at_random_points([*cmd, "--out", str(resumed)], step, 2 * steps, seed=3, slack_s=0.2)
+    assert len(points) == 10 and len({p for p, _ in points}) > 3 and min(p for p, _ in points) < steps < max(
+        p for p, _ in points), points
     summary = json.loads(run_ok([*cmd, "--out", str(resumed), "--json"]).stdout)
     assert summary.get("resumed_from") is not None
     a = load_file(str(tmp_path / "straight" / "lora.safetensors"))
