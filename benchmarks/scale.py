@@ -11,6 +11,8 @@ Per corpus size N (`--shards`), locally and (with `--s3`) on S3:
   noop-score  the same for `ttd score --workers 0` over a store whose score stage is committed: the benchmark commits
               empty score outputs under the planner's own fingerprints (what is timed is ttd's no-op run, which
               reads manifests only; scoring 10,000 shards for real would take hours on 2 cores)
+  overlap     a question, not what ttd does: the score stage's three planning listings one after the other (as
+              `plan` makes them) and at the same time (threads), best of 2 each: the ratio
   new10       10 new shards appended to the corpus: the run that parses them (planning included), and its plan alone
   first-s3    (`--first-s3 M`) the first parse of a separate M-shard corpus with corpus and store on S3
 
@@ -128,6 +130,31 @@ def noop_runs(corpus: str, store: str, env: dict[str, str]) -> dict:
     return out
 
 
+def overlapped_plan(corpus: str, store: str) -> dict:
+    """A question for the planner, not what it does: would the score stage's three listings (the corpus, the score
+    and the parse manifests), which `plan` makes one after the other, be faster at the same time? Both ways here,
+    best of 2 each, alternating; the ratio is serial / overlapped."""
+
+    def serial() -> None:
+        c, st = open_corpus(corpus), Store(store)
+        c.shards(), st.committed(SCORE_STAGE, c.name), st.committed(PARSE_STAGE, c.name)
+
+    def overlapped() -> None:
+        c, st = open_corpus(corpus), Store(store)
+        with ThreadPoolExecutor(3) as pool:
+            for f in [pool.submit(c.shards), pool.submit(st.committed, SCORE_STAGE, c.name),
+                      pool.submit(st.committed, PARSE_STAGE, c.name)]:
+                f.result()
+
+    times: dict[str, list[float]] = {"serial": [], "overlapped": []}
+    for _ in range(2):
+        times["serial"].append(timed(serial)[0])
+        times["overlapped"].append(timed(overlapped)[0])
+    a, b = min(times["serial"]), min(times["overlapped"])
+    return {"score_plan_serial_s": round(a, 3), "score_plan_overlapped_s": round(b, 3),
+            "score_plan_ratio": round(a / b, 2)}
+
+
 def new_shards_run(corpus: str, store: str, n: int) -> dict:
     add = _add_new(corpus, n)
     t_plan, planned = timed(plan, open_corpus(corpus), Store(store), parse_spec(PARSE, english_model_id()))
@@ -181,6 +208,7 @@ def local_size(n: int, tmp: Path) -> dict:
     row["corpus_listing_us_per_shard"] = round(1e6 * best / n, 1)
     best = min(timed(lambda: Store(store).committed(PARSE_STAGE, name))[0] for _ in range(3))
     row["manifests_us_per_shard"] = round(1e6 * best / n, 1)
+    row.update(overlapped_plan(corpus, store))
     return row
 
 
@@ -242,6 +270,7 @@ def s3_size(n: int, tmp: Path, endpoint: str, latency_s: float) -> dict:
             row.update(noop_runs(corpus, store, env))
             row["noop_parse_ms_per_shard"] = round(1000 * row["noop_parse_s"] / n, 3)
             row["requests_noop"] = proxy.counts["requests"]
+            row.update(overlapped_plan(corpus, store))
             row.update(new_shards_run(corpus, store, 10))
         finally:
             os.environ["AWS_ENDPOINT_URL"] = endpoint

@@ -39,11 +39,9 @@ def rescore(corpus_uri: str, corpus_name: str, shards: list[str], source: Store,
     stage's summary."""
     parse_cfg = _one_config(source, "parse", corpus_name, OUTPUT_FIELDS)  # its manifests also hold per-shard stats
     score_cfg = _one_config(source, "score", corpus_name)
-    parsed = run_parse(corpus_uri, out_store, ParseConfig(**parse_cfg),
-                       name=corpus_name, shards=shards)
+    parsed = run_parse(corpus_uri, out_store, ParseConfig(**parse_cfg), name=corpus_name, shards=shards)
     scored = run_score(corpus_uri, out_store, ScoreConfig(**score_cfg), model=model, pretrained=pretrained,
-                       lora=teacher, workers=0, device=device, name=corpus_name,
-                       shards=shards)
+                       lora=teacher, workers=0, device=device, name=corpus_name, shards=shards)
     left = [f["shard"] for f in parsed["failed"] + scored["failed"]] + scored["claimed_elsewhere"] \
         + scored["unparsed"]
     if left:
