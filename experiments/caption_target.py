@@ -16,12 +16,12 @@ heatmap reach its target, and does a fine-tune lower L_distill?
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jobs import subcommands  # experiments/jobs.py, beside this script
 
 from ttd.configs import DistillConfig, ParseConfig, ScoreConfig
 from ttd.corpus import ReadIssue, open_corpus
@@ -109,23 +109,17 @@ def oracle(root: str, pretrained: str, captions: int, steps: int, form: str, lr:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    o = sub.add_parser("oracle")
-    o.add_argument("--root", required=True)
-    o.add_argument("--pretrained", required=True)
-    o.add_argument("--captions", type=int, default=60)
-    o.add_argument("--steps", type=int, default=150)
-    o.add_argument("--loss", choices=["mse", "l1", "binary", "ce"], default="mse")
-    o.add_argument("--lr", type=float, default=1e-2)
-    o.add_argument("--threshold", type=float, default=0.5, help="selection threshold (session 5: 0.5)")
-    o.add_argument("--bg-threshold", type=float, default=0.4)
-    lo = sub.add_parser("losses")
-    lo.add_argument("--corpus", required=True)
-    lo.add_argument("--store", required=True)
-    lo.add_argument("--pretrained", required=True)
-    lo.add_argument("--lora")
-    lo.add_argument("--max-samples", type=int, default=256)
+    required = {"required": True}
+    ap = subcommands(__doc__, {
+        "oracle": [("--root", required), ("--pretrained", required), ("--captions", {"type": int, "default": 60}),
+                   ("--steps", {"type": int, "default": 150}),
+                   ("--loss", {"choices": ["mse", "l1", "binary", "ce"], "default": "mse"}),
+                   ("--lr", {"type": float, "default": 1e-2}),
+                   ("--threshold", {"type": float, "default": 0.5, "help": "selection threshold (session 5: 0.5)"}),
+                   ("--bg-threshold", {"type": float, "default": 0.4})],
+        "losses": [("--corpus", required), ("--store", required), ("--pretrained", required), ("--lora",),
+                   ("--max-samples", {"type": int, "default": 256})],
+    })
     args = ap.parse_args()
     if args.cmd == "oracle":
         scale = DistillConfig().heatmap_scale

@@ -23,11 +23,12 @@ Every row goes to OUT/results.jsonl (a job already there is skipped, so a killed
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from jobs import subcommands  # experiments/jobs.py, beside this script
 
 TTD = str(Path(sys.executable).parent / "ttd")
 # the session 3-5 world: multi-object captions for train and eval, the alt-text pre-training split
@@ -114,26 +115,14 @@ def table(out: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("world")
-    w.add_argument("out", type=Path)
-    w.add_argument("--classes", type=int)
-    lv = sub.add_parser("lever")
-    lv.add_argument("out", type=Path)
-    lv.add_argument("name")
-    v = sub.add_parser("variant")
-    v.add_argument("out", type=Path)
-    v.add_argument("name")
-    v.add_argument("seed", type=int)
-    v.add_argument("--eval-head")
-    e = sub.add_parser("evaluate")
-    e.add_argument("out", type=Path)
-    e.add_argument("name")
-    e.add_argument("--lora", type=Path)
-    e.add_argument("--eval-head")
-    t = sub.add_parser("table")
-    t.add_argument("out", type=Path)
+    out = ("out", {"type": Path})
+    ap = subcommands(__doc__, {
+        "world": [out, ("--classes", {"type": int})],
+        "lever": [out, ("name",)],
+        "variant": [out, ("name",), ("seed", {"type": int}), ("--eval-head",)],
+        "evaluate": [out, ("name",), ("--lora", {"type": Path}), ("--eval-head",)],
+        "table": [out],
+    })
     args, flags = ap.parse_known_args()
     if args.cmd not in ("lever", "variant") and flags:
         ap.error(f"unrecognised arguments: {' '.join(flags)}")

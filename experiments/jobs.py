@@ -54,6 +54,17 @@ def run_all(script: str, out: Path, jobs: list[dict], parallel: int) -> None:
                     raise SystemExit(1)
 
 
+def subcommands(doc: str, commands: dict[str, list[tuple]]) -> argparse.ArgumentParser:
+    """A script's command line from a table: {command: [(flag, {add_argument keywords}) or (name,), ...]}."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, arguments in commands.items():
+        parser = sub.add_parser(name)
+        for flag, *options in arguments:
+            parser.add_argument(flag, **(options[0] if options else {}))
+    return ap
+
+
 def parse_phases(doc: str, work) -> argparse.Namespace | None:
     """The command line of a job-runner script: PHASE --out OUT [--parallel N]; the internal `one` phase runs one
     job (`work(out, job)`) here and returns None."""

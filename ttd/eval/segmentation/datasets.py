@@ -54,9 +54,13 @@ class DatasetSpec:
     classes_file: str
     has_background: bool  # class 0 is background, predicted by the threshold, never by a text embedding
     bg_threshold: float  # the paper's value; only used where has_background
-    layout: str  # what the loader expects, for errors and docs
     find: Callable[[Path], tuple[Path, list[Item]]]
     decode: Callable[[np.ndarray], np.ndarray]  # raw label values -> class ids with 255 = ignore
+
+    @property
+    def layout(self) -> str:
+        """What the loader expects, for errors and docs: its finder's docstring."""
+        return " ".join((self.find.__doc__ or "").split())
 
 
 # ---- label decoders -----------------------------------------------------------------------------------------------
@@ -125,11 +129,16 @@ def _voc_layout(name: str, root: Path, candidates: list[str], labels: str, split
 
 
 def _find_voc(root: Path) -> tuple[Path, list[Item]]:
+    """ROOT/VOCdevkit/VOC2012 (or ROOT/VOC2012, or ROOT itself) holding JPEGImages/ID.jpg,
+    SegmentationClass/ID.png (palette indices, 255 = ignore) and ImageSets/Segmentation/val.txt"""
     return _voc_layout("voc", root, ["VOCdevkit/VOC2012", "VOC2012", ""], "SegmentationClass",
                        "ImageSets/Segmentation/val.txt")
 
 
 def _find_context(root: Path) -> tuple[Path, list[Item]]:
+    """ROOT/VOCdevkit/VOC2010 (or ROOT/VOC2010, or ROOT itself) holding JPEGImages/ID.jpg,
+    SegmentationClassContext/ID.png (0 = background, 1..59 = classes) and ImageSets/SegmentationContext/val.txt (the
+    mmseg layout)"""
     return _voc_layout("context", root, ["VOCdevkit/VOC2010", "VOC2010", ""], "SegmentationClassContext",
                        "ImageSets/SegmentationContext/val.txt")
 
@@ -152,6 +161,8 @@ def _coco_items(root: Path, name: str, suffixes: list[str]) -> tuple[Path, list[
 
 
 def _find_coco_stuff(root: Path) -> tuple[Path, list[Item]]:
+    """ROOT (or ROOT/coco_stuff164k) holding images/val2017/ID.jpg and
+    annotations/val2017/ID_labelTrainIds.png (171 train ids 0..170, 255 = ignore)"""
     return _coco_items(root, "coco-stuff", ["_labelTrainIds.png"])
 
 
@@ -160,10 +171,15 @@ COCO_OBJECT_SUFFIXES = ["_instanceTrainIds.png", "_labelTrainIds.png"]
 
 
 def _find_coco_object(root: Path) -> tuple[Path, list[Item]]:
+    """ROOT (or ROOT/coco_stuff164k, ROOT/coco_object) holding images/val2017/ID.jpg and
+    annotations/val2017/ID_instanceTrainIds.png (0 = background, 1..80 = things, 255 = ignore) or, failing those,
+    ID_labelTrainIds.png (COCO-Stuff-171 train ids: things 0..79, stuff = background)"""
     return _coco_items(root, "coco-object", COCO_OBJECT_SUFFIXES)
 
 
 def _find_cityscapes(root: Path) -> tuple[Path, list[Item]]:
+    """ROOT (or ROOT/cityscapes) holding leftImg8bit/val/CITY/ID_leftImg8bit.png and
+    gtFine/val/CITY/ID_gtFine_labelIds.png (label ids, mapped to the 19 train ids; others ignored)"""
     base = _base("cityscapes", root, ["", "cityscapes"], ["leftImg8bit/val", "gtFine/val"])
 
     def label_for(img: Path) -> Path:
@@ -174,45 +190,22 @@ def _find_cityscapes(root: Path) -> tuple[Path, list[Item]]:
 
 
 def _find_ade(root: Path) -> tuple[Path, list[Item]]:
+    """ROOT/ADEChallengeData2016 (or ROOT itself) holding images/validation/ID.jpg and
+    annotations/validation/ID.png (0 = ignore, 1..150 = classes)"""
     base = _base("ade", root, ["ADEChallengeData2016", ""], ["images/validation", "annotations/validation"])
     ann = base / "annotations/validation"
     return base, _listed_items(base / "images/validation", ".jpg", lambda p: ann / (p.name[:-4] + ".png"))
 
 
-SPECS: dict[str, DatasetSpec] = {
-    "voc": DatasetSpec(
-        "voc", "voc.txt", True, 0.40,
-        "ROOT/VOCdevkit/VOC2012 (or ROOT/VOC2012, or ROOT itself) holding JPEGImages/ID.jpg, "
-        "SegmentationClass/ID.png (palette indices, 255 = ignore) and ImageSets/Segmentation/val.txt",
-        _find_voc, _identity),
-    "context": DatasetSpec(
-        "context", "context.txt", True, 0.45,
-        "ROOT/VOCdevkit/VOC2010 (or ROOT/VOC2010, or ROOT itself) holding JPEGImages/ID.jpg, "
-        "SegmentationClassContext/ID.png (0 = background, 1..59 = classes) and "
-        "ImageSets/SegmentationContext/val.txt (the mmseg layout)",
-        _find_context, _identity),
-    "coco-object": DatasetSpec(
-        "coco-object", "coco_object.txt", True, 0.45,
-        "ROOT (or ROOT/coco_stuff164k, ROOT/coco_object) holding images/val2017/ID.jpg and annotations/val2017/"
-        "ID_instanceTrainIds.png (0 = background, 1..80 = things, 255 = ignore) or, failing those, "
-        "ID_labelTrainIds.png (COCO-Stuff-171 train ids: things 0..79, stuff = background)",
-        _find_coco_object, _identity),
-    "coco-stuff": DatasetSpec(
-        "coco-stuff", "coco_stuff.txt", False, 0.40,
-        "ROOT (or ROOT/coco_stuff164k) holding images/val2017/ID.jpg and annotations/val2017/ID_labelTrainIds.png "
-        "(171 train ids 0..170, 255 = ignore)",
-        _find_coco_stuff, _identity),
-    "cityscapes": DatasetSpec(
-        "cityscapes", "cityscapes.txt", False, 0.40,
-        "ROOT (or ROOT/cityscapes) holding leftImg8bit/val/CITY/ID_leftImg8bit.png and "
-        "gtFine/val/CITY/ID_gtFine_labelIds.png (label ids, mapped to the 19 train ids; others ignored)",
-        _find_cityscapes, _cityscapes),
-    "ade": DatasetSpec(
-        "ade", "ade.txt", False, 0.45,
-        "ROOT/ADEChallengeData2016 (or ROOT itself) holding images/validation/ID.jpg and "
-        "annotations/validation/ID.png (0 = ignore, 1..150 = classes)",
-        _find_ade, _ade),
-}
+# each finder's docstring is the layout it expects (`DatasetSpec.layout`: errors and docs say it)
+SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
+    DatasetSpec("voc", "voc.txt", True, 0.40, _find_voc, _identity),
+    DatasetSpec("context", "context.txt", True, 0.45, _find_context, _identity),
+    DatasetSpec("coco-object", "coco_object.txt", True, 0.45, _find_coco_object, _identity),
+    DatasetSpec("coco-stuff", "coco_stuff.txt", False, 0.40, _find_coco_stuff, _identity),
+    DatasetSpec("cityscapes", "cityscapes.txt", False, 0.40, _find_cityscapes, _cityscapes),
+    DatasetSpec("ade", "ade.txt", False, 0.45, _find_ade, _ade),
+)}
 DATASETS = SEGMENTATION_DATASETS
 if set(SPECS) != set(DATASETS):  # one list of names (ttd.configs, for the CLI), one spec each here
     raise ImportError(f"segmentation datasets {sorted(DATASETS)} and their specs {sorted(SPECS)} differ")
