@@ -146,9 +146,14 @@ def settings_command(model: str, *, panel: str = "Settings", short: dict[tuple[s
     class SettingsCommand(TyperCommand):
         _specs: list[FlagSpec] | None = None
 
+        @staticmethod
+        def flag_specs() -> list[FlagSpec]:
+            """The settings' flags, as this command spells them."""
+            return flag_specs(load(model), short=short, whole=tuple(load(w) for w in whole))
+
         def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
             if self._specs is None:
-                self._specs = flag_specs(load(model), short=short, whole=tuple(load(w) for w in whole))
+                self._specs = self.flag_specs()
                 self.params.extend(_params(self._specs, panel))
             return super().parse_args(ctx, args)
 

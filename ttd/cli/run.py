@@ -12,22 +12,15 @@ from typing import Any
 import typer
 import yaml
 
-from ttd.cli.options import FlagSpec, flag_specs, overrides, settings_command
+from ttd.cli.options import overrides, settings_command
 from ttd.cli.output import emit_json, err, out
 from ttd.errors import TTDError
 
 # `--model` and `--pretrained` are kept short, as in every other command; a caption style is one YAML value
-_SHORT = {("model", "name"): "model", ("model", "pretrained"): "pretrained"}
-_WHOLE = ("ttd.synth.captions:CaptionStyle",)
-RunCommand = settings_command("ttd.pipeline.runconfig:RunConfig", short=_SHORT, whole=_WHOLE)
-
-
-def run_flags() -> list[FlagSpec]:
-    """Every RUN.yaml setting as `ttd run` spells its flag."""
-    from ttd.pipeline.runconfig import RunConfig
-    from ttd.synth.captions import CaptionStyle
-
-    return flag_specs(RunConfig, short=_SHORT, whole=(CaptionStyle,))
+RunCommand = settings_command("ttd.pipeline.runconfig:RunConfig",
+                              short={("model", "name"): "model", ("model", "pretrained"): "pretrained"},
+                              whole=("ttd.synth.captions:CaptionStyle",))
+run_flags = RunCommand.flag_specs  # every RUN.yaml setting as `ttd run` spells its flag
 
 
 def _stage_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:

@@ -29,7 +29,7 @@ from ttd.errors import TTDError
 from ttd.models import artefact
 from ttd.models.loading import load_model, model_identity
 from ttd.models.lora import TOWERS, add_lora, lora_state
-from ttd.stages.refresh import rescore
+from ttd.stages.refresh import committed_config, rescore
 from ttd.store import schemas
 from ttd.store.store import Store, fingerprint
 from ttd.train import checkpoints
@@ -44,17 +44,6 @@ STAGE = "distill"
 STAGE_VERSION = 1
 REFRESH_DIR = "refresh"  # inside an artefact folder: the intermediate rounds and their refreshed pseudo-labels
 
-
-# ---------------------------------------------------------------- losses
-
-
-# ---------------------------------------------------------------- data
-
-
-# ---------------------------------------------------------------- the model side
-
-
-# ---------------------------------------------------------------- the stage
 
 def _data_fingerprint(store: Store, corpus_name: str) -> tuple[str, list[str]]:
     """Fingerprint of the pseudo-labels: the committed score manifests of the corpus (fingerprint per shard)."""
@@ -74,14 +63,11 @@ def with_scoring_settings(config: DistillConfig, store: Store, corpus_name: str)
     and prompts that made the pseudo-labels); refused when its shards were scored with different ones."""
     if config.head != "scoring" and config.templates is not None:
         return config
-    used = {(m["config"]["head"], tuple(m["config"]["templates"])) for m in store.manifests("score")
-            if m.get("corpus") == corpus_name and m.get("config")}
-    if len(used) != 1:
-        raise TTDError(f"distill with head 'scoring' or the scoring templates needs one score configuration for "
-                       f"corpus {corpus_name!r}; its shards were scored with {len(used)}: give --head and templates")
-    head, templates = used.pop()
-    return config.model_copy(update={"head": head if config.head == "scoring" else config.head,
-                                     "templates": templates if config.templates is None else config.templates})
+    used = committed_config(store, "score", corpus_name, ("head", "templates"), hint="give --head and templates",
+                            need="distill with head 'scoring' or the scoring templates")
+    return config.model_copy(update={"head": used["head"] if config.head == "scoring" else config.head,
+                                     "templates": tuple(used["templates"]) if config.templates is None
+                                     else config.templates})
 
 
 def _scored_corpus(corpus_uri: str, store_uri: str, name: str | None) -> tuple[Any, Store]:
@@ -154,23 +140,25 @@ def run_distill(corpus_uri: str, store_uri: str, out_uri: str, config: DistillCo
         refreshed.append({"round": r, "teacher": str(teacher), "labels": str(target)})
     shift = config.refresh_rounds * config.steps
     result = _train_round(
-        corpus, labels, out, one_round, fp=fp, data_fp=data_fp, model=model, pretrained=pretrained, seed=seed,
-        dev=dev, progress=(lambda n, s: progress(shift + n, s)) if progress else None, rank=rank, world=world,
-        meta={"base": base, "config": config.model_dump(mode="json"), "corpus": corpus_uri, "store": store_uri,
-              "refreshed": refreshed},
+        corpus, labels, shard_names, out, one_round, fp=fp, data_fp=data_fp, model=model, pretrained=pretrained,
+        seed=seed, dev=dev, progress=(lambda n, s: progress(shift + n, s)) if progress else None, rank=rank,
+        world=world, meta={"base": base, "config": config.model_dump(mode="json"), "corpus": corpus_uri,
+                           "store": store_uri, "refreshed": refreshed},
         log_store=store, log_config=config)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
 
-def _train_round(corpus, labels: Store, out: Path, config: DistillConfig, *, fp: str, data_fp: str,
+def _train_round(corpus, labels: Store, labelled: list[str], out: Path, config: DistillConfig, *, fp: str,
+                 data_fp: str,
                  model: str | None, pretrained: str | None, seed: int, dev: torch.device,
                  progress: Callable[[int, dict[str, float]], None] | None, rank: int, world: int,
                  meta: dict[str, Any], log_store: Store, log_config: DistillConfig) -> dict[str, Any]:
-    """One round: train from the base on `labels`' pseudo-labels, write the artefact (fingerprint `fp`) at `out`
-    and commit the training log to `log_store`."""
+    """One round: train from the base on the pseudo-labels `labels` holds for the `labelled` shards (a refreshed
+    store holds all of them, or its refresh failed), write the artefact (fingerprint `fp`) at `out` and commit the
+    training log to `log_store`."""
     t0 = time.perf_counter()
-    labelled = {m["shard"] for m in labels.manifests("score") if m.get("corpus") == corpus.name}
+    labelled = set(labelled)
     shards = [s for s in corpus.shards() if s.name in labelled]
     torch.manual_seed(seed)
     bundle = load_model(model, pretrained, device=dev)

@@ -18,17 +18,19 @@ from ttd.stages.score import run_score
 from ttd.store.store import Store
 
 
-def _one_config(store: Store, stage: str, corpus: str, fields: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """The output-affecting settings (`fields`, default all) `stage` committed this corpus's shards with; refused
-    when they differ."""
+def committed_config(store: Store, stage: str, corpus: str, fields: tuple[str, ...] | None = None, *,
+                     need: str = "refreshing the pseudo-labels",
+                     hint: str = "run the stage again over the corpus with one configuration") -> dict[str, Any]:
+    """The output-affecting settings (`fields`, default all) `stage` committed this corpus's shards with; refused,
+    saying what `need`s them, when they differ."""
     seen = {}
     for m in store.manifests(stage):
         if m.get("corpus") == corpus and m.get("config") is not None:
             config = {k: v for k, v in m["config"].items() if fields is None or k in fields}
             seen.setdefault(repr(sorted(config.items())), config)
     if len(seen) != 1:
-        raise TTDError(f"refreshing the pseudo-labels needs one {stage} configuration for corpus {corpus!r}; the "
-                       f"store holds {len(seen)}: {stage} the corpus again with one configuration first")
+        raise TTDError(f"{need} needs one {stage} configuration for corpus {corpus!r}; its shards were committed "
+                       f"with {len(seen)}: {hint}")
     return next(iter(seen.values()))
 
 
@@ -37,8 +39,8 @@ def rescore(corpus_uri: str, corpus_name: str, shards: list[str], source: Store,
     """Parse and score the corpus's `shards` (those `source` scored) into `out_store` with the model `teacher` (a
     LoRA folder on the base), using the parse and score settings of `source`'s pseudo-labels. Returns the score
     stage's summary."""
-    parse_cfg = _one_config(source, "parse", corpus_name, OUTPUT_FIELDS)  # its manifests also hold per-shard stats
-    score_cfg = _one_config(source, "score", corpus_name)
+    parse_cfg = committed_config(source, "parse", corpus_name, OUTPUT_FIELDS)  # its manifests also hold per-shard stats
+    score_cfg = committed_config(source, "score", corpus_name)
     parsed = run_parse(corpus_uri, out_store, ParseConfig(**parse_cfg), name=corpus_name, shards=shards)
     scored = run_score(corpus_uri, out_store, ScoreConfig(**score_cfg), model=model, pretrained=pretrained,
                        lora=teacher, workers=0, device=device, name=corpus_name, shards=shards)
