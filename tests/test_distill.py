@@ -303,6 +303,23 @@ def test_a_refresh_round_trains_again_from_the_base_on_pseudo_labels_rescored_by
     assert run_distill(corpus, store, str(out), cfg, model="ttd-micro", seed=5)["skipped"]
 
 
+def test_a_refresh_refuses_a_corpus_parsed_with_two_configurations(two_shards, tmp_path):
+    from ttd.configs import OUTPUT_FIELDS, ParseConfig
+    from ttd.corpus import open_corpus
+    from ttd.stages.parse import run_parse
+    from ttd.stages.refresh import committed_config
+
+    base, _ = two_shards
+    corpus, store = str(base / "synth" / "train"), str(tmp_path / "mixed")
+    first, second = (s.name for s in open_corpus(corpus).shards())
+    run_parse(corpus, store, ParseConfig(), shards=[first])
+    assert committed_config(Store(store), "parse", "train", OUTPUT_FIELDS)["tagger"] is True
+    run_parse(corpus, store, ParseConfig(tagger=False), shards=[second])
+    with pytest.raises(TTDError, match="needs one parse configuration for corpus 'train'; its shards were committed "
+                                       "with 2"):
+        committed_config(Store(store), "parse", "train", OUTPUT_FIELDS)
+
+
 class Payload:
     def __reduce__(self):
         return (exec, ("open('PWNED', 'w').write('x')",))
