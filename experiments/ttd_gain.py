@@ -78,6 +78,11 @@ CANDIDATES = {n: {**c, "settings": {"refresh_rounds": 0, **c["settings"]}} for n
 # re-scores the corpus with it into OUT/refresh/, and trains again from the base), each seed refreshed by its own
 # first round (ttd-2k-r2 used seed 0's for every seed)
 CANDIDATES["ttd-2k-refresh"] = {"corpus": "2k", "settings": {}}
+# session 13, on the refreshed default: the union binarised higher (the refreshed caption maps came out wide: mFPR 32.8
+# against mFNR 5.1 on eval), and without the contrastive term (the control's: it pulls toward the global embedding)
+CANDIDATES["ttd-2k-refresh-union055"] = {"corpus": "2k", "settings": {"union_threshold": 0.55}}
+CANDIDATES["ttd-2k-refresh-union06"] = {"corpus": "2k", "settings": {"union_threshold": 0.6}}
+CANDIDATES["ttd-2k-refresh-wc0"] = {"corpus": "2k", "settings": {"w_contrastive": 0.0}}
 # contrastive-only: the targets play no part, so a refreshed round would train the same weights again
 CONTROL = {"w_distill": 0.0, "w_tag": 0.0, "w_contrastive": 1.0, "refresh_rounds": 0}
 
