@@ -179,9 +179,10 @@ def chosen(out: Path) -> str:
     return max(tried, key=lambda n: score(done[evaluate("val", f"{n}-s0")["job"]]["metrics"]))
 
 
-# settings that change nothing once L_distill and L_tag are off: candidates differing only in these share a control
-NO_EFFECT_ON_CONTROL = {"union_threshold", "head", "w_distill", "w_tag", "tag_target", "keep_contrast", "threshold",
-                        "refresh_rounds"}
+# settings that change nothing once L_distill and L_tag are off (CONTROL sets w_contrastive): candidates differing
+# only in these share a control
+NO_EFFECT_ON_CONTROL = {"union_threshold", "head", "w_distill", "w_tag", "w_contrastive", "tag_target",
+                        "keep_contrast", "threshold", "refresh_rounds"}
 
 
 def control_of(name: str, out: Path | None = None) -> tuple[str, dict]:
