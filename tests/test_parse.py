@@ -11,7 +11,7 @@ from ttd.configs import ParseConfig
 from ttd.corpus import Caption, ReadIssue, ShardRef, open_corpus
 from ttd.corpus.img2dataset_writer import ShardWriter, make_key
 from ttd.errors import TTDError
-from ttd.stages.parse import parse_shard, run_parse
+from ttd.stages.parse import STAGE, parse_shard, run_parse
 from ttd.store import schemas
 from ttd.store.sql import query
 from ttd.store.store import Store
@@ -484,3 +484,34 @@ def test_a_batch_handed_its_planned_shards_does_not_plan_again(tmp_path, monkeyp
     assert summary["done"] == 2 and summary["shards"] == 2
     monkeypatch.undo()
     assert run_parse(corpus, store, cfg)["done"] == 1  # the third, left out of the batch
+
+
+def test_a_run_that_commits_a_few_shards_lists_the_manifests_once(tmp_path, monkeypatch):
+    """A nightly run that finds a few new shards reads the stage's manifests for its plan only: listing them all
+    again at its end would not rewrite the index for so few (the next plan reads them), and costs as much as the
+    plan on S3. A run that commits many brings the index up to date."""
+    from ttd.store.store import INDEX_REWRITE_AFTER
+
+    corpus, store = str(tmp_path / "c"), str(tmp_path / "s")
+    build_corpus(corpus, shards=2, per_shard=1)
+    cfg = ParseConfig(tagger=False)
+    listings = []
+    real = Store.manifests
+
+    def counting(self, stage=None, prefix=None, **kw):
+        listings.append(stage)
+        return real(self, stage, prefix, **kw)
+
+    monkeypatch.setattr(Store, "manifests", counting)
+    assert run_parse(corpus, store, cfg)["done"] == 2
+    assert listings.count(STAGE) == 1
+    add_shard(corpus, 2)
+    listings.clear()
+    assert run_parse(corpus, store, cfg)["done"] == 1 and listings.count(STAGE) == 1
+    listings.clear()
+    assert run_parse(corpus, store, cfg)["skipped_done"] == 3 and listings.count(STAGE) == 1
+    for s in range(3, 3 + INDEX_REWRITE_AFTER):
+        add_shard(corpus, s)
+    listings.clear()
+    assert run_parse(corpus, store, cfg)["done"] == INDEX_REWRITE_AFTER and listings.count(STAGE) == 2
+    assert (tmp_path / "s" / "manifests" / "_index" / f"{STAGE}.parquet").exists()

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from ttd.corpus import Corpus, ShardRef
 from ttd.errors import TTDError
 from ttd.store.claims import claim, clear_leftovers
-from ttd.store.store import Store, fingerprint
+from ttd.store.store import INDEX_REWRITE_AFTER, Store, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +187,13 @@ class Summary:
 
 
 def finish_run(store: Store, stage: str, corpus: str, committed: int) -> None:
-    """A run's last step: remove what killed runs left (claims, staged files), and when this run committed shards,
-    bring the stage's manifest index up to date, so the next plan or `ttd sql` reads one object, not a manifest
-    per new shard. Never raises: both only save work."""
+    """A run's last step: remove what killed runs left (claims, staged files), and when this run committed many
+    shards, bring the stage's manifest index up to date, so the next plan or `ttd sql` reads one object, not a
+    manifest per new shard. Fewer than INDEX_REWRITE_AFTER would not rewrite it (the next plan reads those few
+    manifests itself): re-listing every manifest for them would cost a nightly run that found 10 new shards among
+    10,000 as much as its plan (10 listing pages on S3). Never raises: both only save work."""
     clear_leftovers(store, stage)
-    if committed:
+    if committed >= INDEX_REWRITE_AFTER:
         try:
             store.committed(stage, corpus)
         except Exception as exc:  # noqa: BLE001 - the manifests stay the truth; the next plan retries
