@@ -83,6 +83,12 @@ CANDIDATES["ttd-2k-refresh"] = {"corpus": "2k", "settings": {}}
 CANDIDATES["ttd-2k-refresh-union055"] = {"corpus": "2k", "settings": {"union_threshold": 0.55}}
 CANDIDATES["ttd-2k-refresh-union06"] = {"corpus": "2k", "settings": {"union_threshold": 0.6}}
 CANDIDATES["ttd-2k-refresh-wc0"] = {"corpus": "2k", "settings": {"w_contrastive": 0.0}}
+# session 13, after union06 traded pixel-tag F1 (89.8) for caption mIoU (62.4): L_distill into the text tower only
+# (`distill_text_only`), so the patch features that pixel-tag scoring reads are trained by L_tag and the
+# contrastive term alone (session 10's text-only LoRA lifted caption mIoU most and left pixel-tag F1 alone)
+CANDIDATES["ttd-2k-refresh-textdistill"] = {"corpus": "2k", "settings": {"distill_text_only": True}}
+CANDIDATES["ttd-2k-refresh-textdistill-union06"] = {"corpus": "2k", "settings": {"distill_text_only": True,
+                                                                               "union_threshold": 0.6}}
 # contrastive-only: the targets play no part, so a refreshed round would train the same weights again
 CONTROL = {"w_distill": 0.0, "w_tag": 0.0, "w_contrastive": 1.0, "refresh_rounds": 0}
 
@@ -182,7 +188,7 @@ def chosen(out: Path) -> str:
 # settings that change nothing once L_distill and L_tag are off (CONTROL sets w_contrastive): candidates differing
 # only in these share a control
 NO_EFFECT_ON_CONTROL = {"union_threshold", "head", "w_distill", "w_tag", "w_contrastive", "tag_target",
-                        "keep_contrast", "threshold", "refresh_rounds"}
+                        "keep_contrast", "threshold", "refresh_rounds", "distill_text_only"}
 
 
 def control_of(name: str, out: Path | None = None) -> tuple[str, dict]:

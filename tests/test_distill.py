@@ -234,6 +234,25 @@ def test_the_text_tower_can_have_its_own_rank_and_learning_rate(scored, tmp_path
     assert "+lora-" in tuned.model_id
 
 
+def test_distill_text_only_keeps_l_distill_out_of_the_image_tower(scored, tmp_path):
+    """With L_distill alone, the image tower's LoRA moves by default and stays at zero with distill_text_only: the
+    caption maps' patch features are detached, so the caption embedding alone learns to draw the union."""
+    base, store = scored
+    corpus = str(base / "synth" / "train")
+    assert "distill_text_only" not in DistillConfig().result_config()  # unset: old artefacts keep their fingerprint
+    moved = {}
+    for text_only in (False, True):
+        cfg = DistillConfig(**{**QUICK, "steps": 3, "w_tag": 0.0, "w_contrastive": 0.0, "union_threshold": None,
+                               "distill_text_only": text_only})
+        out = tmp_path / f"text-only-{text_only}"
+        run_distill(corpus, store, str(out), cfg, model="ttd-micro")
+        weights = load_file(str(out / "lora.safetensors"))
+        moved[text_only] = {t: max(v.abs().max().item() for k, v in weights.items()
+                                   if k.startswith(t) and k.endswith("lora_B")) for t in ("visual", "text")}
+    assert moved[False]["visual"] > 1e-4 and moved[False]["text"] > 1e-4, moved
+    assert moved[True]["visual"] == 0.0 and moved[True]["text"] > 1e-4, moved
+
+
 @pytest.fixture(scope="module")
 def two_shards(tmp_path_factory):
     """A 32-image train split in two shards, parsed (with the tagger: per-shard stats differ) and scored."""

@@ -185,7 +185,7 @@ class ScoreConfig(pydantic.BaseModel):
 
 DISTILL_PERF_FIELDS = {"checkpoint_every", "log_every", "decode_threads"}
 # fields added after artefacts existed: they enter the fingerprint only when set, so older artefacts keep theirs
-DISTILL_WHEN_SET_FIELDS = ("text_lora_rank", "text_lr", "refresh_rounds")
+DISTILL_WHEN_SET_FIELDS = ("text_lora_rank", "text_lr", "refresh_rounds", "distill_text_only")
 
 
 class DistillConfig(pydantic.BaseModel):
@@ -220,6 +220,10 @@ class DistillConfig(pydantic.BaseModel):
         "corpus with the fine-tuned model and train again from the base on the refreshed pseudo-labels (chosen on "
         "val, docs/METHOD.md); each round costs one training and one scoring of the corpus.")
     w_distill: float = pydantic.Field(1.0, ge=0, description="Weight of L_distill.")
+    distill_text_only: bool = pydantic.Field(
+        False, description="L_distill reaches the text tower only (the image's patch features detached from it): "
+        "the caption embedding learns to draw the union on the patch features that L_tag and the contrastive term "
+        "train; false: both towers, as in the paper.")
     w_tag: float = pydantic.Field(1.0, ge=0, description="Weight of L_tag.")
     w_contrastive: float = pydantic.Field(0.1, ge=0, description="Weight of the contrastive term; with the other two "
                                           "at 0: the contrastive-only control.")

@@ -109,7 +109,8 @@ def losses(model, batch: Batch, config: DistillConfig, clip_loss, *, trim_text: 
     global_emb, dense = encode_image_dense(model, batch.images, config.head)
     dense = F.normalize(dense.float(), dim=-1)
     caption = F.normalize(_text_features(model, batch.tokens, trim_text).float(), dim=-1)
-    caption_maps = torch.einsum("bhwd,bd->bhw", dense, caption)
+    # with distill_text_only, L_distill (the caption maps' only use) moves the caption embedding, not the patches
+    caption_maps = torch.einsum("bhwd,bd->bhw", dense.detach() if config.distill_text_only else dense, caption)
     out: dict[str, torch.Tensor] = {}
     zero = caption_maps.sum() * 0.0
     if len(batch.tag_prompts) and (config.w_tag or config.w_distill):
