@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -161,13 +162,18 @@ def plan_from_scratch(corpus: str, store: str) -> list:
     return plan(open_corpus(corpus), Store(store), parse_spec(PARSE, english_model_id()))
 
 
-def new_shards_run(corpus: str, store: str, n: int) -> dict:
+def new_shards_run(corpus: str, store: str, n: int, requests: Callable[[], int] | None = None) -> dict:
+    """`requests`: the proxy's request count so far (on S3), to report the run's own requests."""
     add = _add_new(corpus, n)
     t_plan, planned = timed(plan_from_scratch, corpus, store)
     assert sum(p.status == TODO for p in planned) == add
+    before = requests() if requests else 0
     t, summary = timed(run_parse, corpus, store, PARSE)
     assert summary["done"] == add, summary
-    return {"new10_plan_s": round(t_plan, 2), "new10_run_s": round(t, 2)}
+    out = {"new10_plan_s": round(t_plan, 2), "new10_run_s": round(t, 2)}
+    if requests:
+        out["new10_run_requests"] = requests() - before
+    return out
 
 
 def _add_new(corpus: str, n: int) -> int:
@@ -277,7 +283,7 @@ def s3_size(n: int, tmp: Path, endpoint: str, latency_s: float) -> dict:
             row["noop_parse_ms_per_shard"] = round(1000 * row["noop_parse_s"] / n, 3)
             row["requests_noop"] = proxy.counts["requests"]
             row.update(overlapped_plan(corpus, store))
-            row.update(new_shards_run(corpus, store, 10))
+            row.update(new_shards_run(corpus, store, 10, lambda: proxy.counts["requests"]))
         finally:
             os.environ["AWS_ENDPOINT_URL"] = endpoint
     return row

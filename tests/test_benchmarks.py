@@ -45,3 +45,16 @@ def test_pretrain_benchmark_smoke():
     assert proc.returncode == 0, proc.stderr
     runs = json.loads(proc.stdout.strip().splitlines()[-1])["runs"]
     assert [r["batch"] for r in runs] == [4, 8] and all(r["fp32"] > 0 and r["bf16"] > 0 for r in runs)
+
+
+@pytest.mark.slow
+def test_scale_benchmark_smoke_locally_and_on_s3(tmp_path):
+    """benchmarks/scale.py at a smoke size: every row it prints for the docs' table, on disk and on the S3 server."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/scale.py"), "--shards", "12", "--s3",
+                           "--latency-ms", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    local, s3 = json.loads(out.read_text())
+    for row in (local, s3):
+        assert row["noop_parse_cold_s"] > 0 and row["noop_score_cold_s"] > 0 and row["new10_run_s"] > 0
+    assert s3["where"] == "S3 +2 ms" and s3["new10_run_requests"] > 10  # at least a request per new shard
