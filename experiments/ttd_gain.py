@@ -94,6 +94,10 @@ CANDIDATES["ttd-2k-refresh-textdistill-union06"] = {"corpus": "2k", "settings": 
 # teacher's, weighted twice
 CANDIDATES["ttd-2k-refresh-union06-wt2"] = {"corpus": "2k", "settings": {"union_threshold": 0.6, "w_tag": 2.0}}
 CANDIDATES["ttd-2k-refresh-union055-wt2"] = {"corpus": "2k", "settings": {"union_threshold": 0.55, "w_tag": 2.0}}
+# session 13 chose ttd-2k-refresh-union06-wt2 by the least-gain rule (`least_gain`): the union at 0.6 and L_tag at
+# weight 2 are the product's defaults since; every candidate above keeps the defaults it was run with
+CANDIDATES = {n: {**c, "settings": {"union_threshold": 0.5, "w_tag": 1.0, **c["settings"]}}
+              for n, c in CANDIDATES.items()}
 # contrastive-only: the targets play no part, so a refreshed round would train the same weights again
 CONTROL = {"w_distill": 0.0, "w_tag": 0.0, "w_contrastive": 1.0, "refresh_rounds": 0}
 

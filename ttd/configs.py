@@ -224,7 +224,8 @@ class DistillConfig(pydantic.BaseModel):
         False, description="L_distill reaches the text tower only (the image's patch features detached from it): "
         "the caption embedding learns to draw the union on the patch features that L_tag and the contrastive term "
         "train; false: both towers, as in the paper.")
-    w_tag: float = pydantic.Field(1.0, ge=0, description="Weight of L_tag.")
+    w_tag: float = pydantic.Field(2.0, ge=0, description="Weight of L_tag (2: chosen on val with the union at 0.6, "
+                                  "docs/METHOD.md).")
     w_contrastive: float = pydantic.Field(0.1, ge=0, description="Weight of the contrastive term; with the other two "
                                           "at 0: the contrastive-only control.")
     loss: Literal["mse", "l1"] = "mse"
@@ -242,7 +243,7 @@ class DistillConfig(pydantic.BaseModel):
                                              "(only tags with a stored mask can be selected); None: the score "
                                              "stage's decisions.")
     union_threshold: float | None = pydantic.Field(
-        0.5, ge=0, le=1, description="Binarise the union of the selected tags' maps at this value before L_distill "
+        0.6, ge=0, le=1, description="Binarise the union of the selected tags' maps at this value before L_distill "
                                      "(chosen on val, docs/METHOD.md); None: the soft union, as in the paper.")
     templates: Templates | None = pydantic.Field(
         ("a photo of a {}.",), description="Prompts of the tag embeddings; None: the score stage's (its manifests).")
