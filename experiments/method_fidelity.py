@@ -37,6 +37,11 @@ CANDIDATES = {
 # the pseudo-labels' (and the evaluation's) threshold where not 0.5
 THRESHOLD = {"ttd-teacher-t0.4": 0.4, "ttd-maskclip-t0.4": 0.4}
 CONTROL = {"w_distill": 0.0, "w_tag": 0.0, "w_contrastive": 1.0}
+# DistillConfig's defaults of session 7 that have changed since (the union binarised in session 10, refreshed
+# targets in session 12, L_tag weight 2 in session 13): pinned, so these figures reproduce
+SESSION7_DEFAULTS = {"union_threshold": None, "w_tag": 1.0, "refresh_rounds": 0}
+CANDIDATES = {name: {**SESSION7_DEFAULTS, **settings} for name, settings in CANDIDATES.items()}
+CONTROL = {**SESSION7_DEFAULTS, **CONTROL}
 
 
 # ---------------------------------------------------------------- one job, in its own process
