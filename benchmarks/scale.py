@@ -1,6 +1,9 @@
 """Issue 17's scale benchmark: planning and re-runs over img2dataset webdataset corpora of many tiny shards (one
-sample each), on local disk and on a real S3-compatible server (moto, in its own process) reached through a proxy
-that adds a fixed latency to every request (tests/faultproxy.py, `slow` at rate 1).
+sample each), on local disk and on a real S3-compatible server (moto, in its own process, or one already running:
+`--endpoint`) reached through a proxy that adds a fixed latency to every request (tests/faultproxy.py, `slow` at
+rate 1). On S3 the corpus and the store are in buckets of their own (`--one-bucket`: both in one, session 12's
+layout): moto answers a listing page by scanning its whole bucket, so what else a bucket holds is part of the cost.
+Timed phases start and end with a line on stderr.
 
 Per corpus size N (`--shards`), locally and (with `--s3`) on S3:
 
@@ -231,9 +234,17 @@ def free_port() -> int:
 
 
 class S3Server:
-    """moto's S3 server in its own process (its request handling must not share this process's GIL)."""
+    """moto's S3 server in its own process (its request handling must not share this process's GIL), or, with an
+    `endpoint`, an S3-compatible server already running there (MinIO: infra/compose.yaml; credentials from the
+    environment's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."""
+
+    def __init__(self, endpoint: str | None = None):
+        self.endpoint, self.proc = endpoint, None
 
     def __enter__(self) -> str:
+        if self.endpoint:
+            os.environ["AWS_ENDPOINT_URL"] = self.endpoint
+            return self.endpoint
         port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -249,22 +260,41 @@ class S3Server:
         return os.environ["AWS_ENDPOINT_URL"]
 
     def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait()
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
 
 
-def s3_size(n: int, tmp: Path, endpoint: str, latency_s: float) -> dict:
+def phase(what: str) -> None:
+    """A line on stderr when a timed phase starts or ends: whoever shares the machine knows when to keep it quiet."""
+    print(f"[scale {time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
+
+
+def s3_locations(name: str, one_bucket: bool) -> tuple[str, str]:
+    """The corpus and store URIs of a benchmark corpus: in buckets of their own (img2dataset's output bucket and
+    the pipeline's, as users lay them out), or both in one bucket (`--one-bucket`, session 12's layout). A bucket
+    is made when missing."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    buckets = [name] if one_bucket else [f"{name}-corpus", f"{name}-store"]
+    for bucket in buckets:
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+    return f"s3://{buckets[0]}/corpus", f"s3://{buckets[-1]}/store"
+
+
+def s3_size(n: int, tmp: Path, endpoint: str, latency_s: float, one_bucket: bool = False) -> dict:
     """An N-shard corpus uploaded to the server and parsed there without the proxy (object fingerprints are ETags,
     not the local files' times), its score stage committed; then timed through the latency proxy."""
     import s3fs
 
-    bucket = f"s3://scale-{n}"
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir(bucket.removeprefix("s3://"))
-    corpus, store = f"{bucket}/corpus", f"{bucket}/store"
+    corpus, store = s3_locations(f"scale-{n}", one_bucket)
+    phase(f"S3 {n} shards: preparing (not timed)")
     add_shards(str(tmp / f"s3-corpus-{n}"), 0, n)
     _upload(str(tmp / f"s3-corpus-{n}"), corpus)
-    row: dict = {"where": f"S3 +{latency_s * 1000:.0f} ms", "shards": n}
+    row: dict = {"where": f"S3 +{latency_s * 1000:.0f} ms", "shards": n, "buckets": 1 if one_bucket else 2}
     t0 = time.perf_counter()
     for attempt in range(5):  # moto answers 500 now and then under load (a listing too): the next run goes on
         try:
@@ -274,6 +304,7 @@ def s3_size(n: int, tmp: Path, endpoint: str, latency_s: float) -> dict:
             print(f"preparing the store, attempt {attempt + 1}: {type(exc).__name__}: {exc}", flush=True)
     row["first_parse_no_latency_s"] = round(time.perf_counter() - t0, 1)
     commit_empty_scores(store, corpus)
+    phase(f"S3 {n} shards: timing")
     with FaultProxy(endpoint, {"slow": 1.0}, slow_s=(latency_s, latency_s)) as proxy:
         os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
         s3fs.S3FileSystem.clear_instance_cache()
@@ -282,40 +313,66 @@ def s3_size(n: int, tmp: Path, endpoint: str, latency_s: float) -> dict:
             row.update(noop_runs(corpus, store, env))
             row["noop_parse_ms_per_shard"] = round(1000 * row["noop_parse_s"] / n, 3)
             row["requests_noop"] = proxy.counts["requests"]
+            # the plan alone (corpus listing included), best of 2, against the listings any client must make
+            row["noop_plan_s"] = round(min(timed(plan_from_scratch, corpus, store)[0] for _ in range(2)), 2)
+            name = corpus.rsplit("/", 1)[-1]
+            floor = listing_floor([corpus, f"{store}/manifests/{PARSE_STAGE}/corpus={name}"])
+            row["plan_listing_floor_s"] = round(floor, 2)
+            row["plan_over_floor"] = round(row["noop_plan_s"] / floor, 2)
             row.update(overlapped_plan(corpus, store))
             row.update(new_shards_run(corpus, store, 10, lambda: proxy.counts["requests"]))
         finally:
             os.environ["AWS_ENDPOINT_URL"] = endpoint
+    phase(f"S3 {n} shards: timed")
     return row
 
 
-def first_parse_s3(m: int, tmp: Path, endpoint: str, latency_s: float) -> dict:
+def listing_floor(uris: list[str]) -> float:
+    """The listings a plan cannot do without (the corpus, the stage's manifests), made by boto3's paginator alone
+    (no ttd, no s3fs), best of 2: what any client pays for them on this server, the baseline of `noop_plan_s`."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+
+    def once() -> int:
+        keys = 0
+        for uri in uris:
+            bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+                keys += len(page.get("Contents", []))
+        return keys
+
+    return min(timed(once)[0] for _ in range(2))
+
+
+def first_parse_s3(m: int, tmp: Path, endpoint: str, latency_s: float, one_bucket: bool = False) -> dict:
     import s3fs
 
     local = tmp / f"first-{m}"
     add_shards(str(local), 0, m)
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("first")
-    _upload(str(local), "s3://first/corpus")
-    row: dict = {"where": f"S3 +{latency_s * 1000:.0f} ms", "shards": m}
+    corpus, stores = s3_locations(f"first-{m}", one_bucket)
+    _upload(str(local), corpus)
+    row: dict = {"where": f"S3 +{latency_s * 1000:.0f} ms", "shards": m, "buckets": 1 if one_bucket else 2}
+    phase(f"first parse of {m} shards on S3: timing")
     with FaultProxy(endpoint, {"slow": 1.0}, slow_s=(latency_s, latency_s)) as proxy:
         os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
         s3fs.S3FileSystem.clear_instance_cache()
         try:
             for threads, label in ((1, "serial"), (None, "overlapped"), (32, "threads32")):
-                store = f"s3://first/store-{label}"
+                store = f"{stores}-{label}"
                 before = proxy.counts["requests"]
-                t, summary = timed(run_parse, "s3://first/corpus", store, PARSE, io_threads=threads)
+                t, summary = timed(run_parse, corpus, store, PARSE, io_threads=threads)
                 row[f"requests_per_shard_{label}"] = round((proxy.counts["requests"] - before) / m, 1)
                 failed = len(summary["failed"])  # a shard the server failed (moto answers 500 under load) is left
                 if failed:                       # for the next run, as in production: that run is timed too
-                    t2, again = timed(run_parse, "s3://first/corpus", store, PARSE, io_threads=threads)
+                    t2, again = timed(run_parse, corpus, store, PARSE, io_threads=threads)
                     t, summary["done"] = t + t2, summary["done"] + again["done"]
                     row[f"first_parse_{label}_failed_then_redone"] = failed
                 assert summary["done"] == m, summary
                 row[f"first_parse_{label}_s"] = round(t, 1)
         finally:
             os.environ["AWS_ENDPOINT_URL"] = endpoint
+    phase(f"first parse of {m} shards on S3: timed")
     row["overlap_speedup"] = round(row["first_parse_serial_s"] / row["first_parse_overlapped_s"], 2)
     return row
 
@@ -372,6 +429,10 @@ def main() -> None:
     ap.add_argument("--shards", type=int, nargs="*", default=[1000, 10000], help="corpus sizes (none: only --sql-rows)")
     ap.add_argument("--s3", action="store_true", help="also on a local S3 server behind the latency proxy")
     ap.add_argument("--latency-ms", type=float, default=20.0)
+    ap.add_argument("--endpoint", help="an S3-compatible server already running (e.g. MinIO, infra/compose.yaml) "
+                                       "instead of moto; credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+    ap.add_argument("--one-bucket", action="store_true", help="corpus and store in one bucket (session 12's layout; "
+                                                                "default: a bucket each)")
     ap.add_argument("--first-s3", type=int, default=0, help="shards of the first-parse-on-S3 run (0: skip)")
     ap.add_argument("--sql-rows", type=int, default=0, help="rows of the ttd sql tables (0: skip)")
     ap.add_argument("--sql-shards", type=int, help="shards (files per table) of the ttd sql tables (default: the "
@@ -384,18 +445,20 @@ def main() -> None:
     rows = []
     try:
         for n in args.shards:
+            phase(f"local {n} shards: timing")
             row = local_size(n, tmp)
             rows.append(row)
             print(json.dumps(row), flush=True)
             row.update(new_shards_run(str(tmp / f"corpus-{n}"), str(tmp / f"store-{n}"), 10))
+            phase(f"local {n} shards: timed")
             print(json.dumps(row), flush=True)
         if args.s3 or args.first_s3:
-            with S3Server() as endpoint:
+            with S3Server(args.endpoint) as endpoint:
                 for n in args.shards if args.s3 else []:
-                    rows.append(s3_size(n, tmp, endpoint, args.latency_ms / 1000))
+                    rows.append(s3_size(n, tmp, endpoint, args.latency_ms / 1000, args.one_bucket))
                     print(json.dumps(rows[-1]), flush=True)
                 if args.first_s3:
-                    rows.append(first_parse_s3(args.first_s3, tmp, endpoint, args.latency_ms / 1000))
+                    rows.append(first_parse_s3(args.first_s3, tmp, endpoint, args.latency_ms / 1000, args.one_bucket))
                     print(json.dumps(rows[-1]), flush=True)
         if args.sql_rows:
             rows.append(sql_tables(args.sql_shards or max(args.shards), args.sql_rows, tmp))

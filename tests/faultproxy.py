@@ -68,6 +68,14 @@ def _forward(upstream: tuple[str, int], head: bytes, body: bytes) -> bytes:
     return b"".join(parts)
 
 
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    # socketserver's default listen backlog is 5: a client opening more connections at once than that (a parallel
+    # read of manifests, 32 shards in flight; every request is a new connection here) has SYNs dropped and retried
+    # a second later, a stall no real object store adds
+    request_queue_size = 1024
+
+
 class FaultProxy:
     """`rates`: probability per request of each fault: throttle, drop, drop_response, cut_response, slow."""
 
@@ -90,8 +98,7 @@ class FaultProxy:
             def handle(self) -> None:
                 proxy._handle(self.request)
 
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
