@@ -91,6 +91,7 @@ class FaultProxy:
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self.lines: list[str] = []  # every request's first line ("GET /bucket/key HTTP/1.1"), in arrival order
         self.enabled = True
         proxy = self
 
@@ -132,6 +133,8 @@ class FaultProxy:
         if request is None:
             return
         head, body = request
+        with self.lock:
+            self.lines.append(unquote_to_bytes(head.split(b"\r\n", 1)[0]).decode(errors="replace"))
         if self.fail_matching and self.fail_matching in unquote_to_bytes(head.split(b"\r\n", 1)[0]):
             with self.lock:
                 self.counts["failed"] += 1

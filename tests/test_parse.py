@@ -363,6 +363,30 @@ def test_stage_on_s3(s3_bucket):
     assert schemas.get("tags").version == manifest["schema_versions"]["tags"]
 
 
+def test_opening_an_s3_store_and_corpus_costs_a_request_each(s3_endpoint, s3_bucket, monkeypatch):
+    """Every run opens its store and corpus before it plans: on S3 the store's marker is one GET (not an exists,
+    a size and a read) and the corpus one listing, which detects the format and is the plan's listing too (not an
+    exists and an isfile first: four requests more a run, some 100 ms at 20 ms of latency)."""
+    import s3fs
+    from faultproxy import FaultProxy
+
+    corpus, store = f"{s3_bucket}/corpus", f"{s3_bucket}/store"
+    build_corpus(corpus, shards=3, per_shard=1)
+    assert run_parse(corpus, store, ParseConfig(tagger=False))["done"] == 3
+    with FaultProxy(s3_endpoint, {}) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        s3fs.S3FileSystem.clear_instance_cache()
+        Store(store)
+        opened = open_corpus(corpus)
+        assert opened.format == "webdataset" and [s.name for s in opened.shards()] == ["00000", "00001", "00002"]
+    bucket = s3_bucket.removeprefix("s3://")
+    marker = [line for line in proxy.lines if "/store/_ttd_store.json" in line]
+    listings = [line for line in proxy.lines if line.startswith(f"GET /{bucket}?") and "prefix=corpus/" in line]
+    assert marker == [f"GET /{bucket}/store/_ttd_store.json HTTP/1.1"], proxy.lines
+    assert len(listings) == 1 and not any(line.startswith(f"HEAD /{bucket}/corpus") for line in proxy.lines), \
+        proxy.lines
+
+
 @pytest.mark.parametrize("policy", ["words", "content"])
 def test_batched_tokenizer_path_equals_the_per_caption_path(monkeypatch, policy):
     """Without the tagger, captions are tokenised many at a time as one Doc and candidates built with array

@@ -19,18 +19,28 @@ __all__ = ["Caption", "Corpus", "ReadIssue", "Sample", "ShardRef", "ShardStats",
 
 
 def detect_format(loc) -> str:
-    """Guess the layout from what the folder holds (or the manifest's extension)."""
+    """Guess the layout from what the folder holds (or the manifest's extension), from one listing of the folder,
+    which the reader's own listing then takes from fsspec's cache (on S3 an `exists` and an `isfile` first would
+    cost four requests more)."""
     fs = loc.fs
-    if fs.isfile(loc.path):
+    try:
+        entries = fs.ls(loc.path, detail=True)
+    except FileNotFoundError:
+        raise TTDError(f"corpus {loc.uri()!r} does not exist: check the path or URL") from None
+    except NotADirectoryError:
+        entries = [fs.info(loc.path)]
+    except Exception as exc:  # network or permission trouble: still one clear line
+        raise TTDError(f"cannot reach corpus {loc.uri()!r}: {type(exc).__name__}: {exc}") from None
+    if [(e["name"].rstrip("/"), e["type"]) for e in entries] == [(loc.path, "file")]:  # ls of a file: the file
         if loc.path.endswith((".jsonl", ".json", ".csv")):
             return "manifest"
         raise TTDError(f"corpus {loc.uri()!r} is a file but not a .jsonl/.csv manifest")
-    names = [posixpath.basename(p) for p in fs.ls(loc.path, detail=False)]
-    if any(n.endswith(".tar") for n in names):
+    names = [(posixpath.basename(e["name"].rstrip("/")), e["type"]) for e in entries]
+    if any(n.endswith(".tar") for n, _ in names):
         return "webdataset"
-    if any(n.isdigit() and fs.isdir(loc.join(n)) for n in names):
+    if any(n.isdigit() and kind == "directory" for n, kind in names):
         return "files"
-    if any(n.endswith(".parquet") for n in names):
+    if any(n.endswith(".parquet") for n, _ in names):
         return "parquet"
     raise TTDError(f"corpus {loc.uri()!r} holds no img2dataset shards (*.tar, *.parquet or NNNNN/ folders) and is "
                    "not a manifest: check the path, or pass --corpus-format")
@@ -44,7 +54,7 @@ def default_name(path: str) -> str:
 def open_corpus(uri: str, *, fmt: str = "auto", name: str | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, **options) -> Corpus:
     """Open a corpus; its name (the `corpus` partition in the store) defaults to the folder or file stem."""
-    loc = resolve(uri, must_exist=True, what="corpus")
+    loc = resolve(uri, must_exist=fmt != "auto", what="corpus")  # detecting the format finds a missing corpus
     fmt = detect_format(loc) if fmt == "auto" else fmt
     if fmt not in FORMATS:
         raise TTDError(f"unknown corpus format {fmt!r}: use one of {', '.join(FORMATS)} or auto")

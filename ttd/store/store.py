@@ -83,8 +83,14 @@ class Store:
         check_reachable(self.root, "store")
         fs = self.root.fs
         marker = self.root.join(MARKER)
-        if fs.exists(marker):
-            self._check_marker(marker)
+        try:  # one request: a missing marker is a missing object (exists, then a read, cost three on S3)
+            data = self.read_bytes(marker)
+        except (FileNotFoundError, NotADirectoryError):  # no store here yet (or a file where it should be)
+            data = None
+        except OSError as exc:
+            raise SchemaError(f"store {uri!r}: unreadable {MARKER}: {exc}") from None
+        if data is not None:
+            self._check_marker(data)
         elif create:
             if fs.exists(self.root.path) and fs.isfile(self.root.path):
                 raise TTDError(f"store {uri!r} is a file: give a directory or URL prefix")
@@ -95,10 +101,10 @@ class Store:
         else:
             raise TTDError(f"store {uri!r} does not exist: run a stage with --store {uri} first")
 
-    def _check_marker(self, marker: str) -> None:
+    def _check_marker(self, data: bytes) -> None:
         try:
-            info = json.loads(self.root.fs.cat_file(marker))
-        except (ValueError, OSError) as exc:
+            info = json.loads(data)
+        except ValueError as exc:
             raise SchemaError(f"store {self.uri!r}: unreadable {MARKER}: {exc}") from None
         if info.get("format") != STORE_FORMAT or info.get("version") != STORE_VERSION:
             raise SchemaError(
