@@ -167,8 +167,7 @@ def clear_stale(store: Store, stage: str) -> int:
     fs, base = store.root.fs, store.root.join("claims", check_name(stage, "stage"))
     removed = 0
     try:
-        fs.invalidate_cache(base)
-        paths = [p for p in fs.find(base) if p.endswith(".json")]
+        paths = [p for p in store.find(base) if p.endswith(".json")]
 
         def stale_on_committed(path: str) -> bool:
             doc = _read(store, path)

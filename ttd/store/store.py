@@ -198,6 +198,22 @@ class Store:
                 pass
         return removed
 
+    def find(self, base: str, *, withdirs: bool = False) -> dict[str, dict]:
+        """Every file under the folder `base` (and its folders, with `withdirs`), path -> details, from one
+        listing, fresh; empty when there are none. On S3 a listing that finds nothing is one request, not three
+        (s3fs's `find` then asks whether `base` is a file: a HEAD and another listing), which every run pays for
+        its claims and staging folders, empty when no run was killed."""
+        fs = self.root.fs
+        fs.invalidate_cache(base)
+        if self.root.protocol == "s3":
+            parent, name = base.rsplit("/", 1)
+            found = fs.find(parent, prefix=f"{name}/", withdirs=withdirs, detail=True)
+            return {p: info for p, info in found.items() if p.startswith(f"{base}/")}
+        try:
+            return fs.find(base, withdirs=withdirs, detail=True)
+        except FileNotFoundError:
+            return {}
+
     def _remove_empty(self, folder: str, levels: int = 2) -> None:
         """A local staging folder (RUN) and its partition's last folder (shard=S) when empty: only folders the
         shard's claim holder owns. Shared parents (corpus=C) stay, or another process's `makedirs` would race."""
@@ -212,12 +228,8 @@ class Store:
         """Remove what killed runs left in `_staging/STAGE/` (files written, never moved into place), except for
         partitions `in_progress(partition_path)` says another run is working on. One listing; returns the files
         removed. Staged files are invisible to every reader; this only frees their space."""
-        fs, base = self.root.fs, self.root.join(STAGING, check_name(stage, "stage"))
-        fs.invalidate_cache(base)
-        try:
-            found = fs.find(base, withdirs=True, detail=True)
-        except FileNotFoundError:
-            return 0
+        base = self.root.join(STAGING, check_name(stage, "stage"))
+        found = self.find(base, withdirs=True)
         # corpus=C/shard=S is the path before RUN/TABLE.parquet
         removed = self.remove(p for p, info in found.items()
                               if info["type"] != "directory" and not in_progress(p[len(base) + 1:].rsplit("/", 2)[0]))
@@ -272,10 +284,7 @@ class Store:
         root = self.root.join("manifests")
         base = self.root.join("manifests", *(p for p in (stage, prefix) if p))
         fs.invalidate_cache()
-        try:
-            found = fs.find(base, detail=True)
-        except FileNotFoundError:
-            return []
+        found = self.find(base)
         # manifests/_index and manifests/_compact hold ttd's own bookkeeping, not stage manifests
         listed = {p: _stamp(info) for p, info in found.items()
                   if p.endswith(".json") and "/.tmp-" not in p and info.get("type") != "directory"
@@ -444,7 +453,7 @@ class Store:
     def corpus(self, name: str) -> dict | None:
         """The registration of the corpus named `name` ({name, uri, format}), or None."""
         try:
-            return json.loads(self.root.fs.cat_file(self.root.join("corpora", f"{name}.json")))
+            return json.loads(self.read_bytes(self.root.join("corpora", f"{name}.json")))
         except (FileNotFoundError, ValueError):
             return None
 
