@@ -319,7 +319,6 @@ def s3_size(n: int, tmp: Path, endpoint: str, latency_s: float, one_bucket: bool
             floor = listing_floor([corpus, f"{store}/manifests/{PARSE_STAGE}/corpus={name}"])
             row["plan_listing_floor_s"] = round(floor, 2)
             row["plan_over_floor"] = round(row["noop_plan_s"] / floor, 2)
-            row.update(corpus_listings(corpus))
             row.update(overlapped_plan(corpus, store))
             row.update(new_shards_run(corpus, store, 10, lambda: proxy.counts["requests"]))
         finally:
@@ -344,32 +343,6 @@ def listing_floor(uris: list[str]) -> float:
         return keys
 
     return min(timed(once)[0] for _ in range(2))
-
-
-def corpus_listings(corpus: str) -> dict:
-    """The corpus folder listed the way s3fs's `ls` does (one stream of pages, one after the other: the baseline)
-    and the way the readers do (`list_digit_led`: parts listed at the same time), best of 2 each, alternating."""
-    from ttd.corpus.listing import list_digit_led
-    from ttd.store.uri import resolve
-
-    def one_stream() -> int:
-        loc = resolve(corpus)
-        loc.fs.invalidate_cache()
-        return len(loc.fs.ls(loc.path, detail=True))
-
-    def in_parts() -> int:
-        return len(list_digit_led(resolve(corpus)))
-
-    times: dict[str, list[float]] = {"one_stream": [], "in_parts": []}
-    for _ in range(2):
-        t, n_stream = timed(one_stream)
-        times["one_stream"].append(t)
-        t, n_parts = timed(in_parts)
-        times["in_parts"].append(t)
-    assert n_stream == n_parts, (n_stream, n_parts)
-    a, b = min(times["one_stream"]), min(times["in_parts"])
-    return {"corpus_listing_one_stream_s": round(a, 2), "corpus_listing_in_parts_s": round(b, 2),
-            "corpus_listing_ratio": round(a / b, 2)}
 
 
 def first_parse_s3(m: int, tmp: Path, endpoint: str, latency_s: float, one_bucket: bool = False) -> dict:

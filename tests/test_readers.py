@@ -201,38 +201,6 @@ def test_s3_corpus(s3_bucket):
     assert samples[0].image().size == (32, 32)
 
 
-@pytest.mark.parametrize("page", [1000, 3])
-def test_s3_listing_in_parts_is_the_folder_listing(s3_bucket, monkeypatch, page):
-    """On S3 the corpus folder is listed in parts at the same time (split by the digits that start the names, a
-    full part split again by its next character): it must give exactly what one listing of the folder gives for
-    every name that starts with a digit, names whose next character sorts below '0' ('.', '-') or above '9' ('_',
-    letters) included. Pages of 3 keys split every part down to a few names ("5" has a full page below its digits:
-    walked page after page; "9" has two pages above its digits)."""
-    import posixpath
-
-    import s3fs
-
-    from ttd.corpus import listing
-
-    monkeypatch.setattr(listing, "PAGE", page)
-    root = f"{s3_bucket.removeprefix('s3://')}/corpus"
-    names = ["0.tar", "0-x", "0_stats.json", "0a", "0_", "00.tar", "000.tar", "0001.tar", "01/a.jpg", "01/b.txt",
-             "1.tar", "10.tar", "19.tar", "199_stats.json", "5.a", "5.b", "5.c", "5.d", "50", "9", "90", "91",
-             "9_a", "9_b", "9_c", "9z", "99\u00e9.tar", "README.md", "_SUCCESS", "a0.tar",
-             *(f"{i:05d}.{ext}" for i in range(12) for ext in ("tar", "parquet"))]
-    fs = s3fs.S3FileSystem()
-    fs.pipe({f"{root}/{n}": b"x" * i for i, n in enumerate(names)})
-    fs.invalidate_cache()
-    want = [e for e in fs.ls(root, detail=True) if posixpath.basename(e["name"])[:1].isdigit()]
-    got = listing.list_digit_led(resolve(f"s3://{root}"))
-
-    def seen(entries):
-        return sorted((e["name"], e["type"], e["size"], e.get("ETag")) for e in entries)
-
-    assert seen(got) == seen(want) and len(got) == len(want) == len(names) - 4  # a folder for 01/, 3 not digit-led
-    assert listing.list_digit_led(resolve(f"s3://{root}-missing")) == []
-
-
 def test_tar_members_are_grouped_by_key(tmp_path):
     """A hand-made tar in webdataset order with a json member that is not a dict still reads."""
     path = tmp_path / "c"

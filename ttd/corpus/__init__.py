@@ -6,7 +6,6 @@ import posixpath
 
 from ttd.corpus.base import DEFAULT_MAX_PIXELS, Caption, Corpus, ReadIssue, Sample, ShardRef, ShardStats, decode_image
 from ttd.corpus.img2dataset import FilesCorpus, ParquetCorpus, WebDatasetCorpus
-from ttd.corpus.listing import list_digit_led
 from ttd.corpus.manifest import ManifestCorpus
 from ttd.errors import TTDError
 from ttd.store.store import check_name
@@ -20,20 +19,9 @@ __all__ = ["Caption", "Corpus", "ReadIssue", "Sample", "ShardRef", "ShardStats",
 
 
 def detect_format(loc) -> str:
-    """Guess the layout from what the folder holds (or the manifest's extension)."""
-    return _detect(loc)[0]
-
-
-def _detect(loc) -> tuple[str, list[dict] | None]:
-    """The layout, and on S3 the folder's listing it was read from, which the reader then uses as its own (one
-    listing per run: on S3 an `exists` and an `isfile` first would cost four requests more)."""
-    if loc.protocol == "s3":
-        try:
-            entries = list_digit_led(loc)
-        except Exception as exc:  # network or permission trouble: still one clear line
-            raise TTDError(f"cannot reach corpus {loc.uri()!r}: {type(exc).__name__}: {exc}") from None
-        if entries:
-            return _format_of(loc, entries), entries
+    """Guess the layout from what the folder holds (or the manifest's extension), from one listing of the folder,
+    which the reader's own listing then takes from fsspec's cache (on S3 an `exists` and an `isfile` first would
+    cost four requests more)."""
     fs = loc.fs
     try:
         entries = fs.ls(loc.path, detail=True)
@@ -45,12 +33,8 @@ def _detect(loc) -> tuple[str, list[dict] | None]:
         raise TTDError(f"cannot reach corpus {loc.uri()!r}: {type(exc).__name__}: {exc}") from None
     if [(e["name"].rstrip("/"), e["type"]) for e in entries] == [(loc.path, "file")]:  # ls of a file: the file
         if loc.path.endswith((".jsonl", ".json", ".csv")):
-            return "manifest", None
+            return "manifest"
         raise TTDError(f"corpus {loc.uri()!r} is a file but not a .jsonl/.csv manifest")
-    return _format_of(loc, entries), None
-
-
-def _format_of(loc, entries: list[dict]) -> str:
     names = [(posixpath.basename(e["name"].rstrip("/")), e["type"]) for e in entries]
     if any(n.endswith(".tar") for n, _ in names):
         return "webdataset"
@@ -71,13 +55,9 @@ def open_corpus(uri: str, *, fmt: str = "auto", name: str | None = None,
                 max_pixels: int = DEFAULT_MAX_PIXELS, **options) -> Corpus:
     """Open a corpus; its name (the `corpus` partition in the store) defaults to the folder or file stem."""
     loc = resolve(uri, must_exist=fmt != "auto", what="corpus")  # detecting the format finds a missing corpus
-    listing = None
-    if fmt == "auto":
-        fmt, listing = _detect(loc)
+    fmt = detect_format(loc) if fmt == "auto" else fmt
     if fmt not in FORMATS:
         raise TTDError(f"unknown corpus format {fmt!r}: use one of {', '.join(FORMATS)} or auto")
     if name is None:
         name = default_name(loc.path)
-    if listing is not None:
-        options["listing"] = listing
     return FORMATS[fmt](loc, check_name(name, "corpus"), max_pixels=max_pixels, **options)

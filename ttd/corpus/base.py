@@ -194,12 +194,10 @@ class Corpus:
 
     format: str = ""
 
-    def __init__(self, loc: Location, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 listing: list[dict] | None = None):
+    def __init__(self, loc: Location, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.loc = loc
         self.name = name
         self.max_pixels = max_pixels
-        self._listed = listing  # the folder's listing when opening the corpus made it (format detection on S3)
 
     @property
     def uri(self) -> str:

@@ -30,7 +30,6 @@ from ttd.corpus.base import (
     json_meta,
     read_metadata,
 )
-from ttd.corpus.listing import list_digit_led
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +88,8 @@ class _Img2datasetCorpus(Corpus):
     def _listing(self) -> dict[str, dict]:
         """Every entry of the corpus folder by path, with its details, from one listing: a shard's files are then
         looked up in constant time (fsspec answers `exists`/`info` from its listing cache by a scan of the whole
-        folder, quadratic over a corpus of 10,000 shards). On S3 the listing is made once per corpus object, in
-        parts at the same time (`listing.list_digit_led`); locally it is read afresh each time."""
-        if self.loc.protocol != "s3":
-            return {e["name"].rstrip("/"): e for e in self.loc.fs.ls(self.loc.path, detail=True)}
-        if self._listed is None:
-            self._listed = list_digit_led(self.loc)
-        return {e["name"].rstrip("/"): e for e in self._listed}
+        folder, quadratic over a corpus of 10,000 shards)."""
+        return {e["name"].rstrip("/"): e for e in self.loc.fs.ls(self.loc.path, detail=True)}
 
     def _shard_names(self, listing: dict[str, dict] | None = None) -> list[str]:
         names = set()
