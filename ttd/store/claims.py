@@ -61,13 +61,19 @@ def _create_exclusive(store: Store, path: str, data: bytes) -> bool:
     """True if this call created `path`; False if it already existed."""
     fs = store.root.fs
     if store.root.protocol == "file":
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        # written whole beside it, then linked into place (fails if the claim exists): an exclusive create and a
+        # write after it would let another run read an empty claim in between, take it for stale and take it over
+        parent = path.rsplit("/", 1)[0]
+        fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        finally:
+            os.unlink(tmp)
         return True
     try:
         fs.pipe_file(path, data, mode="create")
