@@ -2,7 +2,8 @@
 sample each), on local disk and on a real S3-compatible server (moto, in its own process, or one already running:
 `--endpoint`) reached through a proxy that adds a fixed latency to every request (tests/faultproxy.py, `slow` at
 rate 1). On S3 the corpus and the store are in buckets of their own (`--one-bucket`: both in one, session 12's
-layout): moto answers a listing page by scanning its whole bucket, so what else a bucket holds is part of the cost.
+layout). moto answers a listing page by sorting every key under the prefix (and scanning the rest of the
+bucket): `plan_listing_floor_s`, boto3 listing the same keys alone, is what any client pays there.
 Timed phases start and end with a line on stderr.
 
 Per corpus size N (`--shards`), locally and (with `--s3`) on S3:

@@ -19,9 +19,9 @@ __all__ = ["Caption", "Corpus", "ReadIssue", "Sample", "ShardRef", "ShardStats",
 
 
 def detect_format(loc) -> str:
-    """Guess the layout from what the folder holds (or the manifest's extension), from one listing of the folder,
-    which the reader's own listing then takes from fsspec's cache (on S3 an `exists` and an `isfile` first would
-    cost four requests more)."""
+    """Guess the layout from what the folder holds (or the manifest's extension), from one listing of the folder.
+    On S3 the reader's own listing is then served from s3fs's cache, and an `exists` and an `isfile` first would
+    cost four requests more."""
     fs = loc.fs
     try:
         entries = fs.ls(loc.path, detail=True)
